@@ -1,0 +1,50 @@
+"""The workloads: SAPIEN tabletop tasks and a synthetic ``toy`` env, behind one protocol.
+
+Example:
+    >>> import envs
+    >>> envs.names()
+    ['tabletop/pick-place', 'tabletop/push', 'tabletop/reach', 'toy']
+    >>> env = envs.make("tabletop/reach", cameras=())
+    >>> obs, info = env.reset(seed=0)
+    >>> act = envs.expert("tabletop/reach")(obs["state"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from envs.spec import ChunkResult, Env, EnvSpec, FieldSpec
+
+__all__ = ["ChunkResult", "Env", "EnvSpec", "FieldSpec", "expert", "make", "names"]
+
+_TABLETOP = ("tabletop/pick-place", "tabletop/push", "tabletop/reach")
+
+
+def names() -> list[str]:
+    """Every registered env name."""
+    return sorted([*_TABLETOP, "toy"])
+
+
+def make(name: str, **kwargs: Any) -> Env:
+    """Create an env by name; ``kwargs`` go to its constructor (cameras, image_size, ...)."""
+    if name == "toy":
+        from envs.toy import ToyEnv
+
+        return ToyEnv(**kwargs)
+    if name in _TABLETOP:
+        from envs.tabletop.env import TabletopEnv
+
+        return TabletopEnv(name.split("/", 1)[1], **kwargs)
+    raise ValueError(f"unknown env {name!r}; registered: {names()}")
+
+
+def expert(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The scripted expert of a task: ``state [S] or [B, S] -> action [7] or [B, 7]``."""
+    if name not in _TABLETOP:
+        raise ValueError(f"no scripted expert for {name!r}; experts exist for {list(_TABLETOP)}")
+    from envs.tabletop.experts import EXPERTS, batched
+
+    return batched(EXPERTS[name.split("/", 1)[1]])

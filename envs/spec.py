@@ -1,0 +1,152 @@
+"""The one place that states what an env produces and consumes.
+
+Everything downstream (the engine's shared-memory layout, the policies' input layers, the
+benches) is derived from an :class:`EnvSpec`, never from hard-coded shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Shape and dtype of one observation field, e.g. ``state`` or ``image/head``."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(self.shape, self.dtype)
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """Observation fields, action space and timing of an env.
+
+    Example:
+        >>> spec = envs.make("toy", state_dim=4, cameras=()).spec
+        >>> spec.obs["state"].shape, spec.action_dim
+        ((4,), 7)
+    """
+
+    name: str
+    obs: dict[str, FieldSpec]
+    action_dim: int
+    action_low: float = -1.0
+    action_high: float = 1.0
+    max_steps: int = 100
+    control_hz: float = 25.0
+    info_keys: tuple[str, ...] = field(default=("success",))
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return tuple(k.split("/", 1)[1] for k in self.obs if k.startswith("image/"))
+
+    @property
+    def state_dim(self) -> int:
+        return self.obs["state"].shape[0]
+
+    def check_obs(self, obs: dict[str, np.ndarray]) -> None:
+        """Raise ``ValueError`` naming the first field that does not match the spec."""
+        if set(obs) != set(self.obs):
+            raise ValueError(
+                f"{self.name}: observation keys {sorted(obs)} != spec {sorted(self.obs)}"
+            )
+        for key, fs in self.obs.items():
+            value = obs[key]
+            if value.shape != fs.shape or value.dtype != fs.dtype:
+                raise ValueError(
+                    f"{self.name}: observation {key!r} is {value.dtype}{list(value.shape)}, "
+                    f"spec says {fs.dtype}{list(fs.shape)}"
+                )
+
+    def check_action(self, action: np.ndarray, chunk: bool = False) -> np.ndarray:
+        """Validate an action (or ``[k, A]`` chunk) and return it as float32.
+
+        Out-of-range values are clipped (the usual convention); wrong shapes and non-finite
+        values raise, because they would otherwise reach the physics.
+        """
+        a = np.asarray(action, dtype=np.float32)
+        want = f"[k, {self.action_dim}]" if chunk else f"[{self.action_dim}]"
+        if (chunk and (a.ndim != 2 or a.shape[1] != self.action_dim or a.shape[0] < 1)) or (
+            not chunk and a.shape != (self.action_dim,)
+        ):
+            raise ValueError(f"{self.name}: action has shape {list(a.shape)}, expected {want}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{self.name}: action contains NaN or inf: {a}")
+        return np.clip(a, self.action_low, self.action_high)
+
+
+@dataclass
+class ChunkResult:
+    """What :meth:`Env.step_chunk` returns: the final observation and per-step rewards."""
+
+    obs: dict[str, np.ndarray]
+    rewards: np.ndarray  # float32 [steps]
+    terminated: bool
+    truncated: bool
+    steps: int
+    info: dict[str, Any]
+
+    def __iter__(self):  # allows ``obs, rewards, term, trunc, n, info = env.step_chunk(a)``
+        return iter(
+            (self.obs, self.rewards, self.terminated, self.truncated, self.steps, self.info)
+        )
+
+
+@runtime_checkable
+class Env(Protocol):
+    """The protocol every workload follows (tabletop tasks and ``toy``)."""
+
+    spec: EnvSpec
+    instruction: str
+
+    def reset(self, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
+
+    def step(
+        self, action: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]: ...
+
+    def step_chunk(self, actions: np.ndarray) -> ChunkResult: ...
+
+    def close(self) -> None: ...
+
+
+class ChunkedEnvMixin:
+    """``step`` and ``step_chunk`` from three primitives, so every env executes chunks alike.
+
+    Subclasses provide ``_apply(action) -> (reward, terminated, truncated)`` (physics only, no
+    observation), ``_observe(render: bool)`` and ``_info()``. Images are rendered once, at the
+    end of a chunk: intermediate steps never call the renderer.
+    """
+
+    spec: EnvSpec
+
+    def step(self, action: np.ndarray):
+        a = self.spec.check_action(action)
+        reward, terminated, truncated = self._apply(a)
+        return self._observe(), float(reward), terminated, truncated, self._info()
+
+    def step_chunk(self, actions: np.ndarray) -> ChunkResult:
+        acts = self.spec.check_action(actions, chunk=True)
+        rewards = np.zeros(len(acts), np.float32)
+        terminated = truncated = False
+        n = 0
+        for a in acts:
+            rewards[n], terminated, truncated = self._apply(a)
+            n += 1
+            if terminated or truncated:
+                break
+        return ChunkResult(self._observe(), rewards[:n], terminated, truncated, n, self._info())

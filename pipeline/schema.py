@@ -1,0 +1,70 @@
+"""Keys of the canonical VLA TensorDict layout (TorchRL's schema), in one place.
+
+Observations live under ``("observation", ...)``, the instruction and the policy outputs at
+the root. Images are uint8 ``[..., C, H, W]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tensordict import NonTensorData, NonTensorStack, TensorDictBase
+
+OBSERVATION = "observation"
+STATE = (OBSERVATION, "state")
+INSTRUCTION = "language_instruction"
+SAMPLE_SEED = "sample_seed"
+ACTION_CHUNK = ("vla_action", "chunk")
+ACTION_TOKENS = ("vla_action", "tokens")
+SAMPLE_LOG_PROB = "sample_log_prob"
+ACTION_IS_PAD = "action_is_pad"
+
+
+def image_key(camera: str) -> tuple[str, str, str]:
+    return (OBSERVATION, "image", camera)
+
+
+def cameras_of(td: TensorDictBase) -> list[str]:
+    """Camera names present in ``td``, sorted so every consumer sees the same order."""
+    if (OBSERVATION, "image") not in td.keys(include_nested=True):
+        return []
+    return sorted(td[OBSERVATION, "image"].keys())
+
+
+def instructions(td: TensorDictBase) -> list[str]:
+    """The per-row instruction strings of a batched TensorDict ``[B]``."""
+    batch = td.batch_size[0]
+    value = td.get(INSTRUCTION, None)
+    if value is None:
+        return [""] * batch
+    if isinstance(value, (NonTensorStack, NonTensorData)):
+        value = value.tolist()
+    if isinstance(value, str):
+        return [value] * batch
+    if not isinstance(value, Sequence) or len(value) != batch:
+        raise ValueError(f"{INSTRUCTION!r} must hold {batch} strings, got {type(value).__name__}")
+    return [str(v) for v in value]
+
+
+def make_batch(obs: Sequence[dict], instructions: Sequence[str], sample_seeds=None):
+    """Stack per-env observation dicts (``state``, ``image/<cam>`` HWC) into a canonical
+    TensorDict ``[B]`` with images as ``[B, 3, H, W]``. Copies; the engine has its own
+    zero-copy path over shared memory.
+
+    Example:
+        >>> td = make_batch([env.reset(seed=0)[0]], [env.instruction], sample_seeds=[7])
+    """
+    import numpy as np
+    import torch
+    from tensordict import TensorDict
+
+    td = TensorDict({}, batch_size=[len(obs)])
+    td.set(STATE, torch.from_numpy(np.stack([o["state"] for o in obs])))
+    for key in obs[0]:
+        if key.startswith("image/"):
+            imgs = torch.from_numpy(np.stack([o[key] for o in obs]))
+            td.set(image_key(key.split("/", 1)[1]), imgs.permute(0, 3, 1, 2))
+    td.set(INSTRUCTION, NonTensorStack(*[NonTensorData(s) for s in instructions]))
+    if sample_seeds is not None:
+        td.set(SAMPLE_SEED, torch.as_tensor(list(sample_seeds), dtype=torch.long))
+    return td
