@@ -19,17 +19,18 @@ from envs.tabletop import robot as arm
 from envs.tabletop.raster import Camera, Rasteriser, look_at
 from envs.tabletop.tasks import COLOURS, CUBE_HALF, SUCCESS_RADIUS, TASKS, Episode, sample_episode
 
-# Layout of the float32 ``state`` observation; the experts read it by these names.
+# Layout of the float32 ``state`` observation; the experts read it by these names. The
+# robot-independent part comes first, so it stays put whatever arm (and dof) is loaded; the
+# joint positions follow: ``state[QPOS_START:]`` (9 values for the built-in arm).
 STATE_LAYOUT = {
-    "qpos": slice(0, 9),
-    "gripper": slice(9, 10),
-    "tcp_pos": slice(10, 13),
-    "tcp_quat": slice(13, 17),
-    "object_pos": slice(17, 20),
-    "object_quat": slice(20, 24),
-    "target_pos": slice(24, 27),
+    "gripper": slice(0, 1),
+    "tcp_pos": slice(1, 4),
+    "tcp_quat": slice(4, 8),
+    "object_pos": slice(8, 11),
+    "object_quat": slice(11, 15),
+    "target_pos": slice(15, 18),
 }
-STATE_DIM = 27
+QPOS_START = 18
 
 POS_SCALE = 0.015  # metres per control step at action 1.0
 ROT_SCALE = 0.10  # radians per control step at action 1.0
@@ -109,6 +110,8 @@ class TabletopEnv(ChunkedEnvMixin):
         renderer: str = "auto",
         reward: str = "sparse",
         robot_urdf: str | None = None,
+        hand_link: str = "hand",
+        home_qpos: np.ndarray | None = None,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"unknown tabletop task {task!r}; choose from {sorted(TASKS)}")
@@ -137,11 +140,9 @@ class TabletopEnv(ChunkedEnvMixin):
         if renderer == "auto":
             renderer = "sapien" if cameras and render_device_available() else "cpu"
         self.renderer = renderer
-        if robot_urdf is not None:
-            raise NotImplementedError(
-                "robot_urdf: only the built-in arm is wired to the IK/gripper controller so far"
-            )
-        obs = {"state": FieldSpec((STATE_DIM,), np.float32)}
+        self.instruction = ""
+        self._build(physics_hz, robot_urdf, hand_link, home_qpos)
+        obs = {"state": FieldSpec((QPOS_START + self.robot.dof,), np.float32)}
         for cam in cameras:
             obs[f"image/{cam}"] = FieldSpec((self.image_size, self.image_size, 3), np.uint8)
         self.spec = EnvSpec(
@@ -151,11 +152,9 @@ class TabletopEnv(ChunkedEnvMixin):
             max_steps=max_steps or self.task.max_steps,
             control_hz=control_hz,
         )
-        self.instruction = ""
-        self._build(physics_hz)
 
     # -- construction ------------------------------------------------------------------------
-    def _build(self, physics_hz: float) -> None:
+    def _build(self, physics_hz: float, robot_urdf, hand_link: str, home_qpos) -> None:
         _configure_physx()
         systems = [sapien.physx.PhysxCpuSystem()]
         if self.renderer == "sapien" and self.cameras:
@@ -164,14 +163,17 @@ class TabletopEnv(ChunkedEnvMixin):
         self.scene.set_timestep(1.0 / physics_hz)
         self.scene.add_ground(0.0, render=False)
         grip = sapien.physx.PhysxMaterial(1.5, 1.5, 0.0)
-        self.robot = arm.build_robot(self.scene, sapien.Pose(ROBOT_BASE), grip)
+        base = sapien.Pose(ROBOT_BASE)
+        if robot_urdf is None:
+            self.robot = arm.build_robot(self.scene, base, grip)
+        else:
+            self.robot = arm.load_urdf_robot(self.scene, robot_urdf, base, hand_link, home_qpos)
         self.cube = self._cube("cube", grip)
         self.distractor = self._cube("distractor", grip)
         self.target_marker = self._marker() if self.task.target_in_air else None
         self._base_inv = self.robot.articulation.root_pose.inv()
-        self._q_limits = np.asarray(self.robot.articulation.get_qlimits())[:7]
+        self._q_limits = np.asarray(self.robot.articulation.get_qlimits())
         self._init_state = self.scene.physx_system.pack()
-        self._arm_mask = np.array([1] * 7 + [0, 0])
         self._images = None  # the renderer: a Rasteriser or SapienCameras
         if self.cameras:
             links = self.robot.articulation.links
@@ -220,8 +222,9 @@ class TabletopEnv(ChunkedEnvMixin):
         if self.target_marker is not None:
             self.target_marker.kinematic_target = sapien.Pose(ep.target)
             self.target_marker.entity.set_pose(sapien.Pose(ep.target))
-        q = arm.HOME_QPOS.copy()
-        q[:7] += ep.joint_noise
+        q = self.robot.home_qpos.copy()
+        arm_idx = np.flatnonzero(self.robot.arm_mask)
+        q[arm_idx] += ep.joint_noise[: len(arm_idx)]
         art = self.robot.articulation
         art.set_qpos(q)
         art.set_qvel(np.zeros_like(q))
@@ -230,7 +233,7 @@ class TabletopEnv(ChunkedEnvMixin):
         self._q_cmd = q
         self.robot.ik.compute_forward_kinematics(q)
         hand = self.robot.ik.get_link_pose(self.robot.hand_index)
-        tcp = self.robot.articulation.root_pose * hand * sapien.Pose([0, 0, arm.TCP_OFFSET])
+        tcp = self.robot.articulation.root_pose * hand * sapien.Pose([0, 0, self.robot.tcp_offset])
         self._cmd_pos = np.asarray(tcp.p, np.float64)
         self._cmd_quat = np.asarray(tcp.q, np.float64)
         self._t = 0
@@ -261,20 +264,19 @@ class TabletopEnv(ChunkedEnvMixin):
         hand_target = (
             self._base_inv
             * sapien.Pose(self._cmd_pos, self._cmd_quat)
-            * sapien.Pose([0, 0, -arm.TCP_OFFSET])
+            * sapien.Pose([0, 0, -self.robot.tcp_offset])
         )
         q, _, _ = self.robot.ik.compute_inverse_kinematics(
             self.robot.hand_index,
             hand_target,
             initial_qpos=self._q_cmd,
-            active_qmask=self._arm_mask,
+            active_qmask=self.robot.arm_mask.astype(np.int32),
             eps=1e-5,
             max_iterations=40,
         )
-        q = np.asarray(q)
-        q[:7] = np.clip(q[:7], self._q_limits[:, 0], self._q_limits[:, 1])
-        finger = arm.FINGER_TRAVEL * (1.0 - float(a[6])) / 2.0  # -1 open ... +1 closed
-        q[7:] = finger
+        q = np.clip(np.asarray(q), self._q_limits[:, 0], self._q_limits[:, 1])
+        # Gripper: -1 open ... +1 closed, every finger joint alike.
+        q[~self.robot.arm_mask] = self.robot.finger_travel * (1.0 - float(a[6])) / 2.0
         self._q_cmd = q
         for j, joint in enumerate(self.robot.joints):
             joint.set_drive_target(q[j])
@@ -301,7 +303,7 @@ class TabletopEnv(ChunkedEnvMixin):
             if self.task.name == "push":
                 success = success and not self._lifted
             else:  # pick-place: the cube must have been carried and released
-                opening = float(np.sum(self.robot.articulation.qpos[7:]))
+                opening = self._opening(self.robot.articulation.qpos)
                 success = success and self._lifted and opening > 2 * CUBE_HALF + 0.01
         self._success = bool(success)
         if self.reward_type == "sparse":
@@ -313,7 +315,11 @@ class TabletopEnv(ChunkedEnvMixin):
 
     # -- observation -------------------------------------------------------------------------
     def _tcp(self) -> sapien.Pose:
-        return self.robot.hand.entity_pose * sapien.Pose([0, 0, arm.TCP_OFFSET])
+        return self.robot.hand.entity_pose * sapien.Pose([0, 0, self.robot.tcp_offset])
+
+    def _opening(self, qpos: np.ndarray) -> float:
+        """Distance between the pads: each finger joint opens by its own travel."""
+        return float(np.sum(qpos[~self.robot.arm_mask]))
 
     def _info(self) -> dict[str, Any]:
         return {"success": self._success, "elapsed_steps": self._t}
@@ -323,17 +329,8 @@ class TabletopEnv(ChunkedEnvMixin):
         qpos = art.qpos
         tcp = self._tcp()
         cube = self.cube.entity_pose
-        state = np.concatenate(
-            [
-                qpos,
-                [qpos[7] + qpos[8]],
-                tcp.p,
-                tcp.q,
-                cube.p,
-                cube.q,
-                self._episode.target,
-            ]
-        ).astype(np.float32)
+        parts = [[self._opening(qpos)], tcp.p, tcp.q, cube.p, cube.q, self._episode.target, qpos]
+        state = np.concatenate(parts).astype(np.float32)
         obs = {"state": state}
         if self.cameras:
             poses = {cam: self._camera_pose(cam) for cam in self.cameras}

@@ -145,7 +145,7 @@ def predict_state(s: np.ndarray, a: np.ndarray) -> np.ndarray:
     plan a whole action chunk open loop.
     """
     from envs.tabletop.env import _axis_angle_quat, _quat_mul
-    from envs.tabletop.robot import FINGER_TRAVEL
+    from envs.tabletop.robot import FINGER_TRAVEL  # the built-in arm's; a plan, not physics
 
     s = np.array(s, dtype=np.float64)
     st = _split(s)

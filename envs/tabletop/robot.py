@@ -44,17 +44,96 @@ HOME_QPOS = np.array([0.0, 0.493, 0.0, 1.874, 0.0, 0.774, 0.0, FINGER_TRAVEL, FI
 
 @dataclass
 class Robot:
-    """The built articulation plus the handles the env needs every control step."""
+    """An arm with a parallel gripper, plus what the controller needs every control step.
+
+    ``arm_mask`` marks the arm joints (IK moves them); the other active joints are fingers,
+    whose opening is the sum of their positions.
+    """
 
     articulation: sapien.physx.PhysxArticulation
     hand: sapien.physx.PhysxArticulationLinkComponent
-    joints: list
     ik: object  # sapien PinocchioModel
-    hand_index: int
+    home_qpos: np.ndarray
+    arm_mask: np.ndarray
+    finger_travel: float
+    tcp_offset: float
+
+    @property
+    def joints(self) -> list:
+        return self.articulation.active_joints
 
     @property
     def dof(self) -> int:
         return len(self.joints)
+
+    @property
+    def hand_index(self) -> int:
+        return self.hand.index
+
+
+def _finish(art, hand_name: str, home_qpos, tcp_offset: float) -> Robot:
+    """Drives, home pose and IK model: shared by the built-in arm and URDF arms."""
+    joints = art.active_joints
+    arm_mask = np.array(
+        [j.type in ("revolute", "revolute_unwrapped", "continuous") for j in joints]
+    )
+    if arm_mask.sum() < 6 or (~arm_mask).sum() < 1:
+        raise ValueError(
+            f"the robot needs >= 6 revolute arm joints and >= 1 prismatic finger joint, got "
+            f"{[j.type for j in joints]}"
+        )
+    home = np.asarray(home_qpos, np.float64)
+    if home.shape != (len(joints),):
+        raise ValueError(f"home_qpos has {home.size} values, the robot has {len(joints)} joints")
+    for joint, is_arm in zip(joints, arm_mask, strict=True):
+        drive = ARM_DRIVE if is_arm else FINGER_DRIVE
+        joint.set_drive_properties(drive["stiffness"], drive["damping"], drive["force_limit"])
+    art.set_qpos(home)
+    for joint, q in zip(joints, home, strict=True):
+        joint.set_drive_target(q)
+    try:
+        hand = next(link for link in art.links if link.name == hand_name)
+    except StopIteration:
+        names = [link.name for link in art.links]
+        raise ValueError(f"no link named {hand_name!r} in the robot; links: {names}") from None
+    finger_limits = np.asarray(art.get_qlimits())[~arm_mask]
+    return Robot(
+        articulation=art,
+        hand=hand,
+        ik=art.create_pinocchio_model(),
+        home_qpos=home,
+        arm_mask=arm_mask,
+        finger_travel=float(finger_limits[:, 1].min()),
+        tcp_offset=tcp_offset,
+    )
+
+
+def load_urdf_robot(
+    scene: sapien.Scene,
+    path: str,
+    base_pose: sapien.Pose,
+    hand_link: str = "hand",
+    home_qpos=None,
+    tcp_offset: float = TCP_OFFSET,
+) -> Robot:
+    """Load any URDF arm (revolute arm joints + prismatic fingers) without its visuals.
+
+    The rasteriser draws collision shapes, so visuals are dropped: they would need a render
+    device. ``home_qpos`` defaults to the built-in arm's when the joint count matches.
+    """
+    loader = scene.create_urdf_loader()
+    loader.fix_root_link = True
+    builder = loader.load_file_as_articulation_builder(path)
+    for lb in builder.link_builders:
+        lb.visual_records = []
+        lb.collision_groups = [1, 1, 1, 0]
+    builder.set_initial_pose(base_pose)
+    art = builder.build(fix_root_link=True)
+    if home_qpos is None:
+        if art.dof != len(HOME_QPOS):
+            raise ValueError(f"robot_urdf has {art.dof} joints: pass home_qpos= for it")
+        home_qpos = HOME_QPOS
+    return _finish(art, hand_link, home_qpos, tcp_offset)
 
 
 def _link_collision(builder, length: float, radius: float, material) -> None:
@@ -126,18 +205,71 @@ def build_robot(scene: sapien.Scene, base_pose: sapien.Pose, finger_material) ->
     ab.set_initial_pose(base_pose)
     art = ab.build(fix_root_link=True)
     art.name = "arm"
-    joints = art.active_joints
-    for j, joint in enumerate(joints):
-        drive = ARM_DRIVE if j < 7 else FINGER_DRIVE
-        joint.set_drive_properties(drive["stiffness"], drive["damping"], drive["force_limit"])
-    art.set_qpos(HOME_QPOS)
-    for j, joint in enumerate(joints):
-        joint.set_drive_target(HOME_QPOS[j])
-    hand_link = next(link for link in art.links if link.name == "hand")
-    return Robot(
-        articulation=art,
-        hand=hand_link,
-        joints=joints,
-        ik=art.create_pinocchio_model(),
-        hand_index=hand_link.index,
-    )
+    return _finish(art, "hand", HOME_QPOS, TCP_OFFSET)
+
+
+def export_urdf(path: str) -> str:
+    """Write the built-in arm as a URDF with collision geometry (and return the path).
+
+    Lets ``robot_urdf=`` be exercised without any asset download, and documents the arm.
+    """
+    import xml.etree.ElementTree as ET
+
+    def origin(parent, xyz=(0, 0, 0), rpy=(0, 0, 0)):
+        ET.SubElement(parent, "origin", xyz=" ".join(map(str, xyz)), rpy=" ".join(map(str, rpy)))
+
+    def collision(link, geom: str, xyz, rpy=(0, 0, 0), **attrs):
+        c = ET.SubElement(link, "collision")
+        origin(c, xyz, rpy)
+        ET.SubElement(ET.SubElement(c, "geometry"), geom, **{k: str(v) for k, v in attrs.items()})
+
+    robot = ET.Element("robot", name="builtin_arm")
+    base = ET.SubElement(robot, "link", name="base")
+    # URDF cylinders/capsules run along z, which is where the built-in links point.
+    collision(base, "cylinder", (0, 0, BASE_HEIGHT / 2), radius=0.07, length=BASE_HEIGHT)
+    parent, parent_len = "base", BASE_HEIGHT
+    axes = {"z": "0 0 1", "y": "0 1 0"}
+    for i, (axis, length, radius) in enumerate(ARM_LINKS):
+        name = f"link{i + 1}"
+        link = ET.SubElement(robot, "link", name=name)
+        inertial = ET.SubElement(link, "inertial")
+        origin(inertial, (0, 0, length / 2))
+        ET.SubElement(
+            inertial, "mass", value=str(max(0.2, 300 * np.pi * radius**2 * (length + radius)))
+        )
+        ET.SubElement(
+            inertial, "inertia", ixx="0.01", iyy="0.01", izz="0.005", ixy="0", ixz="0", iyz="0"
+        )
+        if length > 0:
+            collision(link, "capsule", (0, 0, length / 2), radius=radius, length=length)
+        else:
+            collision(link, "sphere", (0, 0, 0), radius=radius)
+        joint = ET.SubElement(robot, "joint", name=f"joint{i + 1}", type="revolute")
+        ET.SubElement(joint, "parent", link=parent)
+        ET.SubElement(joint, "child", link=name)
+        origin(joint, (0, 0, parent_len))
+        ET.SubElement(joint, "axis", xyz=axes[axis])
+        lim = 2.9 if axis == "z" else 3.0
+        ET.SubElement(joint, "limit", lower=str(-lim), upper=str(lim), effort="400", velocity="3")
+        parent, parent_len = name, length
+    hand = ET.SubElement(robot, "link", name="hand")
+    collision(hand, "box", (0, 0, PALM_HALF[2]), size=" ".join(str(2 * h) for h in PALM_HALF))
+    fixed = ET.SubElement(robot, "joint", name="hand_fixed", type="fixed")
+    ET.SubElement(fixed, "parent", link=parent)
+    ET.SubElement(fixed, "child", link="hand")
+    origin(fixed, (0, 0, parent_len))
+    for side, sign in (("left", 1), ("right", -1)):
+        name = f"finger_{side}"
+        link = ET.SubElement(robot, "link", name=name)
+        size = " ".join(str(2 * h) for h in FINGER_HALF)
+        collision(link, "box", (0, sign * FINGER_HALF[1], FINGER_HALF[2]), size=size)
+        joint = ET.SubElement(robot, "joint", name=f"{name}_joint", type="prismatic")
+        ET.SubElement(joint, "parent", link="hand")
+        ET.SubElement(joint, "child", link=name)
+        origin(joint, (0, 0, 2 * PALM_HALF[2]))
+        ET.SubElement(joint, "axis", xyz=f"0 {sign} 0")
+        ET.SubElement(
+            joint, "limit", lower="0", upper=str(FINGER_TRAVEL), effort="60", velocity="1"
+        )
+    ET.ElementTree(robot).write(path)
+    return path
