@@ -82,17 +82,10 @@ def reset_time_ms(name: str, n: int = 50) -> float:
 
 
 def expert_success(name: str, seeds: int) -> float:
-    env = envs.make(name, cameras=())
-    expert = envs.expert(name)
-    wins = 0
-    for seed in range(seeds):
-        obs, _ = env.reset(seed=seed)
-        for _ in range(env.spec.max_steps):
-            obs, _, term, trunc, info = env.step(expert(obs["state"]))
-            if term or trunc:
-                break
-        wins += info["success"]
-    return wins / seeds
+    from envs.tabletop.experts import run_episode
+
+    env, expert = envs.make(name, cameras=()), envs.expert(name)
+    return sum(run_episode(env, expert, seed)["success"] for seed in range(seeds)) / seeds
 
 
 def tinyvla_latency(size: str, batch: int, repeats: int) -> tuple[int, float]:

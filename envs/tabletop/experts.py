@@ -162,3 +162,13 @@ def predict_state(s: np.ndarray, a: np.ndarray) -> np.ndarray:
     if grasped and a[6] > 0:
         s[STATE_LAYOUT["object_pos"]] = obj + delta
     return s
+
+
+def run_episode(env, act: Callable[[np.ndarray], np.ndarray], seed: int) -> dict:
+    """Run one closed-loop episode of ``act(state) -> action``; return the final info."""
+    obs, info = env.reset(seed=seed)
+    for _ in range(env.spec.max_steps):
+        obs, _, terminated, truncated, info = env.step(act(obs["state"]))
+        if terminated or truncated:
+            break
+    return info
