@@ -1,0 +1,30 @@
+"""The engine: moves observations, batches them, runs the policy, dispatches actions and
+records trajectories.
+
+Example:
+    >>> from pipeline import RolloutEngine
+    >>> from pipeline.policies import TinyVLA
+
+Attributes are imported lazily: worker processes import ``pipeline.worker`` and must not pay
+for torch.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EngineClosedError",
+    "EngineError",
+    "EngineTimeout",
+    "EnvError",
+    "PolicyOutputError",
+    "RolloutEngine",
+    "WorkerDiedError",
+]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from pipeline import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -1,0 +1,733 @@
+"""RolloutEngine: env worker processes, shared-memory slots, and a pipelined inference loop.
+
+The envs are split into ``num_stages`` fixed groups. Every worker holds envs of every stage.
+In ``mode="pipelined"`` the loop infers for stage g while the workers step the other stages;
+in ``mode="sync"`` each stage is inferred, stepped and awaited in turn (with ``num_stages=1``
+that is the SimpleVLA-RL lock-step baseline). Both modes make the same decisions in the same
+order for every stage, and every seed is derived from ids, so their trajectories are bitwise
+identical.
+
+Per stage turn (``_decide``): batch the stage's observations straight from shared memory,
+run the policy, validate its output, write the action chunks into shared memory, send one
+16-byte STEP frame to each worker, then record the decision while the workers step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from tensordict import NonTensorData, NonTensorStack, TensorDict
+
+from pipeline import protocol as P
+from pipeline import schema
+from pipeline.layout import Layout, SharedBuffers
+from pipeline.recorder import TrajectoryStore
+from pipeline.seeding import GROUP, RESET, SAMPLE, derive
+from pipeline.worker import WorkerConfig, worker_main
+
+
+class EngineError(RuntimeError):
+    """Base class of the engine's errors. The engine is closed when one is raised."""
+
+
+class EnvError(EngineError):
+    """An env (or env factory) raised inside a worker; carries the original traceback."""
+
+
+class WorkerDiedError(EngineError):
+    """A worker process exited without being asked to (killed, crashed)."""
+
+
+class EngineTimeout(EngineError, TimeoutError):
+    """Workers did not answer within the timeout."""
+
+
+class PolicyOutputError(EngineError, ValueError):
+    """The policy returned something that must not reach the physics."""
+
+
+class EngineClosedError(EngineError):
+    """The engine was used after close()."""
+
+
+_WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def _worker_environ():
+    """Children inherit the environment at spawn: one BLAS/OpenMP thread per worker, so
+    physics processes never oversubscribe the cores."""
+    saved = {k: os.environ.get(k) for k in _WORKER_ENV}
+    os.environ.update(_WORKER_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _shutdown(procs, conns, shm) -> None:
+    """Stop workers (politely, then firmly) and release shared memory. Idempotent."""
+    for conn in conns:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send_bytes(P.pack(P.CLOSE))
+    deadline = time.monotonic() + 2.0
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2.0)
+    for conn in conns:
+        with contextlib.suppress(OSError):
+            conn.close()
+    if shm is not None:
+        shm.unlink()
+        shm.close()
+
+
+class _Stage:
+    """A fixed group of envs: ids ``lo..hi`` and the workers holding them."""
+
+    def __init__(self, index: int, lo: int, hi: int, workers: list[int]) -> None:
+        self.index, self.lo, self.hi, self.workers = index, lo, hi, workers
+        self.slot = 0  # slot holding the stage's current observations
+        self.seq = 0  # sequence number of the last command sent
+        self.env_ids = np.arange(lo, hi)
+        self.pending: tuple | None = None  # where the in-flight decision was recorded
+
+
+class RolloutEngine:
+    """Pipelined rollouts of ``policy`` over ``num_envs`` envs in ``num_workers`` processes.
+
+    Example:
+        >>> from pipeline import RolloutEngine
+        >>> from pipeline.policies import LatencyPolicy
+        >>> policy = LatencyPolicy(state_dim=16, chunk_len=8, base_ms=5)
+        >>> with RolloutEngine("toy", policy, num_envs=8, num_workers=2, num_stages=2) as engine:
+        ...     td = engine.rollout(num_decisions=4)          # TensorDict [8, 4]
+        ...     eps = engine.collect_episodes(num_groups=2, group_size=4)
+
+    ``env`` is a registered name (``envs.names()``) or a picklable factory (lambdas work:
+    ``multiprocess`` pickles with dill). Errors raise an :class:`EngineError` subclass and
+    close the engine; nothing is left running and nothing is left in /dev/shm.
+    """
+
+    def __init__(
+        self,
+        env: str | Callable[..., Any],
+        policy: torch.nn.Module,
+        *,
+        num_envs: int,
+        num_workers: int = 2,
+        num_stages: int = 2,
+        mode: str = "pipelined",
+        seed: int = 0,
+        env_kwargs: dict | None = None,
+        device: str | torch.device = "auto",
+        chunk_len: int | None = None,
+        exec_len: int | None = None,
+        auto_reset: bool = True,
+        timeout_s: float = 60.0,
+        start_timeout_s: float = 300.0,
+        pin_workers: bool = False,
+    ) -> None:
+        self._closed = True  # until start-up completes
+        self._procs, self._conns, self._shm = [], [], None
+        if mode not in ("sync", "pipelined"):
+            raise ValueError(f"mode={mode!r}: choose 'sync' or 'pipelined'")
+        if num_envs < 1 or num_workers < 1 or num_stages < 1:
+            raise ValueError("num_envs, num_workers and num_stages must be >= 1")
+        if num_envs % num_stages:
+            raise ValueError(f"num_envs={num_envs} must divide into num_stages={num_stages} groups")
+        per_stage = num_envs // num_stages
+        if num_workers > per_stage:
+            raise ValueError(
+                f"num_workers={num_workers} > envs per stage ({per_stage}): every worker must "
+                "hold envs of every stage"
+            )
+        chunk_len = chunk_len if chunk_len is not None else getattr(policy, "chunk_len", None)
+        if chunk_len is None or chunk_len < 1:
+            raise ValueError("chunk_len: pass it, or give the policy a 'chunk_len' attribute")
+        exec_len = chunk_len if exec_len is None else exec_len
+        if not 1 <= exec_len <= chunk_len:
+            raise ValueError(f"exec_len={exec_len} must be in [1, chunk_len={chunk_len}]")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        self.env_name = env if isinstance(env, str) else getattr(env, "__name__", repr(env))
+        self.policy, self.mode, self.seed = policy, mode, int(seed)
+        self.num_envs, self.num_workers, self.num_stages = num_envs, num_workers, num_stages
+        self.chunk_len, self.exec_len, self.auto_reset = chunk_len, exec_len, auto_reset
+        self.timeout_s = timeout_s
+        self.device = self._resolve_device(device, policy)
+        self.policy_version = 0
+        self._param_versions = self._fingerprint()
+        self.stages = [
+            _Stage(g, g * per_stage, (g + 1) * per_stage, list(range(num_workers)))
+            for g in range(num_stages)
+        ]
+        self._env_worker = np.arange(num_envs) % num_workers
+        self._next_uid = 0  # episode ids are unique over the engine's life
+        self._calls = 0
+        self._started = np.zeros(num_envs, bool)  # env has run at least one episode
+        self._t_in_ep = np.zeros(num_envs, np.int64)  # decision index within each episode
+        self._start(env, env_kwargs or {}, start_timeout_s, pin_workers)
+
+    # -- start-up ----------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_device(device, policy) -> torch.device:
+        if str(device) == "auto":
+            param = next(iter(policy.parameters()), None)
+            if param is not None:
+                return param.device
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(device)
+
+    def _start(self, env, env_kwargs, start_timeout_s, pin_workers) -> None:
+        import multiprocess as mp
+
+        # spawn: never fork a parent that may hold CUDA state or torch threads.
+        ctx = mp.get_context("spawn")
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        with _worker_environ():
+            for w in range(self.num_workers):
+                ids = [int(i) for i in np.flatnonzero(self._env_worker == w)]
+                cfg = WorkerConfig(
+                    worker_id=w,
+                    env_fn=env,
+                    env_kwargs=env_kwargs,
+                    env_ids=ids,
+                    env_stage=[i // (self.num_envs // self.num_stages) for i in ids],
+                    auto_reset=self.auto_reset,
+                    parent_pid=os.getpid(),
+                    cpu=cpus[w % len(cpus)] if (pin_workers and cpus) else None,
+                )
+                parent_conn, child_conn = ctx.Pipe(duplex=True)
+                proc = ctx.Process(
+                    target=worker_main,
+                    args=(cfg, child_conn),
+                    name=f"rollout-worker-{w}",
+                    daemon=True,
+                )
+                proc.start()
+                child_conn.close()
+                self._procs.append(proc)
+                self._conns.append(parent_conn)
+        # From here on a finalizer stops the workers even if the user never calls close().
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, None)
+        try:
+            specs = []
+            for w in range(self.num_workers):
+                self._expect(w, P.HELLO, start_timeout_s, "creating its envs")
+                specs.append(self._conns[w].recv())
+            if any(repr(s) != repr(specs[0]) for s in specs):
+                raise EngineError(f"workers disagree on the env spec: {specs}")
+            self.spec = specs[0]
+            self.layout = Layout(self.spec, self.num_envs, self.chunk_len, slots=2)
+            self._shm = SharedBuffers.create(self.layout)
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._shm)
+            for conn in self._conns:
+                conn.send((self._shm.name, self.num_envs, self.chunk_len, self.layout.slots))
+            for w in range(self.num_workers):
+                self._expect(w, P.ATTACHED, start_timeout_s, "attaching shared memory")
+            self._shm.unlink()  # every worker has it mapped: nothing can leak from now on
+        except BaseException:
+            self._finalizer()
+            raise
+        self.a = self._shm.arrays
+        self.a["n_exec"][:] = self.exec_len
+        self._views = self._make_views()
+        self._cuda = _CudaPath(self) if self.device.type == "cuda" else None
+        self._closed = False
+
+    def _make_views(self) -> dict[str, torch.Tensor]:
+        """Torch tensors over the shared arrays: batches are built without copying."""
+        return {k: torch.from_numpy(v) for k, v in self.a.items() if not k.startswith("instr")}
+
+    def _expect(self, w: int, kind: int, timeout: float, doing: str) -> None:
+        from multiprocess.connection import wait
+
+        conn, proc = self._conns[w], self._procs[w]
+        ready = wait([conn, proc.sentinel], timeout)
+        if conn in ready:
+            try:
+                frame = conn.recv_bytes()
+            except (EOFError, OSError):
+                raise WorkerDiedError(
+                    self._death(w, doing) + ". Workers are spawned: a script that creates the "
+                    "engine at import time must guard it with `if __name__ == '__main__':`"
+                ) from None
+            got, *_ = P.unpack(frame)
+            if got == P.ERROR:
+                raise EnvError(conn.recv().describe(self.env_name))
+            if got != kind:
+                raise EngineError(f"worker {w}: protocol error, expected {kind}, got {got}")
+            return
+        if proc.sentinel in ready:
+            raise WorkerDiedError(self._death(w, doing))
+        raise EngineTimeout(f"worker {w} did not finish {doing} within {timeout:.0f} s")
+
+    def _death(self, w: int, doing: str) -> str:
+        proc = self._procs[w]
+        proc.join(0.1)
+        code = proc.exitcode
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                how = f"signal {signal.Signals(-code).name}"
+        return f"worker {w} (pid {proc.pid}) died ({how}) while {doing}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the workers and release shared memory. Safe to call more than once."""
+        self._closed = True
+        if getattr(self, "_cuda", None) is not None:
+            self._cuda.release()
+            self._cuda = None
+        self._views = {}
+        self.a = {}
+        if hasattr(self, "_finalizer"):
+            self._finalizer()
+
+    def __enter__(self) -> RolloutEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("the engine is closed; create a new RolloutEngine")
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    # -- policy versions ---------------------------------------------------------------------
+    def _fingerprint(self) -> int:
+        # In-place updates (optimizer steps, load_state_dict) bump each tensor's version.
+        return sum(p._version for p in self.policy.parameters())
+
+    def set_policy_version(self, version: int) -> None:
+        """Set the version recorded with the next decisions (otherwise it counts weight updates)."""
+        self.policy_version = int(version)
+        self._param_versions = self._fingerprint()
+
+    def _refresh_policy_version(self) -> None:
+        fp = self._fingerprint()
+        if fp != self._param_versions:
+            self._param_versions = fp
+            self.policy_version += 1
+
+    # -- public calls ------------------------------------------------------------------------
+    def rollout(self, num_decisions: int, timeout_s: float | None = None) -> TensorDict:
+        """Every env makes ``num_decisions`` decisions; returns a TensorDict ``[num_envs, T]``.
+
+        Envs carry their episodes over from the previous call; with ``auto_reset`` an ended
+        episode restarts at once with the next seed, else the env idles (``mask`` False).
+        """
+        if num_decisions < 1:
+            raise ValueError("num_decisions must be >= 1")
+        return self._call(_RolloutPlan(self, num_decisions), timeout_s)
+
+    def collect_episodes(
+        self, num_groups: int, group_size: int, timeout_s: float | None = None
+    ) -> TensorDict:
+        """Run ``num_groups * group_size`` complete episodes, GRPO style.
+
+        Members of a group share the reset seed (the same initial state) and have their own
+        sampling seeds. Envs that finish early take the next queued episode. Returns a
+        TensorDict ``[E]`` (episodes, group-major) whose trajectory fields are ``[E, T, ...]``
+        padded to the longest, with ``mask`` ``[E, T]`` and per-episode ``success``,
+        ``length`` (decisions), ``env_steps`` and ``group_id``.
+        """
+        if num_groups < 1 or group_size < 1:
+            raise ValueError("num_groups and group_size must be >= 1")
+        if not self.auto_reset:
+            raise EngineError("collect_episodes needs auto_reset=True")
+        return self._call(_EpisodePlan(self, num_groups, group_size), timeout_s)
+
+    def _call(self, plan, timeout_s):
+        self._check_open()
+        self._timeout = self.timeout_s if timeout_s is None else timeout_s
+        self._refresh_policy_version()
+        try:
+            plan.begin()
+            self._loop(plan)
+            return plan.result()
+        except BaseException:
+            self.close()  # a half-finished pipeline cannot be resumed safely
+            raise
+        finally:
+            self._calls += 1
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _loop(self, plan) -> None:
+        stages = self.stages
+        if self.mode == "sync":
+            while any(plan.wants(s) for s in stages):
+                for s in stages:
+                    if plan.wants(s):
+                        self._decide(s, plan)
+                        self._await(s, plan)
+            return
+        in_flight: set[int] = set()
+        while True:
+            progressed = False
+            for s in stages:
+                if s.index in in_flight:
+                    self._await(s, plan)
+                    in_flight.discard(s.index)
+                if plan.wants(s):
+                    self._decide(s, plan)
+                    in_flight.add(s.index)
+                    progressed = True
+            if not progressed and not in_flight:
+                return
+
+    def _reset_stage(self, s: _Stage, mask: np.ndarray) -> None:
+        """Restart the stage's envs where ``mask`` is set (with their queued ``next_seed``);
+        the others carry over untouched. Waits for the workers."""
+        if not mask.any():
+            return
+        self.a["reset_now"][s.lo : s.hi] = mask
+        self._t_in_ep[s.lo : s.hi][mask] = 0
+        s.seq += 1
+        new = 1 - s.slot
+        for w in s.workers:
+            self._send(w, P.pack(P.RESET, s.index, new, s.seq), f"resetting stage {s.index}")
+        self._collect(s, "resetting")
+        # Rows not reset keep their observation: the worker carried it into the new slot.
+        s.slot = new
+        self._check_seq(s)
+
+    def _send_step(self, s: _Stage) -> None:
+        s.seq += 1
+        for w in s.workers:
+            self._send(w, P.pack(P.STEP, s.index, 1 - s.slot, s.seq), f"stepping stage {s.index}")
+
+    def _send(self, w: int, frame: bytes, doing: str) -> None:
+        try:
+            self._conns[w].send_bytes(frame)
+        except OSError:  # BrokenPipeError: the worker is gone
+            raise WorkerDiedError(self._death(w, doing)) from None
+
+    def _collect(self, s: _Stage, doing: str) -> None:
+        """Block (without spinning) until every worker of the stage answers."""
+        from multiprocess.connection import wait
+
+        need = {self._conns[w]: w for w in s.workers}
+        sentinels = {self._procs[w].sentinel: w for w in s.workers}
+        deadline = time.monotonic() + self._timeout
+        while need:
+            remaining = deadline - time.monotonic()
+            ready = wait(list(need) + list(sentinels), max(0.0, remaining)) if remaining > 0 else []
+            if not ready:
+                names = sorted(need.values())
+                raise EngineTimeout(
+                    f"stage {s.index}: workers {names} did not finish {doing} within "
+                    f"{self._timeout:.1f} s"
+                )
+            for obj in ready:
+                if obj in need:
+                    w = need.pop(obj)
+                    try:
+                        frame = obj.recv_bytes()
+                    except (EOFError, OSError):
+                        raise WorkerDiedError(self._death(w, f"{doing} stage {s.index}")) from None
+                    kind, stage, _, seq = P.unpack(frame)
+                    if kind == P.ERROR:
+                        raise EnvError(obj.recv().describe(self.env_name))
+                    if kind != P.DONE or stage != s.index or seq != s.seq:
+                        raise EngineError(
+                            f"worker {w}: protocol error: got {P.NAMES.get(kind, kind)} for stage "
+                            f"{stage} seq {seq}, expected DONE for stage {s.index} seq {s.seq}"
+                        )
+            for obj in ready:
+                if obj in sentinels and sentinels[obj] in need.values():
+                    raise WorkerDiedError(self._death(sentinels[obj], f"{doing} stage {s.index}"))
+
+    def _check_seq(self, s: _Stage) -> None:
+        seqs = self.a["seq"][s.slot, s.lo : s.hi]
+        if (seqs != s.seq).any():
+            bad = s.lo + int(np.flatnonzero(seqs != s.seq)[0])
+            raise EngineError(f"env {bad}: slot {s.slot} holds seq {seqs[bad - s.lo]}, not {s.seq}")
+
+    def _await(self, s: _Stage, plan) -> None:
+        self._collect(s, "stepping")
+        s.slot = 1 - s.slot
+        self._check_seq(s)
+        plan.results(s)
+        init = self.a["is_init"][s.slot, s.lo : s.hi] == 1
+        t = self._t_in_ep[s.lo : s.hi]
+        t[:] = np.where(init, 0, t + 1)
+
+    def _sample_seeds(self, s: _Stage) -> np.ndarray:
+        episode = self.a["episode_id"][s.slot, s.lo : s.hi]
+        return derive(self.seed, SAMPLE, episode, self._t_in_ep[s.lo : s.hi])
+
+    def _ids(self, s: _Stage, sample_seeds: np.ndarray) -> dict[str, np.ndarray]:
+        """The id columns recorded with every decision of the stage."""
+        a = self.a
+        return {
+            "sample_seed": sample_seeds,
+            "episode_id": a["episode_id"][s.slot, s.lo : s.hi],
+            "reset_seed": a["reset_seed"][s.slot, s.lo : s.hi],
+            "env_id": s.env_ids,
+            "policy_version": np.full(s.hi - s.lo, self.policy_version),
+        }
+
+    # -- one stage turn ----------------------------------------------------------------------
+    def _batch(self, s: _Stage, sample_seeds: np.ndarray) -> tuple[TensorDict, list[str]]:
+        lo, hi, slot = s.lo, s.hi, s.slot
+        v = self._views
+        td = TensorDict({}, batch_size=[hi - lo])
+        for key in self.layout.obs_keys:
+            x = v[f"obs/{key}"][slot, lo:hi]
+            if key.startswith("image/"):
+                td.set(schema.image_key(key.split("/", 1)[1]), x.permute(0, 3, 1, 2))
+            else:
+                td.set((schema.OBSERVATION, key), x)
+        td.set(schema.SAMPLE_SEED, torch.from_numpy(sample_seeds))
+        texts = self._texts(s)
+        td.set(schema.INSTRUCTION, NonTensorStack(*[NonTensorData(t) for t in texts]))
+        return td, texts
+
+    def _texts(self, s: _Stage) -> list[str]:
+        raw, n = (
+            self.a["instruction"][s.slot, s.lo : s.hi],
+            self.a["instruction_len"][s.slot, s.lo : s.hi],
+        )
+        return [bytes(raw[i, : n[i]]).decode("utf-8", "replace") for i in range(len(n))]
+
+    def _decide(self, s: _Stage, plan) -> None:
+        sample_seeds = self._sample_seeds(s)
+        td, texts = self._batch(s, sample_seeds)
+        if self._cuda is not None:
+            td = self._cuda.to_device(s, td)
+        out = self.policy(td)
+        outputs = self._validate(out, s.hi - s.lo)
+        chunk = outputs[schema.ACTION_CHUNK]
+        if self._cuda is not None:
+            self._cuda.actions_to_host(s, chunk)
+        else:
+            self._views["actions"][s.lo : s.hi].copy_(chunk)
+        plan.before_step(s)
+        self._send_step(s)
+        plan.record(s, outputs, texts, sample_seeds)
+
+    def _validate(self, out, batch: int) -> dict:
+        if not isinstance(out, TensorDict) and not hasattr(out, "get"):
+            raise PolicyOutputError(f"policy returned {type(out).__name__}, not a TensorDict")
+        chunk = out.get(schema.ACTION_CHUNK, None)
+        want = (batch, self.chunk_len, self.spec.action_dim)
+        if chunk is None:
+            raise PolicyOutputError(f"policy output has no {schema.ACTION_CHUNK} entry")
+        if not isinstance(chunk, torch.Tensor) or tuple(chunk.shape) != want:
+            shape = tuple(getattr(chunk, "shape", ()))
+            raise PolicyOutputError(f"action chunk has shape {shape}, expected {want}")
+        if not chunk.dtype.is_floating_point:
+            raise PolicyOutputError(f"action chunk has dtype {chunk.dtype}, expected a float dtype")
+        if not torch.isfinite(chunk).all():
+            raise PolicyOutputError(
+                "action chunk contains NaN or inf; nothing was sent to the envs"
+            )
+        outputs = {schema.ACTION_CHUNK: chunk.to(torch.float32)}
+        tokens = out.get(schema.ACTION_TOKENS, None)
+        if tokens is not None:
+            if tuple(tokens.shape) != want or tokens.dtype != torch.long:
+                got = f"{tokens.dtype}{list(tokens.shape)}"
+                raise PolicyOutputError(f"action tokens are {got}, expected int64{list(want)}")
+            outputs[schema.ACTION_TOKENS] = tokens
+        logp = out.get(schema.SAMPLE_LOG_PROB, None)
+        if logp is not None:
+            if tuple(logp.shape) != (batch,) or not torch.isfinite(logp).all():
+                raise PolicyOutputError(
+                    f"sample_log_prob must be finite [{batch}], got {list(logp.shape)}"
+                )
+            outputs[schema.SAMPLE_LOG_PROB] = logp
+        return outputs
+
+
+class _CudaPath:
+    """Pinned (registered) host memory, copies on a side stream, overlap across stages."""
+
+    def __init__(self, engine: RolloutEngine) -> None:
+        self.engine = engine
+        self.device = engine.device
+        shm = engine._shm
+        cudart = torch.cuda.cudart()
+        # Register the whole shared segment so every H2D/D2H copy is a true async DMA.
+        err = cudart.cudaHostRegister(shm.address, shm.layout.nbytes, 0)
+        self.registered = int(err) == 0 if not isinstance(err, tuple) else int(err[0]) == 0
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.done = torch.cuda.Event()
+
+    def to_device(self, s: _Stage, td: TensorDict) -> TensorDict:
+        with torch.cuda.stream(self.copy_stream):
+            dev = td.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(ready)
+        return dev
+
+    def actions_to_host(self, s: _Stage, chunk: torch.Tensor) -> None:
+        host = self.engine._views["actions"][s.lo : s.hi]
+        host.copy_(chunk, non_blocking=self.registered)
+        self.done.record(torch.cuda.current_stream(self.device))
+        self.done.synchronize()
+
+    def release(self) -> None:
+        if self.registered:
+            with contextlib.suppress(Exception):
+                torch.cuda.cudart().cudaHostUnregister(self.engine._shm.address)
+            self.registered = False
+
+
+class _RolloutPlan:
+    """``rollout(T)``: record decision r of env i at ``[i, r]``."""
+
+    def __init__(self, engine: RolloutEngine, num_decisions: int) -> None:
+        self.e, self.T = engine, num_decisions
+        self.made = np.zeros(engine.num_stages, np.int64)
+
+    def begin(self) -> None:
+        e = self.e
+        self.store = TrajectoryStore(e.layout, e.a, e.num_envs, self.T)
+        for s in e.stages:
+            # Envs that never ran, or whose episode ended with no auto-reset, start afresh;
+            # the others carry on with their episodes.
+            ended = ~e._started[s.lo : s.hi] | (e.a["parked"][s.slot, s.lo : s.hi] == 1)
+            for i in s.env_ids[ended]:
+                self._queue_next(int(i))
+            e._reset_stage(s, ended)
+            e._started[s.lo : s.hi] = True
+
+    def _queue_next(self, i: int) -> None:
+        e = self.e
+        uid = e._next_uid
+        e._next_uid += 1
+        e.a["next_episode"][i] = uid
+        e.a["next_seed"][i] = derive(e.seed, RESET, uid)
+
+    def wants(self, s: _Stage) -> bool:
+        return self.made[s.index] < self.T
+
+    def before_step(self, s: _Stage) -> None:
+        e = self.e
+        if e.auto_reset:  # queue each env's next episode, to start the moment this one ends
+            for i in s.env_ids[
+                e.a["next_episode"][s.lo : s.hi] == e.a["episode_id"][s.slot, s.lo : s.hi]
+            ]:
+                self._queue_next(int(i))
+
+    def record(self, s: _Stage, outputs, texts, sample_seeds) -> None:
+        e = self.e
+        src = np.flatnonzero(e.a["parked"][s.slot, s.lo : s.hi] == 0)
+        rows, ts = s.lo + src, np.full(len(src), self.made[s.index])
+        self.store.record_decision(
+            rows, ts, src, s.slot, s.lo, outputs, texts, e._ids(s, sample_seeds)
+        )
+        s.pending = (rows, ts, rows)
+        self.made[s.index] += 1
+
+    def results(self, s: _Stage) -> None:
+        self.store.record_results(*s.pending, s.slot)
+
+    def result(self) -> TensorDict:
+        return self.store.to_tensordict()
+
+
+class _EpisodePlan:
+    """``collect_episodes``: a queue of episodes, group-major; envs pull the next one."""
+
+    def __init__(self, engine: RolloutEngine, num_groups: int, group_size: int) -> None:
+        e = self.e = engine
+        self.E = num_groups * group_size
+        self.group_size = group_size
+        call = e._calls
+        group_seeds = derive(e.seed, GROUP, call, np.arange(num_groups))
+        self.seeds = np.repeat(group_seeds, group_size)
+        self.uid0 = e._next_uid
+        e._next_uid += self.E
+        self.queue = 0  # next episode index to hand out
+        self.max_t = math.ceil(e.spec.max_steps / e.exec_len) + 1
+
+    def _hand_out(self, i: int) -> None:
+        e = self.e
+        if self.queue < self.E:
+            e.a["next_seed"][i] = self.seeds[self.queue]
+            e.a["next_episode"][i] = self.uid0 + self.queue
+            self.queue += 1
+        else:
+            e.a["next_seed"][i] = -1
+            e.a["next_episode"][i] = -1
+
+    def begin(self) -> None:
+        e = self.e
+        self.store = TrajectoryStore(e.layout, e.a, self.E, self.max_t)
+        for s in e.stages:  # every env starts a fresh episode from the queue (or parks)
+            for i in s.env_ids:
+                self._hand_out(int(i))
+            e._reset_stage(s, np.ones(len(s.env_ids), bool))
+            e._started[s.lo : s.hi] = True
+
+    def wants(self, s: _Stage) -> bool:
+        return bool((self.e.a["parked"][s.slot, s.lo : s.hi] == 0).any())
+
+    def before_step(self, s: _Stage) -> None:
+        e = self.e
+        for i in s.env_ids[
+            e.a["next_episode"][s.lo : s.hi] == e.a["episode_id"][s.slot, s.lo : s.hi]
+        ]:
+            self._hand_out(int(i))
+
+    def record(self, s: _Stage, outputs, texts, sample_seeds) -> None:
+        e = self.e
+        live = e.a["parked"][s.slot, s.lo : s.hi] == 0
+        src = np.flatnonzero(live)
+        rows = e.a["episode_id"][s.slot, s.lo : s.hi][src] - self.uid0
+        ts = e._t_in_ep[s.lo : s.hi][src]
+        if len(ts) and ts.max() >= self.max_t:
+            raise EngineError(f"an episode exceeded {self.max_t} decisions (spec.max_steps)")
+        self.store.record_decision(
+            rows, ts, src, s.slot, s.lo, outputs, texts, e._ids(s, sample_seeds)
+        )
+        s.pending = (rows, ts, s.lo + src)
+
+    def results(self, s: _Stage) -> None:
+        self.store.record_results(*s.pending, s.slot)
+
+    def result(self) -> TensorDict:
+        store = self.store
+        T = int(store.length.max()) if self.E else 0
+        traj = store.to_tensordict(T)
+        out = TensorDict({}, batch_size=[self.E])
+        for key, value in traj.items(include_nested=True, leaves_only=True):
+            out.set(key, value)
+        out.set(schema.INSTRUCTION, traj.get(schema.INSTRUCTION))
+        done = store.next["terminated"][:, :T] | store.next["truncated"][:, :T]
+        last = np.maximum(store.length - 1, 0)
+        out.set("length", torch.from_numpy(store.length.copy()))
+        out.set("env_steps", torch.from_numpy(store.next["steps"][:, :T].sum(1).astype(np.int64)))
+        out.set("success", torch.from_numpy(store.next["success"][np.arange(self.E), last].copy()))
+        out.set("group_id", torch.from_numpy(np.arange(self.E) // self.group_size))
+        if not done[np.arange(self.E), last].all():
+            raise EngineError("collect_episodes returned an unfinished episode (engine bug)")
+        return out

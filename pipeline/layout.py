@@ -1,0 +1,161 @@
+"""The shared-memory layout: every array the workers and the inference loop share.
+
+It is derived from the :class:`envs.EnvSpec` and the chunk shape, and nothing else, so the
+parent and every worker compute the same offsets independently. One POSIX shared-memory
+segment holds it all.
+
+Two kinds of arrays:
+
+* **slot arrays** ``[slots, num_envs, ...]``: what a worker writes after executing a chunk —
+  the next observation plus the results of the chunk that led to it. ``slots`` is the ring
+  depth: while the inference side reads slot ``s`` of a stage (to batch and to record it), the
+  workers write the next results of that stage into slot ``s ^ 1``. A stage's rows are
+  contiguous, so a stage batch is one contiguous block per field (zero-copy views, one DMA per
+  field on CUDA).
+* **control arrays** ``[num_envs, ...]``: what the inference side writes for a worker — the
+  action chunk, how many actions to execute, and the seed/id of the episode to start when the
+  current one ends (``-1`` parks the env).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from envs.spec import EnvSpec
+
+SHM_PREFIX = "vlare_"
+INSTRUCTION_BYTES = 256
+_ALIGN = 64
+
+# Per-env results written with every observation (slot arrays beyond the observation fields).
+RESULT_FIELDS = {
+    "reward": ((), np.float32),  # summed over the executed part of the chunk
+    "steps": ((), np.int32),  # control steps executed
+    "terminated": ((), np.uint8),
+    "truncated": ((), np.uint8),
+    "success": ((), np.uint8),
+    "is_init": ((), np.uint8),  # this observation starts an episode
+    "parked": ((), np.uint8),  # env has no episode to run (collect_episodes tail)
+    "episode_id": ((), np.int64),
+    "reset_seed": ((), np.int64),
+    "seq": ((), np.int64),  # command sequence number that produced this slot (written last)
+    "instruction": ((INSTRUCTION_BYTES,), np.uint8),
+    "instruction_len": ((), np.int32),
+}
+CONTROL_FIELDS = {
+    "n_exec": ((), np.int32),
+    "reset_now": ((), np.uint8),  # RESET restarts only these envs; the others carry over
+    "next_seed": ((), np.int64),
+    "next_episode": ((), np.int64),
+}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+class Layout:
+    """Offsets of every shared array, computed from the spec and the chunk shape.
+
+    Example:
+        >>> layout = Layout(env.spec, num_envs=16, chunk_len=8)
+        >>> shm = SharedBuffers.create(layout)
+        >>> shm.arrays["obs/state"].shape      # [slots, num_envs, state_dim]
+        (2, 16, 27)
+    """
+
+    def __init__(self, spec: EnvSpec, num_envs: int, chunk_len: int, slots: int = 2) -> None:
+        if num_envs < 1 or chunk_len < 1 or slots < 1:
+            raise ValueError("num_envs, chunk_len and slots must be >= 1")
+        self.spec, self.num_envs, self.chunk_len, self.slots = spec, num_envs, chunk_len, slots
+        self.obs_keys = tuple(spec.obs)
+        fields: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for key, fs in spec.obs.items():
+            fields[f"obs/{key}"] = ((slots, num_envs, *fs.shape), fs.dtype)
+        for key, (shape, dtype) in RESULT_FIELDS.items():
+            fields[key] = ((slots, num_envs, *shape), np.dtype(dtype))
+        fields["actions"] = ((num_envs, chunk_len, spec.action_dim), np.dtype(np.float32))
+        for key, (shape, dtype) in CONTROL_FIELDS.items():
+            fields[key] = ((num_envs, *shape), np.dtype(dtype))
+        self.arrays: dict[str, ArraySpec] = {}
+        offset = 0
+        for key, (shape, dtype) in fields.items():
+            offset = (offset + _ALIGN - 1) // _ALIGN * _ALIGN
+            self.arrays[key] = ArraySpec(offset, shape, np.dtype(dtype))
+            offset += self.arrays[key].nbytes
+        self.nbytes = max(offset, 1)
+
+    def views(self, buf) -> dict[str, np.ndarray]:
+        """numpy views of every array over a buffer of ``nbytes``."""
+        return {
+            k: np.ndarray(a.shape, a.dtype, buffer=buf, offset=a.offset)
+            for k, a in self.arrays.items()
+        }
+
+
+class SharedBuffers:
+    """The segment behind a :class:`Layout`, in the creating process or attached in a worker.
+
+    The creator unlinks the name as soon as every worker has attached (:meth:`unlink`), so
+    the memory lives exactly as long as some process maps it: nothing is left in /dev/shm
+    after a crash once the engine is running.
+    """
+
+    def __init__(self, layout: Layout, name: str, buf, owner) -> None:
+        self.layout, self.name, self._buf, self._owner = layout, name, buf, owner
+        self.arrays = layout.views(buf)
+
+    @classmethod
+    def create(cls, layout: Layout) -> SharedBuffers:
+        name = SHM_PREFIX + secrets.token_hex(6)
+        # The stdlib class registers the name with multiprocessing's resource tracker, which
+        # unlinks it should this process die before the workers have attached.
+        shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
+        np.frombuffer(shm.buf, np.uint8)[:] = 0
+        return cls(layout, name, shm.buf, shm)
+
+    @classmethod
+    def attach(cls, layout: Layout, name: str) -> SharedBuffers:
+        """Map an existing segment without registering it with any resource tracker."""
+        fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, layout.nbytes)
+        finally:
+            os.close(fd)
+        return cls(layout, name, mm, mm)
+
+    @property
+    def address(self) -> int:
+        """Base address of the mapping (for cudaHostRegister)."""
+        import ctypes
+
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
+
+    def unlink(self) -> None:
+        if isinstance(self._owner, shared_memory.SharedMemory):
+            try:
+                self._owner.unlink()
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        self.arrays = {}
+        try:
+            self._owner.close()
+        except BufferError:
+            # A torch tensor or numpy view still references the mapping; it is released
+            # when they are collected. The name is already unlinked, so nothing leaks.
+            pass

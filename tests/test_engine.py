@@ -1,0 +1,359 @@
+"""The engine's invariants: determinism, placement, errors not hangs, clean lifecycle."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from tensordict import TensorDict
+
+import envs
+from pipeline import (
+    EngineClosedError,
+    EngineTimeout,
+    EnvError,
+    PolicyOutputError,
+    RolloutEngine,
+    WorkerDiedError,
+    schema,
+)
+from pipeline.policies import LatencyPolicy, TinyVLA
+
+TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=7)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shm_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("vlare_")}
+
+
+def _assert_identical(a: TensorDict, b: TensorDict) -> None:
+    assert a.batch_size == b.batch_size
+    keys = set(a.keys(include_nested=True, leaves_only=True))
+    assert keys == set(b.keys(include_nested=True, leaves_only=True))
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, torch.Tensor):
+            assert va.dtype == vb.dtype and torch.equal(va, vb), key
+        else:
+            assert va.tolist() == vb.tolist(), key
+
+
+def _engine(policy, **kw):
+    args = dict(num_envs=8, num_workers=2, num_stages=2, env_kwargs=TOY, seed=3, timeout_s=30)
+    args.update(kw)
+    return RolloutEngine(kw.pop("env", "toy"), policy, **args)
+
+
+def _latency(deterministic=False, **kw):
+    return LatencyPolicy(state_dim=TOY["state_dim"], chunk_len=4, deterministic=deterministic, **kw)
+
+
+# -- 1. determinism under any timing -------------------------------------------------------------
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_bitwise_identical_run_to_run_under_jitter(deterministic):
+    jitter = dict(TOY, step_jitter_us=2000)
+    runs = []
+    for _ in range(2):
+        with _engine(_latency(deterministic), env_kwargs=jitter) as e:
+            runs.append((e.rollout(9), e.collect_episodes(2, 3)))
+    _assert_identical(runs[0][0], runs[1][0])
+    _assert_identical(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 4])
+def test_sync_and_pipelined_are_bitwise_identical(num_stages):
+    out = {}
+    for mode in ("sync", "pipelined"):
+        with _engine(_latency(), mode=mode, num_stages=num_stages) as e:
+            out[mode] = (e.rollout(6), e.rollout(3), e.collect_episodes(3, 2))
+    for a, b in zip(out["sync"], out["pipelined"], strict=True):
+        _assert_identical(a, b)
+
+
+def test_tinyvla_stochastic_sync_equals_pipelined():
+    spec = envs.make("toy", **TOY).spec
+    torch.manual_seed(0)
+    policy = TinyVLA.from_spec(spec, chunk_len=4).eval()
+    out = {}
+    for mode in ("sync", "pipelined"):
+        with _engine(policy, mode=mode) as e:
+            out[mode] = e.rollout(5)
+    _assert_identical(out["sync"], out["pipelined"])
+    assert out["sync"][schema.SAMPLE_LOG_PROB].shape == (8, 5)
+    assert out["sync"][schema.ACTION_TOKENS].shape == (8, 5, 4, 7)
+
+
+# -- 2. nothing misplaced ------------------------------------------------------------------------
+def test_every_byte_lands_at_its_env_and_decision():
+    policy = _latency()
+    with _engine(policy, exec_len=3) as e:
+        td = e.rollout(12)
+    state = td["observation", "state"].numpy()
+    image = td["observation", "image", "cam"].permute(0, 1, 3, 4, 2).numpy()
+    chunk = td[schema.ACTION_CHUNK].numpy()
+    assert td["mask"].all()
+    resets = 0
+    for i in range(8):
+        assert (td["env_id"][i] == i).all()
+        env = envs.make("toy", **TOY)
+        for t in range(12):
+            if td["is_init"][i, t]:
+                obs, _ = env.reset(seed=int(td["reset_seed"][i, t]))
+                resets += 1
+            else:
+                assert td["episode_id"][i, t] == td["episode_id"][i, t - 1]
+            # The observation the policy saw is the env's, byte for byte.
+            assert obs["state"].tobytes() == state[i, t].tobytes(), (i, t)
+            assert obs["image/cam"].tobytes() == image[i, t].tobytes(), (i, t)
+            # The recorded chunk is what the policy computes for that observation and seed.
+            one = schema.make_batch([obs], [env.instruction], [int(td["sample_seed"][i, t])])
+            np.testing.assert_array_equal(policy(one)[schema.ACTION_CHUNK][0].numpy(), chunk[i, t])
+            res = env.step_chunk(chunk[i, t, :3])
+            obs = res.obs
+            assert td["next", "steps_executed"][i, t] == res.steps
+            assert td["next", "reward"][i, t, 0] == np.float32(res.rewards.sum(dtype=np.float64))
+            assert td["next", "terminated"][i, t, 0] == res.terminated
+            assert td["next", "truncated"][i, t, 0] == res.truncated
+            assert td["next", "done"][i, t, 0] == (res.terminated or res.truncated)
+            pad = td[schema.ACTION_IS_PAD][i, t].numpy()
+            assert not pad[: res.steps].any() and pad[res.steps :].all()
+            if t + 1 < 12:
+                assert td["is_init"][i, t + 1] == (res.terminated or res.truncated)
+    assert resets > 8  # auto-resets happened mid-rollout
+
+
+def test_episodes_grouped_and_complete():
+    with _engine(_latency(), num_envs=4, num_stages=2) as e:
+        eps = e.collect_episodes(num_groups=3, group_size=4)
+    assert eps.batch_size == (12,)
+    seeds = eps["reset_seed"][:, 0]
+    for g in range(3):
+        members = slice(4 * g, 4 * g + 4)
+        assert (eps["group_id"][members] == g).all()
+        assert (seeds[members] == seeds[4 * g]).all()  # same initial state per group
+        assert len(set(eps["sample_seed"][members, 0].tolist())) == 4  # own sampling seeds
+        first = eps["observation", "state"][members, 0]
+        assert (first == first[0]).all()
+    assert len(set(seeds.tolist())) == 3
+    lengths = eps["length"]
+    mask = eps["mask"]
+    assert (mask.sum(1) == lengths).all()
+    for k in range(12):
+        n = int(lengths[k])
+        assert eps["next", "done"][k, n - 1, 0] and not eps["next", "done"][k, : n - 1].any()
+        assert eps["is_init"][k, 0] and not eps["is_init"][k, 1:n].any()
+        assert eps["env_steps"][k] == eps["next", "steps_executed"][k, :n].sum()
+    # 12 episodes on 4 envs: envs were reused, each picking up queued episodes.
+    assert len(set(eps["env_id"][:, 0].tolist())) == 4
+
+
+def test_rollout_without_auto_reset_masks_finished_envs():
+    with _engine(_latency(), auto_reset=False) as e:
+        td = e.rollout(6)  # toy episodes are at most 2 decisions of 4 steps (7 steps)
+        assert not td["mask"][:, 2:].any() and td["mask"][:, 0].all()
+        td2 = e.rollout(2)  # ended envs restart at the next call
+        assert td2["is_init"][:, 0].all() and td2["mask"][:, 0].all()
+
+
+def test_policy_version_tracks_weight_updates():
+    policy = _latency()
+    with _engine(policy) as e:
+        a = e.rollout(2)
+        with torch.no_grad():
+            policy.weight.add_(0.01)  # what an optimizer step does
+        b = e.rollout(2)
+        e.set_policy_version(7)
+        c = e.rollout(1)
+    assert (a["policy_version"] == 0).all()
+    assert (b["policy_version"] == 1).all()
+    assert (c["policy_version"] == 7).all()
+
+
+# -- 3. errors, not hangs ------------------------------------------------------------------------
+def _failing_env_factory():
+    import envs as E
+
+    env = E.make("toy", state_dim=8, cameras=("cam",), image_size=8, episode_len=50)
+    apply = env._apply
+    count = [0]
+
+    def bad(action):
+        count[0] += 1
+        if count[0] > 5:
+            raise ValueError("the gripper fell off")
+        return apply(action)
+
+    env._apply = bad
+    return env
+
+
+def test_env_exception_names_worker_env_and_traceback():
+    before = _shm_segments()
+    e = RolloutEngine(_failing_env_factory, _latency(), num_envs=4, num_workers=2, num_stages=2)
+    pids = e.worker_pids()
+    with pytest.raises(EnvError) as info:
+        e.rollout(10)
+    msg = str(info.value)
+    assert "worker" in msg and "env" in msg and "the gripper fell off" in msg
+    assert "Traceback" in msg and "in bad" in msg
+    assert e.closed
+    _assert_gone(pids, before)
+
+
+def test_env_factory_exception_is_reported():
+    def factory():
+        raise RuntimeError("no such robot")
+
+    with pytest.raises(EnvError, match=r"worker \d, env \d .*create.*no such robot"):
+        RolloutEngine(factory, _latency(), num_envs=2, num_workers=2, num_stages=1)
+
+
+def test_sigkilled_worker_is_detected_within_the_timeout():
+    before = _shm_segments()
+    e = _engine(_latency(base_ms=50), timeout_s=20)
+    pids = e.worker_pids()
+    e.rollout(1)
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerDiedError, match="worker 1 .*SIGKILL"):
+        e.rollout(50)
+    assert time.monotonic() - t0 < 20
+    _assert_gone(pids, before)
+
+
+def test_stuck_env_times_out():
+    slow = dict(TOY, step_cost_us=3_000_000)
+    e = _engine(_latency(), env_kwargs=slow, timeout_s=1.0)
+    pids = e.worker_pids()
+    with pytest.raises(EngineTimeout, match="did not finish stepping"):
+        e.rollout(2)
+    _assert_gone(pids, set())
+
+
+class _BadPolicy(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.chunk_len = kind, 4
+
+    def forward(self, td):
+        b = td.batch_size[0]
+        chunk = torch.zeros(b, 4, 7)
+        if self.kind == "shape":
+            chunk = torch.zeros(b, 3, 7)
+        elif self.kind == "dtype":
+            chunk = torch.zeros(b, 4, 7, dtype=torch.long)
+        elif self.kind == "nan":
+            chunk[0, 1, 2] = float("nan")
+        elif self.kind == "inf":
+            chunk[-1, 0, 0] = float("inf")
+        td.set(schema.ACTION_CHUNK, chunk)
+        return td
+
+
+@pytest.mark.parametrize(
+    "kind,match", [("shape", "shape"), ("dtype", "dtype"), ("nan", "NaN"), ("inf", "inf")]
+)
+def test_bad_policy_output_raises_before_the_physics(kind, match):
+    e = _engine(_BadPolicy(kind))
+    with pytest.raises(PolicyOutputError, match=match):
+        e.rollout(1)  # an EnvError would mean the bad chunk reached an env
+    assert e.closed
+
+
+def test_use_after_close_raises():
+    e = _engine(_latency())
+    e.close()
+    e.close()  # idempotent
+    with pytest.raises(EngineClosedError):
+        e.rollout(1)
+    with pytest.raises(EngineClosedError):
+        e.collect_episodes(1, 1)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="divide"):
+        _engine(_latency(), num_envs=7)
+    with pytest.raises(ValueError, match="every stage"):
+        _engine(_latency(), num_envs=4, num_stages=4, num_workers=2)
+    with pytest.raises(ValueError, match="exec_len"):
+        _engine(_latency(), exec_len=5)
+    with pytest.raises(ValueError, match="mode"):
+        _engine(_latency(), mode="async")
+
+
+# -- 4. clean lifecycle --------------------------------------------------------------------------
+def _assert_gone(pids, shm_before, within=10.0):
+    deadline = time.monotonic() + within
+    alive = pids
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        if not alive:
+            break
+        time.sleep(0.05)
+    assert not alive, f"workers still alive: {alive}"
+    assert _shm_segments() <= shm_before, _shm_segments() - shm_before
+
+
+def test_close_leaves_nothing_behind():
+    before = _shm_segments()
+    with _engine(_latency()) as e:
+        pids = e.worker_pids()
+        e.rollout(2)
+        assert _shm_segments() <= before  # unlinked as soon as the workers attached
+    _assert_gone(pids, before)
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from pipeline import RolloutEngine
+    from pipeline.policies import LatencyPolicy
+
+    if __name__ == "__main__":
+        policy = LatencyPolicy(state_dim=8, chunk_len=4, base_ms=20)
+        engine = RolloutEngine("toy", policy, num_envs=4, num_workers=2, num_stages=2,
+                               env_kwargs=dict(state_dim=8, step_cost_us=2000))
+        with engine:
+            print(" ".join(map(str, engine.worker_pids())), flush=True)
+            while True:
+                engine.rollout(5)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL, signal.SIGTERM])
+def test_parent_signals_leave_no_workers_or_segments(tmp_path, sig):
+    before = _shm_segments()
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT.format(root=ROOT))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(0.5)  # mid-rollout
+        proc.send_signal(sig)
+        proc.wait(timeout=20)
+        _assert_gone(pids, before)
+    finally:
+        proc.kill()
+
+
+def test_idle_workers_use_no_cpu_while_the_policy_is_slow():
+    with _engine(_latency(base_ms=200), num_stages=1, num_envs=4) as e:
+        e.rollout(1)
+        procs = [psutil.Process(p) for p in e.worker_pids()]
+        before = [sum(p.cpu_times()[:2]) for p in procs]
+        t0 = time.monotonic()
+        e.rollout(6)  # ~1.2 s, nearly all of it inside the policy
+        wall = time.monotonic() - t0
+        used = [sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before, strict=True)]
+    for u in used:
+        assert u / wall < 0.05, f"a worker used {u / wall:.1%} of a core while waiting"
