@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import select
 import signal
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,7 @@ from tensordict import NonTensorData, NonTensorStack, TensorDict
 from pipeline import protocol as P
 from pipeline import schema
 from pipeline.layout import Layout, SharedBuffers
-from pipeline.recorder import TrajectoryStore
+from pipeline.recorder import Dest, TrajectoryStore
 from pipeline.seeding import GROUP, RESET, SAMPLE, derive
 from pipeline.worker import WorkerConfig, worker_main
 
@@ -82,7 +84,7 @@ def _shutdown(procs, conns, shm) -> None:
     """Stop workers (politely, then firmly) and release shared memory. Idempotent."""
     for conn in conns:
         with contextlib.suppress(OSError, ValueError):
-            conn.send_bytes(P.pack(P.CLOSE))
+            P.send(conn, P.CLOSE)
     deadline = time.monotonic() + 2.0
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
@@ -98,6 +100,38 @@ def _shutdown(procs, conns, shm) -> None:
         shm.close()
 
 
+@dataclass
+class EngineStats:
+    """Cumulative counters of an engine (``engine.stats``; ``reset()`` to start a window).
+
+    Worker times come from the workers themselves (per env, through shared memory); the
+    others are measured in the inference loop with ``perf_counter_ns``.
+    """
+
+    num_workers: int
+    decisions: int = 0
+    env_steps: int = 0
+    calls_ns: int = 0  # wall time inside rollout()/collect_episodes()
+    policy_ns: int = 0
+    policy_calls: int = 0
+    turn_ns: list = field(default_factory=list)  # per stage turn: decide start -> results in
+    turn_policy_ns: list = field(default_factory=list)  # the policy's share of each turn
+    turn_env_ns: list = field(default_factory=list)  # slowest worker's env time in each turn
+    record_ns: int = 0  # copying decisions into the trajectory store
+    worker_env_ns: np.ndarray = None
+    worker_write_ns: np.ndarray = None
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.decisions = self.env_steps = self.calls_ns = self.policy_ns = self.policy_calls = 0
+        self.record_ns = 0
+        self.turn_ns, self.turn_policy_ns, self.turn_env_ns = [], [], []
+        self.worker_env_ns = np.zeros(self.num_workers, np.int64)
+        self.worker_write_ns = np.zeros(self.num_workers, np.int64)
+
+
 class _Stage:
     """A fixed group of envs: ids ``lo..hi`` and the workers holding them."""
 
@@ -107,6 +141,7 @@ class _Stage:
         self.seq = 0  # sequence number of the last command sent
         self.env_ids = np.arange(lo, hi)
         self.pending: tuple | None = None  # where the in-flight decision was recorded
+        self.turn_t0 = self.turn_policy_ns = 0
 
 
 class RolloutEngine:
@@ -183,6 +218,11 @@ class RolloutEngine:
         self._calls = 0
         self._started = np.zeros(num_envs, bool)  # env has run at least one episode
         self._t_in_ep = np.zeros(num_envs, np.int64)  # decision index within each episode
+        self._seed_base = np.zeros(num_envs, np.int64)  # derive(seed, SAMPLE, episode) cache
+        self._seed_episode = np.full(num_envs, -2, np.int64)
+        self.stats = EngineStats(num_workers)
+        self._instruction_cache: dict[int, tuple] = {}
+        self._text_cache: dict[int, tuple] = {}
         self._start(env, env_kwargs or {}, start_timeout_s, pin_workers)
 
     # -- start-up ----------------------------------------------------------------------------
@@ -250,12 +290,38 @@ class RolloutEngine:
         self.a = self._shm.arrays
         self.a["n_exec"][:] = self.exec_len
         self._views = self._make_views()
+        self._sources = self._make_sources()
+        # One poll set for the whole life of the engine: every worker's socket and sentinel.
+        self._poller = select.poll()
+        self._fd_owner: dict[int, tuple[str, int]] = {}
+        for w, (conn, proc) in enumerate(zip(self._conns, self._procs, strict=True)):
+            self._poller.register(conn.fileno(), select.POLLIN)
+            self._poller.register(proc.sentinel, select.POLLIN)
+            self._fd_owner[conn.fileno()] = ("conn", w)
+            self._fd_owner[proc.sentinel] = ("sentinel", w)
         self._cuda = _CudaPath(self) if self.device.type == "cuda" else None
         self._closed = False
 
     def _make_views(self) -> dict[str, torch.Tensor]:
         """Torch tensors over the shared arrays: batches are built without copying."""
         return {k: torch.from_numpy(v) for k, v in self.a.items() if not k.startswith("instr")}
+
+    def _make_sources(self) -> dict[tuple[int, int], TensorDict]:
+        """Per (stage, slot), the observation TensorDict of zero-copy views a policy batch
+        is made of. Built once: each turn only wraps it with the seeds and instructions."""
+        sources = {}
+        for s in self.stages:
+            n = s.hi - s.lo
+            for slot in range(self.layout.slots):
+                obs = TensorDict({}, batch_size=[n])
+                for key in self.layout.obs_keys:
+                    x = self._views[f"obs/{key}"][slot, s.lo : s.hi]
+                    if key.startswith("image/"):
+                        obs.set(("image", key.split("/", 1)[1]), x.permute(0, 3, 1, 2))
+                    else:
+                        obs.set(key, x)
+                sources[s.index, slot] = obs
+        return sources
 
     def _expect(self, w: int, kind: int, timeout: float, doing: str) -> None:
         from multiprocess.connection import wait
@@ -264,13 +330,12 @@ class RolloutEngine:
         ready = wait([conn, proc.sentinel], timeout)
         if conn in ready:
             try:
-                frame = conn.recv_bytes()
+                got, *_ = P.recv(conn)
             except (EOFError, OSError):
                 raise WorkerDiedError(
                     self._death(w, doing) + ". Workers are spawned: a script that creates the "
                     "engine at import time must guard it with `if __name__ == '__main__':`"
                 ) from None
-            got, *_ = P.unpack(frame)
             if got == P.ERROR:
                 raise EnvError(conn.recv().describe(self.env_name))
             if got != kind:
@@ -367,6 +432,7 @@ class RolloutEngine:
         self._check_open()
         self._timeout = self.timeout_s if timeout_s is None else timeout_s
         self._refresh_policy_version()
+        t0 = time.perf_counter_ns()
         try:
             plan.begin()
             self._loop(plan)
@@ -376,6 +442,7 @@ class RolloutEngine:
             raise
         finally:
             self._calls += 1
+            self.stats.calls_ns += time.perf_counter_ns() - t0
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self, plan) -> None:
@@ -411,7 +478,7 @@ class RolloutEngine:
         s.seq += 1
         new = 1 - s.slot
         for w in s.workers:
-            self._send(w, P.pack(P.RESET, s.index, new, s.seq), f"resetting stage {s.index}")
+            self._send(w, (P.RESET, s.index, new, s.seq), f"resetting stage {s.index}")
         self._collect(s, "resetting")
         # Rows not reset keep their observation: the worker carried it into the new slot.
         s.slot = new
@@ -420,48 +487,53 @@ class RolloutEngine:
     def _send_step(self, s: _Stage) -> None:
         s.seq += 1
         for w in s.workers:
-            self._send(w, P.pack(P.STEP, s.index, 1 - s.slot, s.seq), f"stepping stage {s.index}")
+            self._send(w, (P.STEP, s.index, 1 - s.slot, s.seq), f"stepping stage {s.index}")
 
-    def _send(self, w: int, frame: bytes, doing: str) -> None:
+    def _send(self, w: int, frame: tuple, doing: str) -> None:
         try:
-            self._conns[w].send_bytes(frame)
+            P.send(self._conns[w], *frame)
         except OSError:  # BrokenPipeError: the worker is gone
             raise WorkerDiedError(self._death(w, doing)) from None
 
     def _collect(self, s: _Stage, doing: str) -> None:
-        """Block (without spinning) until every worker of the stage answers."""
-        from multiprocess.connection import wait
-
-        need = {self._conns[w]: w for w in s.workers}
-        sentinels = {self._procs[w].sentinel: w for w in s.workers}
+        """Block (in poll, burning no CPU) until every worker of the stage answers."""
+        need = set(s.workers)
+        # Listen only to the sockets we wait on: a finished worker may already have its next
+        # reply queued, and a level-triggered poll would spin on it.
+        for w, conn in enumerate(self._conns):
+            self._poller.modify(conn.fileno(), select.POLLIN if w in need else 0)
         deadline = time.monotonic() + self._timeout
+        died = None
         while need:
             remaining = deadline - time.monotonic()
-            ready = wait(list(need) + list(sentinels), max(0.0, remaining)) if remaining > 0 else []
-            if not ready:
-                names = sorted(need.values())
+            events = self._poller.poll(max(0, int(remaining * 1000) + 1)) if remaining > 0 else []
+            if not events:
                 raise EngineTimeout(
-                    f"stage {s.index}: workers {names} did not finish {doing} within "
+                    f"stage {s.index}: workers {sorted(need)} did not finish {doing} within "
                     f"{self._timeout:.1f} s"
                 )
-            for obj in ready:
-                if obj in need:
-                    w = need.pop(obj)
-                    try:
-                        frame = obj.recv_bytes()
-                    except (EOFError, OSError):
-                        raise WorkerDiedError(self._death(w, f"{doing} stage {s.index}")) from None
-                    kind, stage, _, seq = P.unpack(frame)
-                    if kind == P.ERROR:
-                        raise EnvError(obj.recv().describe(self.env_name))
-                    if kind != P.DONE or stage != s.index or seq != s.seq:
-                        raise EngineError(
-                            f"worker {w}: protocol error: got {P.NAMES.get(kind, kind)} for stage "
-                            f"{stage} seq {seq}, expected DONE for stage {s.index} seq {s.seq}"
-                        )
-            for obj in ready:
-                if obj in sentinels and sentinels[obj] in need.values():
-                    raise WorkerDiedError(self._death(sentinels[obj], f"{doing} stage {s.index}"))
+            for fd, _ in events:
+                what, w = self._fd_owner[fd]
+                if what == "sentinel":
+                    died = w  # read any reply it sent before dying first
+                    continue
+                if w not in need:
+                    continue  # a worker of another stage; its reply waits in the socket
+                try:
+                    kind, stage, _, seq = P.recv(self._conns[w])
+                except (EOFError, OSError):
+                    raise WorkerDiedError(self._death(w, f"{doing} stage {s.index}")) from None
+                if kind == P.ERROR:
+                    raise EnvError(self._conns[w].recv().describe(self.env_name))
+                if kind != P.DONE or stage != s.index or seq != s.seq:
+                    raise EngineError(
+                        f"worker {w}: protocol error: got {P.NAMES.get(kind, kind)} for stage "
+                        f"{stage} seq {seq}, expected DONE for stage {s.index} seq {s.seq}"
+                    )
+                need.discard(w)
+                self._poller.modify(self._conns[w].fileno(), 0)
+            if died is not None:
+                raise WorkerDiedError(self._death(died, f"{doing} stage {s.index}"))
 
     def _check_seq(self, s: _Stage) -> None:
         seqs = self.a["seq"][s.slot, s.lo : s.hi]
@@ -474,92 +546,138 @@ class RolloutEngine:
         s.slot = 1 - s.slot
         self._check_seq(s)
         plan.results(s)
+        st, a, lo, hi = self.stats, self.a, s.lo, s.hi
+        st.turn_ns.append(time.perf_counter_ns() - s.turn_t0)
+        st.turn_policy_ns.append(s.turn_policy_ns)
+        env_ns = self._per_worker(a["env_ns"][s.slot, lo:hi], lo)
+        st.worker_env_ns += env_ns
+        st.worker_write_ns += self._per_worker(a["write_ns"][s.slot, lo:hi], lo)
+        st.turn_env_ns.append(int(env_ns.max()))
+        st.env_steps += int(a["steps"][s.slot, lo:hi].sum())
         init = self.a["is_init"][s.slot, s.lo : s.hi] == 1
         t = self._t_in_ep[s.lo : s.hi]
         t[:] = np.where(init, 0, t + 1)
 
-    def _sample_seeds(self, s: _Stage) -> np.ndarray:
-        episode = self.a["episode_id"][s.slot, s.lo : s.hi]
-        return derive(self.seed, SAMPLE, episode, self._t_in_ep[s.lo : s.hi])
+    def _per_worker(self, values: np.ndarray, lo: int) -> np.ndarray:
+        """Sum a stage's per-env values by worker (env i lives in worker i % num_workers)."""
+        w = self.num_workers
+        if lo % w == 0 and len(values) % w == 0:
+            return values.reshape(-1, w).sum(0)
+        return np.bincount(self._env_worker[lo : lo + len(values)], values, w).astype(np.int64)
 
-    def _ids(self, s: _Stage, sample_seeds: np.ndarray) -> dict[str, np.ndarray]:
-        """The id columns recorded with every decision of the stage."""
+    def _sample_seeds(self, s: _Stage) -> np.ndarray:
+        """One seed per (episode, decision): a hashed per-episode base plus the decision index
+        (the policy's generator hashes it again when seeding). The bases are cached."""
+        lo, hi = s.lo, s.hi
+        episode = self.a["episode_id"][s.slot, lo:hi]
+        stale = episode != self._seed_episode[lo:hi]
+        if stale.any():
+            base = derive(self.seed, SAMPLE, episode[stale]) >> 1  # room to add t
+            self._seed_base[lo:hi][stale] = base
+            self._seed_episode[lo:hi][stale] = episode[stale]
+        return self._seed_base[lo:hi] + self._t_in_ep[lo:hi]
+
+    def _ids(self, s: _Stage, sample_seeds: np.ndarray) -> np.ndarray:
+        """The id columns recorded with every decision (``recorder.ID_FIELDS`` order)."""
         a = self.a
-        return {
-            "sample_seed": sample_seeds,
-            "episode_id": a["episode_id"][s.slot, s.lo : s.hi],
-            "reset_seed": a["reset_seed"][s.slot, s.lo : s.hi],
-            "env_id": s.env_ids,
-            "policy_version": np.full(s.hi - s.lo, self.policy_version),
-        }
+        return np.stack(
+            [
+                sample_seeds,
+                a["episode_id"][s.slot, s.lo : s.hi],
+                a["reset_seed"][s.slot, s.lo : s.hi],
+                s.env_ids,
+                np.full(s.hi - s.lo, self.policy_version),
+            ],
+            1,
+        )
 
     # -- one stage turn ----------------------------------------------------------------------
     def _batch(self, s: _Stage, sample_seeds: np.ndarray) -> tuple[TensorDict, list[str]]:
-        lo, hi, slot = s.lo, s.hi, s.slot
-        v = self._views
-        td = TensorDict({}, batch_size=[hi - lo])
-        for key in self.layout.obs_keys:
-            x = v[f"obs/{key}"][slot, lo:hi]
-            if key.startswith("image/"):
-                td.set(schema.image_key(key.split("/", 1)[1]), x.permute(0, 3, 1, 2))
-            else:
-                td.set((schema.OBSERVATION, key), x)
-        td.set(schema.SAMPLE_SEED, torch.from_numpy(sample_seeds))
         texts = self._texts(s)
-        td.set(schema.INSTRUCTION, NonTensorStack(*[NonTensorData(t) for t in texts]))
-        return td, texts
+        # Instructions change only on resets; building a NonTensorStack costs ~25 us a row.
+        cached = self._instruction_cache.get(s.index)
+        if cached is None or cached[0] != texts:
+            cached = (texts, NonTensorStack(*[NonTensorData(t) for t in texts]))
+            self._instruction_cache[s.index] = cached
+        # Every value is already checked (shared views of the right shapes), so skip the
+        # constructor's validation, which costs more than the rest of the turn's bookkeeping.
+        obs = self._sources[s.index, s.slot]
+        source = {
+            # a shallow copy, so a policy that adds observation keys cannot alter the cache
+            schema.OBSERVATION: obs._new_unsafe(dict(obs._tensordict), obs.batch_size),
+            schema.SAMPLE_SEED: torch.from_numpy(sample_seeds),
+            schema.INSTRUCTION: cached[1],
+        }
+        return TensorDict._new_unsafe(source, batch_size=obs.batch_size), texts
 
     def _texts(self, s: _Stage) -> list[str]:
-        raw, n = (
-            self.a["instruction"][s.slot, s.lo : s.hi],
-            self.a["instruction_len"][s.slot, s.lo : s.hi],
-        )
-        return [bytes(raw[i, : n[i]]).decode("utf-8", "replace") for i in range(len(n))]
+        raw = self.a["instruction"][s.slot, s.lo : s.hi]
+        n = self.a["instruction_len"][s.slot, s.lo : s.hi]
+        cached = self._text_cache.get(s.index)
+        if cached is not None and np.array_equal(cached[0], raw) and np.array_equal(cached[1], n):
+            return cached[2]
+        texts = [bytes(raw[i, : n[i]]).decode("utf-8", "replace") for i in range(len(n))]
+        self._text_cache[s.index] = (raw.copy(), n.copy(), texts)
+        return texts
 
     def _decide(self, s: _Stage, plan) -> None:
+        s.turn_t0 = time.perf_counter_ns()
         sample_seeds = self._sample_seeds(s)
         td, texts = self._batch(s, sample_seeds)
         if self._cuda is not None:
             td = self._cuda.to_device(s, td)
+        t_policy = time.perf_counter_ns()
         out = self.policy(td)
-        outputs = self._validate(out, s.hi - s.lo)
-        chunk = outputs[schema.ACTION_CHUNK]
-        if self._cuda is not None:
-            self._cuda.actions_to_host(s, chunk)
-        else:
-            self._views["actions"][s.lo : s.hi].copy_(chunk)
+        s.turn_policy_ns = time.perf_counter_ns() - t_policy
+        self.stats.policy_ns += s.turn_policy_ns
+        self.stats.policy_calls += 1
+        self.stats.decisions += int((self.a["parked"][s.slot, s.lo : s.hi] == 0).sum())
+        outputs = self._take_outputs(s, out)
         plan.before_step(s)
         self._send_step(s)
+        t_record = time.perf_counter_ns()
         plan.record(s, outputs, texts, sample_seeds)
+        self.stats.record_ns += time.perf_counter_ns() - t_record
 
-    def _validate(self, out, batch: int) -> dict:
-        if not isinstance(out, TensorDict) and not hasattr(out, "get"):
+    def _take_outputs(self, s: _Stage, out) -> dict[object, np.ndarray]:
+        """Validate the policy's output and land the action chunk in shared memory.
+
+        The workers read the chunk only after the STEP frame, which is sent only if every
+        check passes: a bad output never reaches the physics. Returns host arrays to record.
+        """
+        batch = s.hi - s.lo
+        if not hasattr(out, "get"):
             raise PolicyOutputError(f"policy returned {type(out).__name__}, not a TensorDict")
         chunk = out.get(schema.ACTION_CHUNK, None)
         want = (batch, self.chunk_len, self.spec.action_dim)
-        if chunk is None:
-            raise PolicyOutputError(f"policy output has no {schema.ACTION_CHUNK} entry")
-        if not isinstance(chunk, torch.Tensor) or tuple(chunk.shape) != want:
-            shape = tuple(getattr(chunk, "shape", ()))
-            raise PolicyOutputError(f"action chunk has shape {shape}, expected {want}")
+        if not isinstance(chunk, torch.Tensor):
+            raise PolicyOutputError(f"policy output has no tensor at {schema.ACTION_CHUNK}")
+        if tuple(chunk.shape) != want:
+            raise PolicyOutputError(f"action chunk has shape {tuple(chunk.shape)}, expected {want}")
         if not chunk.dtype.is_floating_point:
             raise PolicyOutputError(f"action chunk has dtype {chunk.dtype}, expected a float dtype")
-        if not torch.isfinite(chunk).all():
+        host = self.a["actions"][s.lo : s.hi]
+        if self._cuda is not None:
+            self._cuda.actions_to_host(s, chunk)
+        else:
+            np.copyto(host, chunk.detach().numpy(), casting="same_kind")
+        if not np.isfinite(host).all():
             raise PolicyOutputError(
                 "action chunk contains NaN or inf; nothing was sent to the envs"
             )
-        outputs = {schema.ACTION_CHUNK: chunk.to(torch.float32)}
+        outputs = {schema.ACTION_CHUNK: host}
         tokens = out.get(schema.ACTION_TOKENS, None)
         if tokens is not None:
             if tuple(tokens.shape) != want or tokens.dtype != torch.long:
                 got = f"{tokens.dtype}{list(tokens.shape)}"
                 raise PolicyOutputError(f"action tokens are {got}, expected int64{list(want)}")
-            outputs[schema.ACTION_TOKENS] = tokens
+            outputs[schema.ACTION_TOKENS] = tokens.detach().cpu().numpy()
         logp = out.get(schema.SAMPLE_LOG_PROB, None)
         if logp is not None:
-            if tuple(logp.shape) != (batch,) or not torch.isfinite(logp).all():
+            logp = logp.detach().cpu().numpy()
+            if logp.shape != (batch,) or not np.isfinite(logp).all():
                 raise PolicyOutputError(
-                    f"sample_log_prob must be finite [{batch}], got {list(logp.shape)}"
+                    f"sample_log_prob must be finite [{batch}], got {logp.shape}"
                 )
             outputs[schema.SAMPLE_LOG_PROB] = logp
         return outputs
@@ -640,15 +758,15 @@ class _RolloutPlan:
     def record(self, s: _Stage, outputs, texts, sample_seeds) -> None:
         e = self.e
         src = np.flatnonzero(e.a["parked"][s.slot, s.lo : s.hi] == 0)
-        rows, ts = s.lo + src, np.full(len(src), self.made[s.index])
+        dest = Dest(s.lo + src, np.full(len(src), self.made[s.index]), src, s.hi - s.lo)
         self.store.record_decision(
-            rows, ts, src, s.slot, s.lo, outputs, texts, e._ids(s, sample_seeds)
+            dest, s.slot, s.lo, s.hi, outputs, texts, e._ids(s, sample_seeds)
         )
-        s.pending = (rows, ts, rows)
+        s.pending = dest
         self.made[s.index] += 1
 
     def results(self, s: _Stage) -> None:
-        self.store.record_results(*s.pending, s.slot)
+        self.store.record_results(s.pending, s.slot, s.lo, s.hi)
 
     def result(self) -> TensorDict:
         return self.store.to_tensordict()
@@ -706,13 +824,14 @@ class _EpisodePlan:
         ts = e._t_in_ep[s.lo : s.hi][src]
         if len(ts) and ts.max() >= self.max_t:
             raise EngineError(f"an episode exceeded {self.max_t} decisions (spec.max_steps)")
+        dest = Dest(rows, ts, src, s.hi - s.lo)
         self.store.record_decision(
-            rows, ts, src, s.slot, s.lo, outputs, texts, e._ids(s, sample_seeds)
+            dest, s.slot, s.lo, s.hi, outputs, texts, e._ids(s, sample_seeds)
         )
-        s.pending = (rows, ts, s.lo + src)
+        s.pending = dest
 
     def results(self, s: _Stage) -> None:
-        self.store.record_results(*s.pending, s.slot)
+        self.store.record_results(s.pending, s.slot, s.lo, s.hi)
 
     def result(self) -> TensorDict:
         store = self.store

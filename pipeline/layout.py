@@ -44,6 +44,8 @@ RESULT_FIELDS = {
     "parked": ((), np.uint8),  # env has no episode to run (collect_episodes tail)
     "episode_id": ((), np.int64),
     "reset_seed": ((), np.int64),
+    "env_ns": ((), np.int64),  # worker time inside the env (step_chunk or reset) for this slot
+    "write_ns": ((), np.int64),  # worker time writing the observation into shared memory
     "seq": ((), np.int64),  # command sequence number that produced this slot (written last)
     "instruction": ((INSTRUCTION_BYTES,), np.uint8),
     "instruction_len": ((), np.int32),

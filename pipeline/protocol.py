@@ -1,7 +1,8 @@
 """The messages between the inference side and a worker.
 
-Every hot-path message is one fixed 16-byte frame on a pipe: the data itself (observations,
-actions, results) lives in shared memory, and the frame only says which stage and which slot.
+Every message starts with one fixed 16-byte frame written straight to the socket's file
+descriptor (no pickling, no length header): the data itself (observations, actions, results)
+lives in shared memory, and the frame only says which stage and which slot.
 Pipes give blocking waits that cost no CPU while idle, and the parent can wait on every
 worker's pipe and process sentinel at once, so a dead worker is noticed immediately.
 
@@ -21,6 +22,7 @@ shared memory.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -38,6 +40,22 @@ def pack(kind: int, stage: int = 0, slot: int = 0, seq: int = 0) -> bytes:
 def unpack(frame: bytes) -> tuple[int, int, int, int]:
     kind, stage, slot, _, seq = FRAME.unpack(frame)
     return kind, stage, slot, seq
+
+
+def send(conn, kind: int, stage: int = 0, slot: int = 0, seq: int = 0) -> None:
+    """Write one frame on ``conn``'s descriptor (16 bytes: a single atomic write)."""
+    os.write(conn.fileno(), FRAME.pack(kind, stage, slot, 0, seq))
+
+
+def recv(conn) -> tuple[int, int, int, int]:
+    """Read exactly one frame; ``EOFError`` when the other side is gone."""
+    fd, buf = conn.fileno(), b""
+    while len(buf) < FRAME.size:
+        chunk = os.read(fd, FRAME.size - len(buf))
+        if not chunk:
+            raise EOFError("peer closed the connection")
+        buf += chunk
+    return unpack(buf)
 
 
 @dataclass

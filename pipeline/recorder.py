@@ -8,6 +8,8 @@ numpy arrays wrapped by torch without copying, so :meth:`to_tensordict` costs no
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict
@@ -25,6 +27,50 @@ _NEXT = {
 }
 
 
+_POPULATE_BYTES = 1 << 20
+
+
+def _alloc(shape: tuple, dtype) -> np.ndarray:
+    """Zeroed memory. Large buffers are mapped with MAP_POPULATE: the kernel provides every
+    page up front, instead of one page fault per 4 KiB on the recording hot path."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < _POPULATE_BYTES or not hasattr(mmap, "MAP_POPULATE"):
+        return np.zeros(shape, dtype)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype).reshape(shape)
+
+
+ID_FIELDS = ("sample_seed", "episode_id", "reset_seed", "env_id", "policy_version")
+
+
+class Dest:
+    """Where the rows of one stage batch go: stage row ``src[j]`` -> ``[rows[j], ts[j]]``.
+
+    ``block`` is set when every stage row goes to consecutive rows at one time step (the
+    ``rollout()`` case): then every copy is a single slice assignment.
+    """
+
+    __slots__ = ("rows", "ts", "src", "block")
+
+    def __init__(self, rows: np.ndarray, ts: np.ndarray, src: np.ndarray, stage_len: int) -> None:
+        self.rows, self.ts, self.src = rows, ts, src
+        n = len(src)
+        contiguous = n == stage_len and n > 0 and rows[-1] - rows[0] == n - 1
+        self.block = (int(rows[0]), int(ts[0])) if contiguous and (ts == ts[0]).all() else None
+
+    def put(self, dst: np.ndarray, stage_values: np.ndarray) -> None:
+        """``dst[rows[j], ts[j]] = stage_values[src[j]]``, by the cheapest copy."""
+        if self.block is not None:
+            r0, t = self.block
+            dst[r0 : r0 + len(self.src), t] = stage_values
+        elif stage_values.nbytes >= 16384 * len(stage_values):  # large rows: a memcpy each
+            for r, t, j in zip(self.rows, self.ts, self.src, strict=True):
+                np.copyto(dst[r, t], stage_values[j])
+        else:
+            dst[self.rows, self.ts] = stage_values[self.src]
+
+
 class TrajectoryStore:
     def __init__(
         self, layout: Layout, arrays: dict[str, np.ndarray], rows: int, max_t: int
@@ -32,11 +78,8 @@ class TrajectoryStore:
         self.layout, self.layout_arrays, self.rows, self.max_t = layout, arrays, rows, max_t
         spec = layout.spec
         shape = (rows, max_t)
-        self.obs = {k: np.zeros(shape + fs.shape, fs.dtype) for k, fs in spec.obs.items()}
-        self.ints = {
-            k: np.full(shape, -1, np.int64)
-            for k in ("sample_seed", "episode_id", "env_id", "reset_seed", "policy_version")
-        }
+        self.obs = {k: _alloc(shape + fs.shape, fs.dtype) for k, fs in spec.obs.items()}
+        self.ids = np.full((*shape, len(ID_FIELDS)), -1, np.int64)
         self.is_init = np.zeros(shape, np.bool_)
         self.valid = np.zeros(shape, np.bool_)
         self.next = {k: np.zeros(shape, dt) for k, (_, _, dt) in _NEXT.items()}
@@ -44,49 +87,45 @@ class TrajectoryStore:
         self.outputs: dict[tuple | str, np.ndarray] = {}
         self.length = np.zeros(rows, np.int64)  # filled decisions per row
 
-    def _output_buffer(self, key, value: torch.Tensor) -> np.ndarray:
+    def _output_buffer(self, key, value: np.ndarray) -> np.ndarray:
         buf = self.outputs.get(key)
         if buf is None:
-            arr = value.detach().cpu().numpy()
-            buf = self.outputs[key] = np.zeros((self.rows, self.max_t, *arr.shape[1:]), arr.dtype)
+            buf = self.outputs[key] = _alloc((self.rows, self.max_t, *value.shape[1:]), value.dtype)
         return buf
 
     def record_decision(
         self,
-        rows: np.ndarray,
-        ts: np.ndarray,
-        src: np.ndarray,
+        dest: Dest,
         slot: int,
         lo: int,
+        hi: int,
         outputs: dict,
         instructions: list[str],
-        ints: dict[str, np.ndarray],
+        ids: np.ndarray,
     ) -> None:
-        """Copy the observation of stage rows ``lo + src`` (from ``slot``) and the policy
-        outputs ``outputs[key][src]`` into ``[rows, ts]``."""
-        if len(rows) == 0:
+        """What the policy saw (stage rows ``lo:hi`` of ``slot``) and what it produced."""
+        if len(dest.src) == 0:
             return
         a = self.layout_arrays
         for k, buf in self.obs.items():
-            buf[rows, ts] = a[f"obs/{k}"][slot, lo + src]
+            dest.put(buf, a[f"obs/{k}"][slot, lo:hi])
         for key, value in outputs.items():
-            self._output_buffer(key, value)[rows, ts] = value.detach().cpu().numpy()[src]
-        for k, v in ints.items():
-            self.ints[k][rows, ts] = v[src]
-        self.is_init[rows, ts] = a["is_init"][slot, lo + src].astype(bool)
-        self.instructions[rows, ts] = [instructions[i] for i in src]
-        self.valid[rows, ts] = True
-        np.maximum.at(self.length, rows, ts + 1)
+            dest.put(self._output_buffer(key, value), value)
+        dest.put(self.ids, ids)
+        dest.put(self.is_init, a["is_init"][slot, lo:hi].astype(bool))
+        dest.put(self.valid, np.ones(hi - lo, np.bool_))
+        texts = np.empty(hi - lo, dtype=object)
+        texts[:] = instructions
+        dest.put(self.instructions, texts)
+        self.length[dest.rows] = np.maximum(self.length[dest.rows], dest.ts + 1)
 
-    def record_results(
-        self, rows: np.ndarray, ts: np.ndarray, env_ids: np.ndarray, slot: int
-    ) -> None:
-        """Fill the ``("next", ...)`` half of decisions ``[rows, ts]`` from ``slot``."""
-        if len(rows) == 0:
+    def record_results(self, dest: Dest, slot: int, lo: int, hi: int) -> None:
+        """What came of it: the ``("next", ...)`` half, from the stage's next ``slot``."""
+        if len(dest.src) == 0:
             return
         a = self.layout_arrays
         for name, (src_key, _, dtype) in _NEXT.items():
-            self.next[name][rows, ts] = a[src_key][slot, env_ids].astype(dtype)
+            dest.put(self.next[name], a[src_key][slot, lo:hi].astype(dtype, copy=False))
 
     def to_tensordict(self, t: int | None = None) -> TensorDict:
         """The canonical VLA layout over ``[rows, t]`` (images as ``[..., C, H, W]`` views)."""
@@ -104,8 +143,8 @@ class TrajectoryStore:
         steps = self.next["steps"][:, :t]
         horizon = self.layout.chunk_len
         td.set(schema.ACTION_IS_PAD, torch.from_numpy(np.arange(horizon) >= steps[..., None]))
-        for k, buf in self.ints.items():
-            td.set(k, torch.from_numpy(buf[:, :t]))
+        for k, name in enumerate(ID_FIELDS):
+            td.set(name, torch.from_numpy(np.ascontiguousarray(self.ids[:, :t, k])))
         td.set("is_init", torch.from_numpy(self.is_init[:, :t]))
         td.set("mask", torch.from_numpy(self.valid[:, :t]))
         for name, (_, key, _) in _NEXT.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +80,7 @@ class _Worker:
         specs = {repr(e.spec) for e in self.envs.values()}
         if len(specs) != 1:
             raise ValueError(f"envs in one worker disagree on their spec: {sorted(specs)}")
-        self.conn.send_bytes(P.pack(P.HELLO))
+        P.send(self.conn, P.HELLO)
         self.conn.send(next(iter(self.envs.values())).spec)
         msg = self.conn.recv()  # (shm name, layout arguments) or None to stop
         if msg is None:
@@ -91,17 +92,16 @@ class _Worker:
         self.shm = SharedBuffers.attach(Layout(spec, num_envs, chunk_len, slots), name)
         self.a = self.shm.arrays
         self.obs_keys = self.shm.layout.obs_keys
-        self.conn.send_bytes(P.pack(P.ATTACHED))
+        P.send(self.conn, P.ATTACHED)
         return True
 
     # -- serving -----------------------------------------------------------------------------
     def serve(self) -> None:
         while True:
             try:
-                frame = self.conn.recv_bytes()
+                kind, stage, slot, seq = P.recv(self.conn)
             except (EOFError, OSError):
                 return  # the parent is gone
-            kind, stage, slot, seq = P.unpack(frame)
             if kind == P.CLOSE:
                 return
             if kind == P.RESET:
@@ -115,17 +115,18 @@ class _Worker:
             else:
                 raise RuntimeError(f"worker {self.cfg.worker_id}: unknown command {kind}")
             self.current_env = None
-            self.conn.send_bytes(P.pack(P.DONE, stage, slot, seq))
+            P.send(self.conn, P.DONE, stage, slot, seq)
 
-    def _write_obs(self, env_id: int, slot: int, obs: dict) -> None:
+    def _write_obs(self, env_id: int, slot: int, obs: dict, text: str) -> None:
+        """The one copy of an observation: from the env's arrays into its shared slot."""
+        t0 = time.perf_counter_ns()
         a = self.a
         for key in self.obs_keys:
             a[f"obs/{key}"][slot, env_id] = obs[key]
-
-    def _write_instruction(self, env_id: int, slot: int, text: str) -> None:
-        raw = text.encode("utf-8")[: self.a["instruction"].shape[-1]]
-        self.a["instruction"][slot, env_id, : len(raw)] = np.frombuffer(raw, np.uint8)
-        self.a["instruction_len"][slot, env_id] = len(raw)
+        raw = text.encode("utf-8")[: a["instruction"].shape[-1]]
+        a["instruction"][slot, env_id, : len(raw)] = np.frombuffer(raw, np.uint8)
+        a["instruction_len"][slot, env_id] = len(raw)
+        a["write_ns"][slot, env_id] += time.perf_counter_ns() - t0
 
     def _begin_episode(self, env_id: int, slot: int) -> bool:
         """Start the episode the parent queued for this env; False if it is parked."""
@@ -136,9 +137,10 @@ class _Worker:
             a["parked"][slot, env_id] = 1
             return False
         env = self.envs[env_id]
+        t0 = time.perf_counter_ns()
         obs, _ = env.reset(seed=seed)
-        self._write_obs(env_id, slot, obs)
-        self._write_instruction(env_id, slot, env.instruction)
+        a["env_ns"][slot, env_id] += time.perf_counter_ns() - t0
+        self._write_obs(env_id, slot, obs, env.instruction)
         self.episode[env_id] = int(a["next_episode"][env_id])
         self.seed[env_id] = seed
         self.ended[env_id] = False
@@ -172,6 +174,8 @@ class _Worker:
         a["truncated"][slot, env_id] = 0
         a["success"][slot, env_id] = 0
         a["is_init"][slot, env_id] = 0
+        a["env_ns"][slot, env_id] = 0
+        a["write_ns"][slot, env_id] = 0
 
     def _reset(self, env_id: int, slot: int, seq: int) -> None:
         self.current_env = env_id
@@ -194,7 +198,9 @@ class _Worker:
             return
         env = self.envs[env_id]
         n = int(a["n_exec"][env_id])
+        t0 = time.perf_counter_ns()
         obs, rewards, terminated, truncated, steps, info = env.step_chunk(a["actions"][env_id, :n])
+        a["env_ns"][slot, env_id] = time.perf_counter_ns() - t0
         a["reward"][slot, env_id] = float(np.sum(rewards, dtype=np.float64))
         a["steps"][slot, env_id] = steps
         a["terminated"][slot, env_id] = terminated
@@ -209,8 +215,7 @@ class _Worker:
         elif terminated or truncated:  # no auto-reset: the env idles until the next RESET
             self.ended[env_id] = True
             a["parked"][slot, env_id] = 1
-        self._write_obs(env_id, slot, obs)
-        self._write_instruction(env_id, slot, env.instruction)
+        self._write_obs(env_id, slot, obs, env.instruction)
         self._finish(env_id, slot, seq)
 
     def close(self) -> None:
@@ -249,7 +254,7 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
             traceback=traceback.format_exc(),
         )
         try:
-            conn.send_bytes(P.pack(P.ERROR))
+            P.send(conn, P.ERROR)
             conn.send(failure)
         except (OSError, EOFError):
             pass

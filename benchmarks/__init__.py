@@ -1,0 +1,1 @@
+"""Benchmarks behind ``bench.py``. They print figures; tests never time anything."""
