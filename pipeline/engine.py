@@ -142,6 +142,8 @@ class _Stage:
         self.env_ids = np.arange(lo, hi)
         self.pending: tuple | None = None  # where the in-flight decision was recorded
         self.turn_t0 = self.turn_policy_ns = 0
+        self.collected = False  # in-flight results already collected (early, in _decide)
+        self.prepared: tuple | None = None  # (slot, batch, texts, seeds, event), built ahead
 
 
 class RolloutEngine:
@@ -459,10 +461,14 @@ class RolloutEngine:
             progressed = False
             for s in stages:
                 if s.index in in_flight:
-                    self._await(s, plan)
+                    if not s.collected:  # unless it was collected early (see _decide)
+                        self._await(s, plan)
+                    s.collected = False
                     in_flight.discard(s.index)
                 if plan.wants(s):
-                    self._decide(s, plan)
+                    following = stages[(s.index + 1) % len(stages)]
+                    ahead = following if following.index in in_flight else None
+                    self._decide(s, plan, ahead)
                     in_flight.add(s.index)
                     progressed = True
             if not progressed and not in_flight:
@@ -620,14 +626,36 @@ class RolloutEngine:
         self._text_cache[s.index] = (raw.copy(), n.copy(), texts)
         return texts
 
-    def _decide(self, s: _Stage, plan) -> None:
-        s.turn_t0 = time.perf_counter_ns()
+    def _prepare(self, s: _Stage) -> tuple:
+        """The stage's policy batch (on the device; on CUDA the copy is queued on the side
+        stream and not waited for here)."""
         sample_seeds = self._sample_seeds(s)
         td, texts = self._batch(s, sample_seeds)
+        copied = None
         if self._cuda is not None:
-            td = self._cuda.to_device(s, td)
+            td, copied = self._cuda.to_device(td)
+        return s.slot, td, texts, sample_seeds, copied
+
+    def _ready(self, s: _Stage) -> bool:
+        """Whether every worker of the stage has replied (never blocks)."""
+        return all(self._conns[w].poll(0) for w in s.workers)
+
+    def _decide(self, s: _Stage, plan, ahead: _Stage | None = None) -> None:
+        """One stage turn. ``ahead`` is the next stage still stepping: if its results are in
+        by the time this stage's policy call has been launched, collect them and prepare its
+        batch right away, so its host-to-device copy overlaps this stage's compute."""
+        s.turn_t0 = time.perf_counter_ns()
+        prepared = s.prepared if s.prepared is not None and s.prepared[0] == s.slot else None
+        _, td, texts, sample_seeds, copied = prepared or self._prepare(s)
+        s.prepared = None
+        if copied is not None:
+            self._cuda.wait(copied)
         t_policy = time.perf_counter_ns()
         out = self.policy(td)
+        if ahead is not None and not ahead.collected and self._ready(ahead):
+            self._await(ahead, plan)
+            ahead.collected = True
+            ahead.prepared = self._prepare(ahead)
         s.turn_policy_ns = time.perf_counter_ns() - t_policy
         self.stats.policy_ns += s.turn_policy_ns
         self.stats.policy_calls += 1
@@ -697,13 +725,20 @@ class _CudaPath:
         self.copy_stream = torch.cuda.Stream(self.device)
         self.done = torch.cuda.Event()
 
-    def to_device(self, s: _Stage, td: TensorDict) -> TensorDict:
+    def to_device(self, td: TensorDict) -> tuple[TensorDict, torch.cuda.Event]:
+        """Queue the batch's host-to-device copy on the side stream and return it with the
+        event that marks its end. Nothing blocks: a copy queued while another stage computes
+        runs concurrently with that compute."""
         with torch.cuda.stream(self.copy_stream):
-            dev = td.to(self.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self.copy_stream)
-        torch.cuda.current_stream(self.device).wait_event(ready)
-        return dev
+            dev = td.to(self.device, non_blocking=self.registered)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        return dev, copied
+
+    def wait(self, copied: torch.cuda.Event) -> None:
+        """Make the compute stream wait for a batch's copy (the host does not wait)."""
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(copied)
 
     def actions_to_host(self, s: _Stage, chunk: torch.Tensor) -> None:
         host = self.engine._views["actions"][s.lo : s.hi]
