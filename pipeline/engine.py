@@ -21,6 +21,7 @@ import select
 import signal
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,9 @@ def _shutdown(procs, conns, shm) -> None:
         shm.close()
 
 
+TURN_SAMPLES = 1 << 16  # bounded: an engine may live for millions of turns
+
+
 @dataclass
 class EngineStats:
     """Cumulative counters of an engine (``engine.stats``; ``reset()`` to start a window).
@@ -114,9 +118,11 @@ class EngineStats:
     calls_ns: int = 0  # wall time inside rollout()/collect_episodes()
     policy_ns: int = 0
     policy_calls: int = 0
-    turn_ns: list = field(default_factory=list)  # per stage turn: decide start -> results in
-    turn_policy_ns: list = field(default_factory=list)  # the policy's share of each turn
-    turn_env_ns: list = field(default_factory=list)  # slowest worker's env time in each turn
+    # Per stage turn (the most recent TURN_SAMPLES): decide start -> results in, the policy's
+    # share of it, and the slowest worker's env time in it.
+    turn_ns: deque = field(default_factory=deque)
+    turn_policy_ns: deque = field(default_factory=deque)
+    turn_env_ns: deque = field(default_factory=deque)
     record_ns: int = 0  # copying decisions into the trajectory store
     worker_env_ns: np.ndarray = None
     worker_write_ns: np.ndarray = None
@@ -127,7 +133,9 @@ class EngineStats:
     def reset(self) -> None:
         self.decisions = self.env_steps = self.calls_ns = self.policy_ns = self.policy_calls = 0
         self.record_ns = 0
-        self.turn_ns, self.turn_policy_ns, self.turn_env_ns = [], [], []
+        self.turn_ns, self.turn_policy_ns, self.turn_env_ns = (
+            deque(maxlen=TURN_SAMPLES) for _ in range(3)
+        )
         self.worker_env_ns = np.zeros(self.num_workers, np.int64)
         self.worker_write_ns = np.zeros(self.num_workers, np.int64)
 

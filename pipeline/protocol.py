@@ -33,10 +33,6 @@ DONE, ERROR, HELLO, ATTACHED = 10, 11, 12, 13
 NAMES = {RESET: "RESET", STEP: "STEP", CLOSE: "CLOSE", DONE: "DONE", ERROR: "ERROR"}
 
 
-def pack(kind: int, stage: int = 0, slot: int = 0, seq: int = 0) -> bytes:
-    return FRAME.pack(kind, stage, slot, 0, seq)
-
-
 def unpack(frame: bytes) -> tuple[int, int, int, int]:
     kind, stage, slot, _, seq = FRAME.unpack(frame)
     return kind, stage, slot, seq
