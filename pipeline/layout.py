@@ -7,11 +7,11 @@ segment holds it all.
 Two kinds of arrays:
 
 * **slot arrays** ``[slots, num_envs, ...]``: what a worker writes after executing a chunk —
-  the next observation plus the results of the chunk that led to it. ``slots`` is the ring
-  depth: while the inference side reads slot ``s`` of a stage (to batch and to record it), the
-  workers write the next results of that stage into slot ``s ^ 1``. A stage's rows are
-  contiguous, so a stage batch is one contiguous block per field (zero-copy views, one DMA per
-  field on CUDA).
+  the next observation plus the results of the chunk that led to it (one record per env).
+  ``slots`` is the ring depth: while the inference side reads slot ``s`` of a stage (to batch
+  and to record it), the workers write the next results of that stage into slot ``s ^ 1``.
+  A stage's rows are contiguous, so a stage batch is one contiguous block per field
+  (zero-copy views, one DMA per field on CUDA).
 * **control arrays** ``[num_envs, ...]``: what the inference side writes for a worker — the
   action chunk, how many actions to execute, and the seed/id of the episode to start when the
   current one ends (``-1`` parks the env).
@@ -33,22 +33,29 @@ SHM_PREFIX = "vlare_"
 INSTRUCTION_BYTES = 256
 _ALIGN = 64
 
-# Per-env results written with every observation (slot arrays beyond the observation fields).
-RESULT_FIELDS = {
-    "reward": ((), np.float32),  # summed over the executed part of the chunk
-    "steps": ((), np.int32),  # control steps executed
-    "terminated": ((), np.uint8),
-    "truncated": ((), np.uint8),
-    "success": ((), np.uint8),
-    "is_init": ((), np.uint8),  # this observation starts an episode
-    "parked": ((), np.uint8),  # env has no episode to run (collect_episodes tail)
-    "episode_id": ((), np.int64),
-    "reset_seed": ((), np.int64),
-    "env_ns": ((), np.int64),  # worker time inside the env (step_chunk or reset) for this slot
-    "write_ns": ((), np.int64),  # worker time writing the observation into shared memory
-    "seq": ((), np.int64),  # command sequence number that produced this slot (written last)
-    "instruction": ((INSTRUCTION_BYTES,), np.uint8),
-    "instruction_len": ((), np.int32),
+# Per-env results written with every observation: one aligned record, so a worker finishes
+# an env with a single store and the loop records a stage's results with a single copy.
+RESULT_DTYPE = np.dtype(
+    [
+        ("reward", np.float32),  # summed over the executed part of the chunk
+        ("steps", np.int32),  # control steps executed
+        ("terminated", np.uint8),
+        ("truncated", np.uint8),
+        ("success", np.uint8),
+        ("is_init", np.uint8),  # this observation starts an episode
+        ("parked", np.uint8),  # the env has no episode to run: make no decision for it
+        ("episode_id", np.int64),
+        ("reset_seed", np.int64),
+        ("env_ns", np.int64),  # worker time inside the env (step_chunk and any reset)
+        ("write_ns", np.int64),  # worker time writing the observation into shared memory
+        ("seq", np.int64),  # the command that produced this slot
+    ],
+    align=True,
+)
+SLOT_FIELDS = {
+    "results": ((), RESULT_DTYPE),
+    "instruction": ((INSTRUCTION_BYTES,), np.dtype(np.uint8)),
+    "instruction_len": ((), np.dtype(np.int32)),
 }
 CONTROL_FIELDS = {
     "n_exec": ((), np.int32),
@@ -87,8 +94,8 @@ class Layout:
         fields: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for key, fs in spec.obs.items():
             fields[f"obs/{key}"] = ((slots, num_envs, *fs.shape), fs.dtype)
-        for key, (shape, dtype) in RESULT_FIELDS.items():
-            fields[key] = ((slots, num_envs, *shape), np.dtype(dtype))
+        for key, (shape, dtype) in SLOT_FIELDS.items():
+            fields[key] = ((slots, num_envs, *shape), dtype)
         fields["actions"] = ((num_envs, chunk_len, spec.action_dim), np.dtype(np.float32))
         for key, (shape, dtype) in CONTROL_FIELDS.items():
             fields[key] = ((num_envs, *shape), np.dtype(dtype))
@@ -101,11 +108,15 @@ class Layout:
         self.nbytes = max(offset, 1)
 
     def views(self, buf) -> dict[str, np.ndarray]:
-        """numpy views of every array over a buffer of ``nbytes``."""
-        return {
+        """numpy views of every array over a buffer of ``nbytes``; each result field is also
+        exposed on its own (``views["reward"]`` is ``views["results"]["reward"]``)."""
+        out = {
             k: np.ndarray(a.shape, a.dtype, buffer=buf, offset=a.offset)
             for k, a in self.arrays.items()
         }
+        for name in RESULT_DTYPE.names:
+            out[name] = out["results"][name]
+        return out
 
 
 class SharedBuffers:

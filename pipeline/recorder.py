@@ -15,15 +15,15 @@ import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict
 
 from pipeline import schema
-from pipeline.layout import Layout
+from pipeline.layout import RESULT_DTYPE, Layout
 
-# Result fields of a decision: name -> (shared array, output key, dtype).
+# The results of a decision, from its result record: field -> (output key, dtype).
 _NEXT = {
-    "reward": ("reward", ("next", "reward"), np.float32),
-    "terminated": ("terminated", ("next", "terminated"), np.bool_),
-    "truncated": ("truncated", ("next", "truncated"), np.bool_),
-    "success": ("success", ("next", "success"), np.bool_),
-    "steps": ("steps", ("next", "steps_executed"), np.int32),
+    "reward": (("next", "reward"), np.float32),
+    "terminated": (("next", "terminated"), np.bool_),
+    "truncated": (("next", "truncated"), np.bool_),
+    "success": (("next", "success"), np.bool_),
+    "steps": (("next", "steps_executed"), np.int32),
 }
 
 
@@ -82,7 +82,7 @@ class TrajectoryStore:
         self.ids = np.full((*shape, len(ID_FIELDS)), -1, np.int64)
         self.is_init = np.zeros(shape, np.bool_)
         self.valid = np.zeros(shape, np.bool_)
-        self.next = {k: np.zeros(shape, dt) for k, (_, _, dt) in _NEXT.items()}
+        self.results = np.zeros(shape, RESULT_DTYPE)  # each decision's result record
         self.instructions = np.full(shape, "", dtype=object)
         self.outputs: dict[tuple | str, np.ndarray] = {}
         self.length = np.zeros(rows, np.int64)  # filled decisions per row
@@ -123,9 +123,11 @@ class TrajectoryStore:
         """What came of it: the ``("next", ...)`` half, from the stage's next ``slot``."""
         if len(dest.src) == 0:
             return
-        a = self.layout_arrays
-        for name, (src_key, _, dtype) in _NEXT.items():
-            dest.put(self.next[name], a[src_key][slot, lo:hi].astype(dtype, copy=False))
+        dest.put(self.results, self.layout_arrays["results"][slot, lo:hi])
+
+    def next_field(self, name: str, t: int) -> np.ndarray:
+        """One result field over ``[rows, :t]`` as a contiguous array of its output dtype."""
+        return np.ascontiguousarray(self.results[name][:, :t]).astype(_NEXT[name][1])
 
     def to_tensordict(self, t: int | None = None) -> TensorDict:
         """The canonical VLA layout over ``[rows, t]`` (images as ``[..., C, H, W]`` views)."""
@@ -140,17 +142,17 @@ class TrajectoryStore:
                 td.set((schema.OBSERVATION, k), value)
         for key, buf in self.outputs.items():
             td.set(key, torch.from_numpy(buf[:, :t]))
-        steps = self.next["steps"][:, :t]
+        steps = self.next_field("steps", t)
         horizon = self.layout.chunk_len
         td.set(schema.ACTION_IS_PAD, torch.from_numpy(np.arange(horizon) >= steps[..., None]))
         for k, name in enumerate(ID_FIELDS):
             td.set(name, torch.from_numpy(np.ascontiguousarray(self.ids[:, :t, k])))
         td.set("is_init", torch.from_numpy(self.is_init[:, :t]))
         td.set("mask", torch.from_numpy(self.valid[:, :t]))
-        for name, (_, key, _) in _NEXT.items():
-            value = torch.from_numpy(self.next[name][:, :t])
+        for name, (key, _) in _NEXT.items():
+            value = torch.from_numpy(self.next_field(name, t))
             td.set(key, value.unsqueeze(-1) if name != "steps" else value)
-        done = self.next["terminated"][:, :t] | self.next["truncated"][:, :t]
+        done = self.next_field("terminated", t) | self.next_field("truncated", t)
         td.set(("next", "done"), torch.from_numpy(done).unsqueeze(-1))
         instr = self.instructions[:, :t]
         td.set(

@@ -90,8 +90,12 @@ class _Worker:
 
         spec = next(iter(self.envs.values())).spec
         self.shm = SharedBuffers.attach(Layout(spec, num_envs, chunk_len, slots), name)
-        self.a = self.shm.arrays
-        self.obs_keys = self.shm.layout.obs_keys
+        a = self.a = self.shm.arrays
+        self.obs_arrays = [(key, a[f"obs/{key}"]) for key in self.shm.layout.obs_keys]
+        self.res, self.actions, self.n_exec = a["results"], a["actions"], a["n_exec"]
+        self.reset_now, self.next_seed = a["reset_now"], a["next_seed"]
+        self.next_episode = a["next_episode"]
+        self.written_text: dict[tuple[int, int], str | None] = {}
         P.send(self.conn, P.ATTACHED)
         return True
 
@@ -117,106 +121,115 @@ class _Worker:
             self.current_env = None
             P.send(self.conn, P.DONE, stage, slot, seq)
 
-    def _write_obs(self, env_id: int, slot: int, obs: dict, text: str) -> None:
-        """The one copy of an observation: from the env's arrays into its shared slot."""
+    def _write_obs(self, env_id: int, slot: int, obs: dict, text: str) -> int:
+        """The one copy of an observation: from the env's arrays into its shared slot. The
+        instruction is written only when it differs from what the slot already holds."""
         t0 = time.perf_counter_ns()
-        a = self.a
-        for key in self.obs_keys:
-            a[f"obs/{key}"][slot, env_id] = obs[key]
-        raw = text.encode("utf-8")[: a["instruction"].shape[-1]]
-        a["instruction"][slot, env_id, : len(raw)] = np.frombuffer(raw, np.uint8)
-        a["instruction_len"][slot, env_id] = len(raw)
-        a["write_ns"][slot, env_id] += time.perf_counter_ns() - t0
+        for key, arr in self.obs_arrays:
+            arr[slot, env_id] = obs[key]
+        if self.written_text.get((slot, env_id)) != text:
+            raw = text.encode("utf-8")[: self.a["instruction"].shape[-1]]
+            self.a["instruction"][slot, env_id, : len(raw)] = np.frombuffer(raw, np.uint8)
+            self.a["instruction_len"][slot, env_id] = len(raw)
+            self.written_text[slot, env_id] = text
+        return time.perf_counter_ns() - t0
 
-    def _begin_episode(self, env_id: int, slot: int) -> bool:
-        """Start the episode the parent queued for this env; False if it is parked."""
-        a = self.a
-        seed = int(a["next_seed"][env_id])
-        if seed < 0:
-            self.ended[env_id] = True
-            a["parked"][slot, env_id] = 1
-            return False
-        env = self.envs[env_id]
-        t0 = time.perf_counter_ns()
-        obs, _ = env.reset(seed=seed)
-        a["env_ns"][slot, env_id] += time.perf_counter_ns() - t0
-        self._write_obs(env_id, slot, obs, env.instruction)
-        self.episode[env_id] = int(a["next_episode"][env_id])
-        self.seed[env_id] = seed
-        self.ended[env_id] = False
-        a["is_init"][slot, env_id] = 1
-        a["parked"][slot, env_id] = 0
-        return True
-
-    def _carry(self, env_id: int, slot: int, keep_init: bool = False) -> None:
-        """Copy the env's row forward into ``slot`` (the env is not stepping), so every slot
-        of every row always holds deterministic content."""
-        a, prev = self.a, 1 - slot if self.shm.layout.slots == 2 else slot
+    def _carry(self, env_id: int, slot: int) -> None:
+        """Copy the env's observation forward into ``slot`` (the env is not stepping), so
+        every slot of every row always holds deterministic content."""
+        prev = 1 - slot if self.shm.layout.slots == 2 else slot
         if prev == slot:
             return
-        keys = [f"obs/{k}" for k in self.obs_keys] + ["instruction", "instruction_len", "parked"]
-        if keep_init:
-            keys.append("is_init")
-        for key in keys:
-            a[key][slot, env_id] = a[key][prev, env_id]
+        for _, arr in self.obs_arrays:
+            arr[slot, env_id] = arr[prev, env_id]
+        self.a["instruction"][slot, env_id] = self.a["instruction"][prev, env_id]
+        self.a["instruction_len"][slot, env_id] = self.a["instruction_len"][prev, env_id]
+        self.written_text[slot, env_id] = self.written_text.get((prev, env_id))
 
-    def _finish(self, env_id: int, slot: int, seq: int) -> None:
-        a = self.a
-        a["episode_id"][slot, env_id] = self.episode.get(env_id, -1)
-        a["reset_seed"][slot, env_id] = self.seed.get(env_id, -1)
-        a["seq"][slot, env_id] = seq  # last: the slot is complete
+    def _record(
+        self,
+        env_id: int,
+        seq: int,
+        reward: float = 0.0,
+        steps: int = 0,
+        terminated: bool = False,
+        truncated: bool = False,
+        success: bool = False,
+        is_init: bool = False,
+        parked: bool = False,
+        env_ns: int = 0,
+        write_ns: int = 0,
+    ) -> tuple:
+        """An env's result record (``layout.RESULT_DTYPE`` order), stored in one go."""
+        episode, seed = self.episode.get(env_id, -1), self.seed.get(env_id, -1)
+        return (reward, steps, terminated, truncated, success, is_init, parked, episode, seed,
+                env_ns, write_ns, seq)  # fmt: skip
 
-    def _clear_results(self, env_id: int, slot: int) -> None:
-        a = self.a
-        a["reward"][slot, env_id] = 0.0
-        a["steps"][slot, env_id] = 0
-        a["terminated"][slot, env_id] = 0
-        a["truncated"][slot, env_id] = 0
-        a["success"][slot, env_id] = 0
-        a["is_init"][slot, env_id] = 0
-        a["env_ns"][slot, env_id] = 0
-        a["write_ns"][slot, env_id] = 0
+    def _start_queued(self, env_id: int) -> tuple[dict, int] | None:
+        """Start the episode the parent queued for this env; None parks the env."""
+        seed = int(self.next_seed[env_id])
+        if seed < 0:
+            self.ended[env_id] = True
+            return None
+        t0 = time.perf_counter_ns()
+        obs, _ = self.envs[env_id].reset(seed=seed)
+        self.episode[env_id] = int(self.next_episode[env_id])
+        self.seed[env_id] = seed
+        self.ended[env_id] = False
+        return obs, time.perf_counter_ns() - t0
 
     def _reset(self, env_id: int, slot: int, seq: int) -> None:
         self.current_env = env_id
-        self._clear_results(env_id, slot)
-        if not self.a["reset_now"][env_id]:
-            self._carry(env_id, slot, keep_init=True)
-        elif not self._begin_episode(env_id, slot):
+        res = self.res
+        if not self.reset_now[env_id]:  # not this env: carry it over as it is
+            prev = res[1 - slot, env_id]
             self._carry(env_id, slot)
-            self.a["parked"][slot, env_id] = 1
-        self._finish(env_id, slot, seq)
+            res[slot, env_id] = self._record(
+                env_id, seq, is_init=prev["is_init"], parked=prev["parked"]
+            )
+            return
+        started = self._start_queued(env_id)
+        if started is None:
+            self._carry(env_id, slot)
+            res[slot, env_id] = self._record(env_id, seq, parked=True)
+            return
+        obs, env_ns = started
+        write_ns = self._write_obs(env_id, slot, obs, self.envs[env_id].instruction)
+        res[slot, env_id] = self._record(
+            env_id, seq, is_init=True, env_ns=env_ns, write_ns=write_ns
+        )
 
     def _step(self, env_id: int, slot: int, seq: int) -> None:
         self.current_env = env_id
-        a = self.a
-        self._clear_results(env_id, slot)
         if self.ended.get(env_id, False):
-            a["parked"][slot, env_id] = 1
             self._carry(env_id, slot)
-            self._finish(env_id, slot, seq)
+            self.res[slot, env_id] = self._record(env_id, seq, parked=True)
             return
         env = self.envs[env_id]
-        n = int(a["n_exec"][env_id])
         t0 = time.perf_counter_ns()
-        obs, rewards, terminated, truncated, steps, info = env.step_chunk(a["actions"][env_id, :n])
-        a["env_ns"][slot, env_id] = time.perf_counter_ns() - t0
-        a["reward"][slot, env_id] = float(np.sum(rewards, dtype=np.float64))
-        a["steps"][slot, env_id] = steps
-        a["terminated"][slot, env_id] = terminated
-        a["truncated"][slot, env_id] = truncated
-        a["success"][slot, env_id] = bool(info.get("success", False))
-        a["parked"][slot, env_id] = 0
-        if (terminated or truncated) and self.cfg.auto_reset:
-            if self._begin_episode(env_id, slot):
-                self._finish(env_id, slot, seq)
-                return
-            a["parked"][slot, env_id] = 1
-        elif terminated or truncated:  # no auto-reset: the env idles until the next RESET
-            self.ended[env_id] = True
-            a["parked"][slot, env_id] = 1
-        self._write_obs(env_id, slot, obs, env.instruction)
-        self._finish(env_id, slot, seq)
+        obs, rewards, terminated, truncated, steps, info = env.step_chunk(
+            self.actions[env_id, : self.n_exec[env_id]]
+        )
+        env_ns = time.perf_counter_ns() - t0
+        reward = float(np.sum(rewards, dtype=np.float64))
+        success = bool(info.get("success", False))
+        is_init = parked = False
+        if terminated or truncated:
+            if not self.cfg.auto_reset:  # the env idles until the next RESET
+                self.ended[env_id] = parked = True
+            else:
+                started = self._start_queued(env_id)
+                if started is None:
+                    parked = True  # nothing queued: keep the final observation
+                else:
+                    obs, reset_ns = started
+                    env_ns += reset_ns
+                    is_init = True
+        write_ns = self._write_obs(env_id, slot, obs, env.instruction)
+        self.res[slot, env_id] = self._record(
+            env_id, seq, reward, steps, terminated, truncated, success, is_init, parked,
+            env_ns, write_ns,
+        )  # fmt: skip
 
     def close(self) -> None:
         for env in self.envs.values():
