@@ -6,6 +6,7 @@ benches) is derived from an :class:`EnvSpec`, never from hard-coded shapes.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,6 +100,8 @@ class ChunkResult:
     truncated: bool
     steps: int
     info: dict[str, Any]
+    observe_ns: int = 0  # wall time of the final observation (the chunk's one render)
+    observe_cpu_ns: int = 0  # its thread CPU time, when the env's ``time_cpu`` is set
 
     def __iter__(self):  # allows ``obs, rewards, term, trunc, n, info = env.step_chunk(a)``
         return iter(
@@ -128,11 +131,14 @@ class ChunkedEnvMixin:
     """``step`` and ``step_chunk`` from three primitives, so every env executes chunks alike.
 
     Subclasses provide ``_apply(action) -> (reward, terminated, truncated)`` (physics only, no
-    observation), ``_observe(render: bool)`` and ``_info()``. Images are rendered once, at the
-    end of a chunk: intermediate steps never call the renderer.
+    observation), ``_observe()`` and ``_info()``. Images are rendered once, at the end of a
+    chunk: intermediate steps never call the renderer. ``step_chunk`` reports how long that
+    observation took, so a profiler can tell physics from rendering; set ``time_cpu`` to also
+    get its thread CPU time (a system call, so off by default).
     """
 
     spec: EnvSpec
+    time_cpu: bool = False
 
     def step(self, action: np.ndarray):
         a = self.spec.check_action(action)
@@ -149,4 +155,10 @@ class ChunkedEnvMixin:
             n += 1
             if terminated or truncated:
                 break
-        return ChunkResult(self._observe(), rewards[:n], terminated, truncated, n, self._info())
+        c0 = time.thread_time_ns() if self.time_cpu else 0
+        t0 = time.perf_counter_ns()
+        obs = self._observe()
+        observe_ns = time.perf_counter_ns() - t0
+        observe_cpu_ns = time.thread_time_ns() - c0 if self.time_cpu else 0
+        info = self._info()
+        return ChunkResult(obs, rewards[:n], terminated, truncated, n, info, observe_ns, observe_cpu_ns)
