@@ -161,4 +161,6 @@ class ChunkedEnvMixin:
         observe_ns = time.perf_counter_ns() - t0
         observe_cpu_ns = time.thread_time_ns() - c0 if self.time_cpu else 0
         info = self._info()
-        return ChunkResult(obs, rewards[:n], terminated, truncated, n, info, observe_ns, observe_cpu_ns)
+        return ChunkResult(
+            obs, rewards[:n], terminated, truncated, n, info, observe_ns, observe_cpu_ns
+        )
