@@ -34,6 +34,8 @@ from tensordict import NonTensorData, NonTensorStack, TensorDict
 from pipeline import protocol as P
 from pipeline import schema
 from pipeline.layout import Layout, SharedBuffers
+from pipeline.profiler.session import ProfileSession
+from pipeline.profiler.spans import PhaseClock, SpanRing
 from pipeline.recorder import Dest, TrajectoryStore
 from pipeline.seeding import GROUP, RESET, SAMPLE, derive
 from pipeline.worker import WorkerConfig, worker_main
@@ -194,6 +196,7 @@ class RolloutEngine:
         start_timeout_s: float = 300.0,
         pin_workers: bool = False,
         freeze_gc: bool = True,
+        profile: bool = False,
     ) -> None:
         self._closed = True  # until start-up completes
         self._procs, self._conns, self._shm = [], [], None
@@ -239,7 +242,13 @@ class RolloutEngine:
         self.stats = EngineStats(num_workers)
         self._instruction_cache: dict[int, tuple] = {}
         self._text_cache: dict[int, tuple] = {}
-        self._start(env, env_kwargs or {}, start_timeout_s, pin_workers)
+        self._clock: PhaseClock | None = None
+        self._ring = SpanRing.local()
+        self.profiler: ProfileSession | None = None
+        self._start(env, env_kwargs or {}, start_timeout_s, pin_workers, profile)
+        if profile:  # profile the whole life of the engine, env creation included
+            self.profiler = ProfileSession(self, since=self._created_ns)
+            self.profiler.start()
         if freeze_gc:
             # Full collections scan every tracked object, and torch and tensordict create
             # hundreds of thousands: that was ~80 us of every turn. Collect once, then move
@@ -257,9 +266,10 @@ class RolloutEngine:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(device)
 
-    def _start(self, env, env_kwargs, start_timeout_s, pin_workers) -> None:
+    def _start(self, env, env_kwargs, start_timeout_s, pin_workers, profile) -> None:
         import multiprocess as mp
 
+        self._created_ns = time.perf_counter_ns()
         # spawn: never fork a parent that may hold CUDA state or torch threads.
         ctx = mp.get_context("spawn")
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -275,6 +285,7 @@ class RolloutEngine:
                     auto_reset=self.auto_reset,
                     parent_pid=os.getpid(),
                     cpu=cpus[w % len(cpus)] if (pin_workers and cpus) else None,
+                    profile=profile,
                 )
                 parent_conn, child_conn = ctx.Pipe(duplex=True)
                 proc = ctx.Process(
@@ -297,12 +308,15 @@ class RolloutEngine:
             if any(repr(s) != repr(specs[0]) for s in specs):
                 raise EngineError(f"workers disagree on the env spec: {specs}")
             self.spec = specs[0]
-            self.layout = Layout(self.spec, self.num_envs, self.chunk_len, slots=2)
+            self.layout = Layout(self.spec, self.num_envs, self.chunk_len, 2, self.num_workers)
             self._shm = SharedBuffers.create(self.layout)
+            if profile:  # on before the workers serve, so their clocks run from the start
+                self._shm.arrays["profile_on"][0] = 1
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._shm)
             for conn in self._conns:
-                conn.send((self._shm.name, self.num_envs, self.chunk_len, self.layout.slots))
+                args = (self.num_envs, self.chunk_len, self.layout.slots, self.num_workers)
+                conn.send((self._shm.name, *args))
             for w in range(self.num_workers):
                 self._expect(w, P.ATTACHED, start_timeout_s, "attaching shared memory")
             self._shm.unlink()  # every worker has it mapped: nothing can leak from now on
@@ -388,6 +402,8 @@ class RolloutEngine:
 
     def close(self) -> None:
         """Stop the workers and release shared memory. Safe to call more than once."""
+        if getattr(self, "profiler", None) is not None and self.profiler.running:
+            self.profiler.stop()  # read the workers' spans while the memory is still mapped
         self._closed = True
         if getattr(self, "_cuda", None) is not None:
             self._cuda.release()
@@ -409,6 +425,39 @@ class RolloutEngine:
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs]
+
+    # -- profiling ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def profile(self):
+        """Profile every process of the engine for the duration of the block.
+
+        Example:
+            >>> with engine.profile() as prof:
+            ...     engine.rollout(16)
+            >>> report = prof.report()        # per-process, per-phase wall and CPU time
+            >>> report.save("profile_out/")   # summary.json, trace.json, timeline.png, report.html
+        """
+        self._check_open()
+        if self.profiler is not None and self.profiler.running:
+            raise EngineError("a profile is already running (profile=True or a nested profile())")
+        session = ProfileSession(self)
+        session.start()
+        try:
+            yield session
+        finally:
+            session.stop()
+
+    def profile_report(self):
+        """The report of the engine-long profile started by ``profile=True``."""
+        if self.profiler is None:
+            raise EngineError("this engine was not created with profile=True")
+        if self.profiler.running:
+            self.profiler.stop()
+        return self.profiler.report()
+
+    def _phase(self, name: str) -> None:
+        if self._clock is not None:
+            self._clock.switch(name)
 
     # -- policy versions ---------------------------------------------------------------------
     def _fingerprint(self) -> int:
@@ -459,9 +508,11 @@ class RolloutEngine:
         self._timeout = self.timeout_s if timeout_s is None else timeout_s
         self._refresh_policy_version()
         t0 = time.perf_counter_ns()
+        self._phase("bookkeeping")
         try:
             plan.begin()
             self._loop(plan)
+            self._phase("record")
             return plan.result()
         except BaseException:
             self.close()  # a half-finished pipeline cannot be resumed safely
@@ -469,6 +520,7 @@ class RolloutEngine:
         finally:
             self._calls += 1
             self.stats.calls_ns += time.perf_counter_ns() - t0
+            self._phase("outside")
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self, plan) -> None:
@@ -534,6 +586,7 @@ class RolloutEngine:
             self._poller.modify(conn.fileno(), select.POLLIN if w in need else 0)
         deadline = time.monotonic() + self._timeout
         died = None
+        self._phase("wait_obs")
         while need:
             remaining = deadline - time.monotonic()
             events = self._poller.poll(max(0, int(remaining * 1000) + 1)) if remaining > 0 else []
@@ -564,6 +617,7 @@ class RolloutEngine:
                 self._poller.modify(self._conns[w].fileno(), 0)
             if died is not None:
                 raise WorkerDiedError(self._death(died, f"{doing} stage {s.index}"))
+        self._phase("bookkeeping")
 
     def _check_seq(self, s: _Stage) -> None:
         seqs = self.a["seq"][s.slot, s.lo : s.hi]
@@ -669,27 +723,36 @@ class RolloutEngine:
         by the time this stage's policy call has been launched, collect them and prepare its
         batch right away, so its host-to-device copy overlaps this stage's compute."""
         s.turn_t0 = time.perf_counter_ns()
+        self._phase("preprocess")
         prepared = s.prepared if s.prepared is not None and s.prepared[0] == s.slot else None
         _, td, texts, sample_seeds, copied = prepared or self._prepare(s)
         s.prepared = None
         if copied is not None:
             self._cuda.wait(copied)
+        self._phase("inference")
+        gpu = self.profiler.cuda_mark() if self.profiler is not None and self._cuda else None
         t_policy = time.perf_counter_ns()
         out = self.policy(td)
+        s.turn_policy_ns = time.perf_counter_ns() - t_policy
+        if gpu is not None:
+            self.profiler.cuda_interval("inference", gpu, self.profiler.cuda_mark())
         if ahead is not None and not ahead.collected and self._ready(ahead):
             self._await(ahead, plan)
             ahead.collected = True
+            self._phase("preprocess")
             ahead.prepared = self._prepare(ahead)
-        s.turn_policy_ns = time.perf_counter_ns() - t_policy
+        self._phase("dispatch")
         self.stats.policy_ns += s.turn_policy_ns
         self.stats.policy_calls += 1
         self.stats.decisions += int((self.a["parked"][s.slot, s.lo : s.hi] == 0).sum())
         outputs = self._take_outputs(s, out)
         plan.before_step(s)
         self._send_step(s)
+        self._phase("record")
         t_record = time.perf_counter_ns()
         plan.record(s, outputs, texts, sample_seeds)
         self.stats.record_ns += time.perf_counter_ns() - t_record
+        self._phase("bookkeeping")
 
     def _take_outputs(self, s: _Stage, out) -> dict[object, np.ndarray]:
         """Validate the policy's output and land the action chunk in shared memory.

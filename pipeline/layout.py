@@ -28,6 +28,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from envs.spec import EnvSpec
+from pipeline.profiler.spans import RING_CAPACITY, SPAN_DTYPE
 
 SHM_PREFIX = "vlare_"
 INSTRUCTION_BYTES = 256
@@ -86,10 +87,13 @@ class Layout:
         (2, 16, 27)
     """
 
-    def __init__(self, spec: EnvSpec, num_envs: int, chunk_len: int, slots: int = 2) -> None:
-        if num_envs < 1 or chunk_len < 1 or slots < 1:
-            raise ValueError("num_envs, chunk_len and slots must be >= 1")
+    def __init__(
+        self, spec: EnvSpec, num_envs: int, chunk_len: int, slots: int = 2, num_workers: int = 1
+    ) -> None:
+        if num_envs < 1 or chunk_len < 1 or slots < 1 or num_workers < 1:
+            raise ValueError("num_envs, chunk_len, slots and num_workers must be >= 1")
         self.spec, self.num_envs, self.chunk_len, self.slots = spec, num_envs, chunk_len, slots
+        self.num_workers = num_workers
         self.obs_keys = tuple(spec.obs)
         fields: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for key, fs in spec.obs.items():
@@ -99,6 +103,10 @@ class Layout:
         fields["actions"] = ((num_envs, chunk_len, spec.action_dim), np.dtype(np.float32))
         for key, (shape, dtype) in CONTROL_FIELDS.items():
             fields[key] = ((num_envs, *shape), np.dtype(dtype))
+        # Profiling: one span ring per worker, and the switch the inference side flips.
+        fields["spans"] = ((num_workers, RING_CAPACITY), SPAN_DTYPE)
+        fields["span_head"] = ((num_workers, 1), np.dtype(np.int64))
+        fields["profile_on"] = ((1,), np.dtype(np.uint8))
         self.arrays: dict[str, ArraySpec] = {}
         offset = 0
         for key, (shape, dtype) in fields.items():

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import protocol as P
+from pipeline.profiler.spans import PHASE_ID, PhaseClock, SpanRing
 
 
 @dataclass
@@ -37,6 +38,7 @@ class WorkerConfig:
     auto_reset: bool
     parent_pid: int
     cpu: int | None = None  # pin to this core when set
+    profile: bool = False  # time env creation for the profiler
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -73,9 +75,13 @@ class _Worker:
 
     # -- start-up ----------------------------------------------------------------------------
     def start(self) -> bool:
+        self.init_spans = []
         for env_id in self.cfg.env_ids:
             self.current_env = env_id
+            t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
             self.envs[env_id] = _make_env(self.cfg)
+            if self.cfg.profile:
+                self.init_spans.append((t0, time.perf_counter_ns(), time.thread_time_ns() - c0))
         self.current_env = None
         specs = {repr(e.spec) for e in self.envs.values()}
         if len(specs) != 1:
@@ -85,23 +91,33 @@ class _Worker:
         msg = self.conn.recv()  # (shm name, layout arguments) or None to stop
         if msg is None:
             return False
-        name, num_envs, chunk_len, slots = msg
+        name, num_envs, chunk_len, slots, num_workers = msg
         from pipeline.layout import Layout, SharedBuffers
 
         spec = next(iter(self.envs.values())).spec
-        self.shm = SharedBuffers.attach(Layout(spec, num_envs, chunk_len, slots), name)
+        layout = Layout(spec, num_envs, chunk_len, slots, num_workers)
+        self.shm = SharedBuffers.attach(layout, name)
         a = self.a = self.shm.arrays
         self.obs_arrays = [(key, a[f"obs/{key}"]) for key in self.shm.layout.obs_keys]
         self.res, self.actions, self.n_exec = a["results"], a["actions"], a["n_exec"]
         self.reset_now, self.next_seed = a["reset_now"], a["next_seed"]
         self.next_episode = a["next_episode"]
         self.written_text: dict[tuple[int, int], str | None] = {}
+        w = self.cfg.worker_id
+        self.ring = SpanRing(a["spans"][w], a["span_head"][w])
+        self.profile_on = a["profile_on"]
+        for t0, t1, cpu in self.init_spans:  # env creation, timed before the rings existed
+            self.ring.add(PHASE_ID["env_init"], t0, t1, cpu)
+        if self.init_spans:  # then the hand-shake: the rest of start-up
+            self.ring.add(PHASE_ID["env_init"], self.init_spans[-1][1], time.perf_counter_ns(), 0)
         P.send(self.conn, P.ATTACHED)
         return True
 
     # -- serving -----------------------------------------------------------------------------
     def serve(self) -> None:
+        self.clock = None
         while True:
+            self._follow_profiling()
             try:
                 kind, stage, slot, seq = P.recv(self.conn)
             except (EOFError, OSError):
@@ -119,7 +135,24 @@ class _Worker:
             else:
                 raise RuntimeError(f"worker {self.cfg.worker_id}: unknown command {kind}")
             self.current_env = None
+            if self.clock:
+                self.clock.switch("signal")
             P.send(self.conn, P.DONE, stage, slot, seq)
+
+    def _follow_profiling(self) -> None:
+        """Start or stop the phase clock when the inference side flips the switch."""
+        on = bool(self.profile_on[0])
+        if on and self.clock is None:
+            self.clock = PhaseClock(self.ring)
+            for env in self.envs.values():
+                env.time_cpu = True
+        elif not on and self.clock is not None:
+            self.clock.stop()
+            self.clock = None
+            for env in self.envs.values():
+                env.time_cpu = False
+        if self.clock:
+            self.clock.switch("wait_actions")
 
     def _write_obs(self, env_id: int, slot: int, obs: dict, text: str) -> int:
         """The one copy of an observation: from the env's arrays into its shared slot. The
@@ -171,6 +204,8 @@ class _Worker:
         if seed < 0:
             self.ended[env_id] = True
             return None
+        if self.clock:
+            self.clock.switch("reset")
         t0 = time.perf_counter_ns()
         obs, _ = self.envs[env_id].reset(seed=seed)
         self.episode[env_id] = int(self.next_episode[env_id])
@@ -182,6 +217,8 @@ class _Worker:
         self.current_env = env_id
         res = self.res
         if not self.reset_now[env_id]:  # not this env: carry it over as it is
+            if self.clock:
+                self.clock.switch("obs_write")
             prev = res[1 - slot, env_id]
             self._carry(env_id, slot)
             res[slot, env_id] = self._record(
@@ -194,6 +231,8 @@ class _Worker:
             res[slot, env_id] = self._record(env_id, seq, parked=True)
             return
         obs, env_ns = started
+        if self.clock:
+            self.clock.switch("obs_write")
         write_ns = self._write_obs(env_id, slot, obs, self.envs[env_id].instruction)
         res[slot, env_id] = self._record(
             env_id, seq, is_init=True, env_ns=env_ns, write_ns=write_ns
@@ -201,16 +240,22 @@ class _Worker:
 
     def _step(self, env_id: int, slot: int, seq: int) -> None:
         self.current_env = env_id
+        clock = self.clock
         if self.ended.get(env_id, False):
+            if clock:
+                clock.switch("obs_write")
             self._carry(env_id, slot)
             self.res[slot, env_id] = self._record(env_id, seq, parked=True)
             return
         env = self.envs[env_id]
+        if clock:
+            clock.switch("physics")
         t0 = time.perf_counter_ns()
-        obs, rewards, terminated, truncated, steps, info = env.step_chunk(
-            self.actions[env_id, : self.n_exec[env_id]]
-        )
+        result = env.step_chunk(self.actions[env_id, : self.n_exec[env_id]])
         env_ns = time.perf_counter_ns() - t0
+        obs, rewards, terminated, truncated, steps, info = result
+        if clock:  # the chunk's one render was its last part
+            clock.switch("obs_write", ("render", result.observe_ns, result.observe_cpu_ns))
         reward = float(np.sum(rewards, dtype=np.float64))
         success = bool(info.get("success", False))
         is_init = parked = False
@@ -225,6 +270,8 @@ class _Worker:
                     obs, reset_ns = started
                     env_ns += reset_ns
                     is_init = True
+                    if clock:
+                        clock.switch("obs_write")
         write_ns = self._write_obs(env_id, slot, obs, env.instruction)
         self.res[slot, env_id] = self._record(
             env_id, seq, reward, steps, terminated, truncated, success, is_init, parked,

@@ -1,0 +1,174 @@
+"""A profiling window over a running engine: switches every process's phase clock on, samples
+CPU with psutil, collects device-busy intervals, and builds the :class:`ProfileReport`."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import psutil
+
+from pipeline.profiler.spans import PHASE_ID, PhaseClock, SpanRing
+
+
+class CpuSampler(threading.Thread):
+    """Per-process CPU utilisation at a low rate (psutil costs ~17 us a call)."""
+
+    def __init__(self, pids: list[int], period_s: float = 0.5) -> None:
+        super().__init__(name="profiler-cpu-sampler", daemon=True)
+        self.period_s = period_s
+        self.procs = {}
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                p.cpu_percent(None)  # the first call only sets the baseline
+                self.procs[pid] = p
+            except psutil.Error:
+                pass
+        psutil.cpu_percent(None)
+        self.samples: list[tuple[int, dict[int, float], float, float | None]] = []
+        self._halt = threading.Event()
+        self._nvml = _nvml_handle()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.period_s):
+            per = {}
+            for pid, p in self.procs.items():
+                try:
+                    per[pid] = p.cpu_percent(None)
+                except psutil.Error:
+                    per[pid] = float("nan")
+            gpu = None
+            if self._nvml is not None:
+                import pynvml
+
+                gpu = float(pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu)
+            self.samples.append((time.perf_counter_ns(), per, psutil.cpu_percent(None), gpu))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=2 * self.period_s + 1)
+
+
+def _nvml_handle():
+    """NVML device 0 when nvidia-ml-py and a GPU are present (a cross-check only)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:
+        return None
+
+
+class ProfileSession:
+    """One profiling window. Use ``engine.profile()`` or ``RolloutEngine(..., profile=True)``."""
+
+    def __init__(self, engine, since: int | None = None) -> None:
+        self.engine, self.since = engine, since
+        self.running = False
+        self._report = None
+        self.cuda_events: list[tuple[str, object, object]] = []
+        self._anchor = None
+
+    # -- window ------------------------------------------------------------------------------
+    def start(self) -> None:
+        e = self.engine
+        if self.since is None:  # keep env_init spans when profiling from creation
+            e.a["span_head"][:] = 0
+        e._ring.clear()
+        self.t0 = self.since if self.since is not None else time.perf_counter_ns()
+        e.a["profile_on"][0] = 1
+        e._clock = PhaseClock(e._ring)
+        if self.since is not None:  # start-up: the loop waited for the workers' envs
+            e._ring.add(PHASE_ID["env_init"], self.since, time.perf_counter_ns(), 0)
+        e._clock.switch("outside")
+        st = e.stats
+        self.stats0 = (st.decisions, st.env_steps)
+        policy = e.policy
+        self.simulated = hasattr(policy, "device_intervals")
+        self.sim_start = len(policy.device_intervals) if self.simulated else 0
+        self.sampler = CpuSampler([os.getpid(), *e.worker_pids()])
+        self.sampler.start()
+        if e._cuda is not None:
+            import torch
+
+            self._anchor = torch.cuda.Event(enable_timing=True)
+            self._anchor.record()
+            self._anchor.synchronize()
+            self._anchor_ns = time.perf_counter_ns()
+        self.running = True
+
+    def stop(self) -> None:
+        if not self.running:
+            return
+        e = self.engine
+        e._clock.stop()
+        e._clock = None
+        e.a["profile_on"][0] = 0
+        self.t1 = time.perf_counter_ns()
+        self.sampler.stop()
+        self.loop_spans = e._ring.spans()
+        self.worker_spans = [
+            SpanRing(e.a["spans"][w], e.a["span_head"][w]).spans() for w in range(e.num_workers)
+        ]
+        self.dropped = [
+            SpanRing(e.a["spans"][w], e.a["span_head"][w]).dropped for w in range(e.num_workers)
+        ]
+        self.dropped.append(e._ring.dropped)
+        st = e.stats
+        self.decisions = st.decisions - self.stats0[0]
+        self.env_steps = st.env_steps - self.stats0[1]
+        self.device_intervals, self.device_source = self._device_intervals()
+        self.pids = [os.getpid(), *e.worker_pids()]
+        self.config = {
+            "env": e.env_name,
+            "mode": e.mode,
+            "num_envs": e.num_envs,
+            "num_workers": e.num_workers,
+            "num_stages": e.num_stages,
+            "chunk_len": e.chunk_len,
+            "exec_len": e.exec_len,
+            "device": str(e.device),
+            "policy": type(e.policy).__name__,
+        }
+        self.running = False
+
+    # -- device time -------------------------------------------------------------------------
+    def cuda_mark(self):
+        import torch
+
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def cuda_interval(self, kind: str, start, end) -> None:
+        self.cuda_events.append((kind, start, end))
+
+    def _device_intervals(self) -> tuple[np.ndarray, str]:
+        """``[n, 2]`` host-clock intervals when the device was busy, and where they come from."""
+        if self.simulated:
+            iv = list(self.engine.policy.device_intervals)[self.sim_start :]
+            return np.array(iv, np.int64).reshape(-1, 2), "simulated (LatencyPolicy model)"
+        if self.cuda_events and self._anchor is not None:
+            import torch
+
+            torch.cuda.synchronize()
+            out = []
+            for _, start, end in self.cuda_events:
+                a = self._anchor_ns + int(self._anchor.elapsed_time(start) * 1e6)
+                b = self._anchor_ns + int(self._anchor.elapsed_time(end) * 1e6)
+                out.append((a, b))
+            return np.array(out, np.int64).reshape(-1, 2), "CUDA events (inference stream)"
+        return np.zeros((0, 2), np.int64), "none (CPU inference)"
+
+    def report(self):
+        if self.running:
+            raise RuntimeError("the profile is still running; leave the `with` block first")
+        if self._report is None:
+            from pipeline.profiler.report import ProfileReport
+
+            self._report = ProfileReport.from_session(self)
+        return self._report

@@ -1,0 +1,116 @@
+"""The profiler reports the truth on a workload whose truth is known (toy + LatencyPolicy)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import EngineError, RolloutEngine
+from pipeline.policies import LatencyPolicy
+from pipeline.profiler.report import union_ns
+from pipeline.profiler.spans import PHASES, PhaseClock, SpanRing
+
+TOY = dict(state_dim=8, step_cost_us=1500, episode_len=400)
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    policy = LatencyPolicy(state_dim=8, chunk_len=4, base_ms=4.0, per_item_ms=1.0)
+    with RolloutEngine("toy", policy, num_envs=8, num_workers=2, num_stages=2, env_kwargs=TOY) as e:
+        e.rollout(2)
+        with e.profile() as prof:
+            e.rollout(12)
+        report = prof.report()
+    return policy, report
+
+
+def test_simulated_gpu_busy_matches_the_model(profiled):
+    policy, report = profiled
+    s = report.summary
+    # 12 rounds x 2 stages, each a modelled latency of 4 + 1 x 4 ms = 8 ms.
+    modelled = 12 * 2 * policy.latency_s(4)
+    assert "simulated" in s["gpu_source"]
+    assert abs(s["gpu_utilization"] - modelled / s["window_s"]) < 0.05
+    assert 0 < s["gpu_utilization"] < 1
+
+
+def test_worker_cpu_per_wall(profiled):
+    _, report = profiled
+    for w in (0, 1):
+        physics = report.phase(f"worker {w}", "physics")
+        wait = report.phase(f"worker {w}", "wait_actions")
+        assert physics["wall_s"] > 0.05
+        # Real CPU work; on a loaded 2-core machine a worker is sometimes descheduled.
+        assert physics["cpu_per_wall"] > 0.6, physics
+        assert wait["cpu_per_wall"] is None or wait["cpu_per_wall"] < 0.2, wait
+
+
+def test_every_process_is_covered(profiled):
+    _, report = profiled
+    assert len(report.processes) == 3
+    for p in report.processes:
+        assert p.coverage >= 0.95, (p.name, p.coverage)
+    assert report.summary["min_coverage"] >= 0.95
+    loop = report.phase("inference loop", "inference")
+    assert loop["cpu_per_wall"] < 0.5  # LatencyPolicy sleeps: no CPU while "the GPU" works
+
+
+def test_outputs_are_valid(profiled, tmp_path):
+    _, report = profiled
+    paths = report.save(str(tmp_path))
+    trace = json.load(open(paths["trace"]))
+    events = trace["traceEvents"]
+    names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    assert {"inference loop", "worker 0", "worker 1"} <= names
+    assert any(n.startswith("GPU") for n in names)
+    spans = [e for e in events if e["ph"] == "X"]
+    assert spans and all({"name", "pid", "tid", "ts", "dur"} <= set(e) for e in spans)
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    timed = [e["ts"] for e in events if e["ph"] != "M"]
+    assert timed == sorted(timed)
+    assert {e["pid"] for e in spans} >= {p.pid for p in report.processes}
+    assert any(e["ph"] == "C" for e in events)  # utilisation counters
+    assert {e["name"] for e in spans} <= set(PHASES) | {"busy"}
+    summary = json.load(open(paths["summary"]))
+    assert summary["summary"]["decisions"] == 12 * 8
+    html = open(paths["html"]).read()
+    assert "data:image/png;base64," in html and "worker 0" in html
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_from_creation_includes_env_init():
+    policy = LatencyPolicy(state_dim=8, chunk_len=4)
+    with RolloutEngine(
+        "toy", policy, num_envs=4, num_workers=2, num_stages=2, env_kwargs=TOY, profile=True
+    ) as e:
+        e.rollout(3)
+        with pytest.raises(EngineError, match="already running"):
+            with e.profile():
+                pass
+        report = e.profile_report()
+    assert report.phase("worker 0", "env_init")["wall_s"] > 0
+    assert report.summary["decisions"] == 12
+    for p in report.processes:
+        assert p.coverage >= 0.95
+
+
+def test_phase_clock_tiles_time():
+    ring = SpanRing.local(capacity=8)
+    clock = PhaseClock(ring)
+    for phase in ("wait_obs", "inference", "dispatch", "wait_obs"):
+        clock.switch(phase)
+    clock.switch("physics", ("render", 0, 0))
+    clock.stop()
+    spans = ring.spans()
+    assert len(spans) == 6
+    assert (spans["t0"][1:] == spans["t1"][:-1]).all()  # no gaps
+    for _ in range(10):
+        ring.add(0, 1, 2, 0)
+    assert ring.dropped == 8 and len(ring.spans()) == 8
+
+
+def test_union_of_intervals():
+    iv = np.array([[0, 10], [5, 15], [20, 30], [29, 31]])
+    assert union_ns(iv, 0, 100) == 15 + 11
+    assert union_ns(iv, 8, 25) == 7 + 5
+    assert union_ns(np.zeros((0, 2), np.int64), 0, 10) == 0
