@@ -1,8 +1,9 @@
 """Benchmark entry point.
 
-    python bench.py                 # workload figures (envs and policies, no engine)
-    python bench.py workloads       # the same, with --quick / --out
-    python bench.py engine          # the engine: overlap, stage sweep, transport, real workload
+    python bench.py                 # the main job: lock-step baseline vs pipelined, profiled
+    python bench.py --help          # its flags (workload, policy, modes, sweep, compare, ...)
+    python bench.py workloads       # envs and policies alone (no engine)
+    python bench.py engine          # engine suite: overlap vs bound, sweeps, transport
 
 Every figure is a median over repeated windows after a warm-up, measured in one run, so
 ratios are comparable even on a noisy shared machine.
@@ -19,15 +20,12 @@ SUITES = {"workloads": "benchmarks.workloads", "engine": "benchmarks.engine"}
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    suite = "workloads"
+    suite = "main"
     if argv and argv[0] in SUITES:
         suite, argv = argv[0], argv[1:]
     import importlib
 
-    return importlib.import_module(SUITES[suite]).main(argv)
+    return importlib.import_module(SUITES.get(suite, "benchmarks.main")).main(argv)
 
 
 if __name__ == "__main__":

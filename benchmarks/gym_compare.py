@@ -1,0 +1,124 @@
+"""The same workload through Gymnasium's ``AsyncVectorEnv(shared_memory=True)``, lock-step.
+
+This is what a user would otherwise write: one process per env (Gymnasium's only layout, so
+``num_envs`` processes where the engine uses ``num_workers``), observations through its
+shared memory, the same policy, one batched forward pass per decision.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from tensordict import NonTensorData, NonTensorStack, TensorDict
+
+from pipeline import schema
+
+
+class ChunkedGymEnv:
+    """A Gymnasium env whose action is a whole chunk (it runs ``step_chunk``)."""
+
+    def __new__(cls, env_name: str, env_kwargs: dict, chunk: int):
+        import gymnasium
+        from gymnasium import spaces
+
+        import envs
+
+        class _Env(gymnasium.Env):
+            def __init__(self):
+                self.env = envs.make(env_name, **env_kwargs)
+                spec = self.env.spec
+                obs = {}
+                for key, fs in spec.obs.items():
+                    low, high = (0, 255) if fs.dtype == np.uint8 else (-np.inf, np.inf)
+                    obs[key] = spaces.Box(low, high, fs.shape, fs.dtype)
+                self.observation_space = spaces.Dict(obs)
+                self.action_space = spaces.Box(-1.0, 1.0, (chunk, spec.action_dim), np.float32)
+
+            def reset(self, *, seed=None, options=None):
+                obs, _ = self.env.reset(seed=seed)
+                return obs, {"instruction": self.env.instruction}
+
+            def step(self, action):
+                res = self.env.step_chunk(action)
+                info = {"steps": res.steps, "instruction": self.env.instruction}
+                return res.obs, float(res.rewards.sum()), res.terminated, res.truncated, info
+
+        return _Env()
+
+
+def _batch(obs: dict, instructions, seeds: np.ndarray, device) -> TensorDict:
+    td = TensorDict({}, batch_size=[len(seeds)])
+    for key, value in obs.items():
+        x = torch.from_numpy(np.asarray(value))
+        if key.startswith("image/"):
+            td.set(schema.image_key(key.split("/", 1)[1]), x.permute(0, 3, 1, 2))
+        else:
+            td.set((schema.OBSERVATION, key), x)
+    td.set(schema.INSTRUCTION, NonTensorStack(*[NonTensorData(str(s)) for s in instructions]))
+    td.set(schema.SAMPLE_SEED, torch.from_numpy(seeds))
+    return td.to(device)
+
+
+def run_gymnasium(args, spec, policy, device) -> dict:
+    import json
+
+    from gymnasium.vector import AsyncVectorEnv
+
+    kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
+    n = args.num_envs
+    label = "gymnasium AsyncVectorEnv"
+    print(f"  {label}: starting {n} processes (one per env)", flush=True)
+    vec = AsyncVectorEnv(
+        [lambda: ChunkedGymEnv(args.env, kwargs, args.chunk) for _ in range(n)],
+        shared_memory=True,
+        context="spawn",
+    )
+    try:
+        obs, info = vec.reset(seed=list(range(n)))
+        instructions = info["instruction"]
+        decision = 0
+
+        def step(k: int) -> int:
+            nonlocal obs, instructions, decision
+            steps = 0
+            for _ in range(k):
+                seeds = np.arange(n, dtype=np.int64) + decision * n
+                out = policy(_batch(obs, instructions, seeds, device))
+                actions = (
+                    out[schema.ACTION_CHUNK].detach().cpu().numpy()[:, : args.exec or args.chunk]
+                )
+                obs, _, _, _, info = vec.step(actions)
+                instructions = info.get("instruction", instructions)
+                steps += int(np.sum(info.get("steps", 0)))
+                decision += 1
+            return steps
+
+        step(max(2, args.decisions // 2))
+        windows = []
+        for w in range(args.windows):
+            t0 = time.perf_counter()
+            steps = step(args.decisions)
+            wall = time.perf_counter() - t0
+            windows.append(
+                {
+                    "wall_s": wall,
+                    "decisions_per_s": n * args.decisions / wall,
+                    "env_steps_per_s": steps / wall,
+                }
+            )
+            print(
+                f"  {label}: window {w + 1}/{args.windows}: "
+                f"{windows[-1]['decisions_per_s']:.1f} decisions/s",
+                flush=True,
+            )
+    finally:
+        vec.close()
+    res = {"label": label, "mode": "gymnasium", "windows": windows}
+    for key in ("decisions_per_s", "env_steps_per_s"):
+        vals = [x[key] for x in windows]
+        res[key] = statistics.median(vals)
+        res[key + "_spread"] = [min(vals), max(vals)]
+    return res
