@@ -114,3 +114,39 @@ def test_union_of_intervals():
     assert union_ns(iv, 0, 100) == 15 + 11
     assert union_ns(iv, 8, 25) == 7 + 5
     assert union_ns(np.zeros((0, 2), np.int64), 0, 10) == 0
+
+
+def test_profiles_scripts(profiled, tmp_path):
+    import subprocess
+    import sys
+
+    _, report = profiled
+    run = tmp_path / "run"
+    paths = report.save(str(run))
+    root = __file__.rsplit("/tests/", 1)[0]
+    for script in ("record.py", "dump.py", "render.py"):
+        out = subprocess.run(
+            [sys.executable, f"{root}/profiles/{script}", "--help"], capture_output=True, text=True
+        )
+        assert out.returncode == 0 and "usage" in out.stdout.lower(), script
+    rendered = subprocess.run(
+        [
+            sys.executable,
+            f"{root}/profiles/render.py",
+            paths["trace"],
+            "--out",
+            str(tmp_path / "re"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    assert "worker 0" in rendered.stdout and "coverage 100.0%" in rendered.stdout
+    assert (tmp_path / "re" / "timeline.png").exists()
+    compared = subprocess.run(
+        [sys.executable, f"{root}/profiles/render.py", paths["trace"], paths["summary"]],
+        capture_output=True,
+        text=True,
+    )
+    assert compared.returncode == 0, compared.stderr
+    assert "decisions/s" in compared.stdout and "worker 0 / physics" in compared.stdout

@@ -110,7 +110,13 @@ def chrome_trace(report, path: str) -> dict:
             )
     timed += _device_counter(report)
     timed.sort(key=lambda e: e["ts"])
-    trace = {"traceEvents": events + timed, "displayTimeUnit": "ms", "otherData": report.summary}
+    other = {
+        "summary": report.summary,
+        "config": report.config,
+        "t0_ns": report.t0,
+        "cores": report.cores,
+    }
+    trace = {"traceEvents": events + timed, "displayTimeUnit": "ms", "otherData": other}
     with open(path, "w") as f:
         json.dump(trace, f, default=float)
     return trace

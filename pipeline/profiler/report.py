@@ -56,6 +56,16 @@ class ProcessProfile:
 
 def _process(name, pid, spans, t0, t1, idle_phase, names) -> ProcessProfile:
     spans = spans[(spans["t1"] > t0) & (spans["t0"] < t1)]
+    inferred = 0
+    if idle_phase is not None:  # the worker's edges of the window, blocked in recv
+        first = int(spans["t0"].min()) if len(spans) else t1
+        last = int(spans["t1"].max()) if len(spans) else t1
+        edges = [(PHASE_ID[idle_phase], t0, first, 0)] if first > t0 else []
+        if len(spans) and last < t1:
+            edges.append((PHASE_ID[idle_phase], last, t1, 0))
+        inferred = sum(b - a for _, a, b, _ in edges)
+        spans = np.concatenate([spans, np.array(edges, dtype=spans.dtype)])
+        spans = spans[np.argsort(spans["t0"], kind="stable")]
     a = np.clip(spans["t0"], t0, t1)
     b = np.clip(spans["t1"], t0, t1)
     phases = {}
@@ -66,12 +76,8 @@ def _process(name, pid, spans, t0, t1, idle_phase, names) -> ProcessProfile:
         frac = np.where(full > 0, (b[sel] - a[sel]) / np.maximum(full, 1), 0.0)
         cpu = int((spans["cpu"][sel] * frac).sum())
         phases[phase] = {"wall_ns": wall, "cpu_ns": cpu, "inferred_ns": 0}
-    if idle_phase is not None:  # the worker's edges of the window, blocked in recv
-        first = int(a.min()) if len(a) else t1
-        last = int(b.max()) if len(b) else t1
-        edge = (first - t0) + (t1 - last if len(b) else 0)
-        phases[idle_phase]["wall_ns"] += edge
-        phases[idle_phase]["inferred_ns"] += edge
+    if idle_phase is not None:
+        phases[idle_phase]["inferred_ns"] = inferred
     return ProcessProfile(name, pid, t1 - t0, phases, spans)
 
 
@@ -121,6 +127,54 @@ class ProfileReport:
             env_steps=s.env_steps,
             cpu_samples=s.sampler.samples,
             dropped_spans=int(sum(s.dropped)),
+        )
+        report.summary = report._summarise()
+        return report
+
+    @classmethod
+    def from_trace(cls, trace: dict) -> ProfileReport:
+        """Rebuild a report from a saved Chrome trace (as written by :meth:`save`)."""
+        from pipeline.profiler.spans import SPAN_DTYPE
+
+        other = trace.get("otherData", {})
+        t0 = int(other.get("t0_ns", 0))
+        events = trace["traceEvents"]
+        names = {
+            e["pid"]: e["args"]["name"]
+            for e in events
+            if e.get("ph") == "M" and e["name"] == "process_name"
+        }
+        spans: dict[int, list] = {}
+        device = []
+        t_end = t0
+        for e in events:
+            if e.get("ph") != "X":
+                continue
+            a = t0 + int(round(e["ts"] * 1e3))
+            b = a + int(round(e["dur"] * 1e3))
+            t_end = max(t_end, b)
+            if e.get("cat") == "device":
+                device.append((a, b))
+            else:
+                cpu = int(round(e.get("args", {}).get("cpu_ms", 0) * 1e6))
+                spans.setdefault(e["pid"], []).append((PHASE_ID[e["name"]], a, b, cpu))
+        procs = []
+        for pid, rows in spans.items():
+            arr = np.array(rows, dtype=SPAN_DTYPE)
+            is_loop = names.get(pid, "").startswith("inference")
+            phases = LOOP_PHASES + ("env_init",) if is_loop else WORKER_PHASES
+            procs.append(_process(names.get(pid, str(pid)), pid, arr, t0, t_end, None, phases))
+        procs.sort(key=lambda p: (not p.name.startswith("inference"), p.name))
+        report = cls(
+            config=other.get("config", {}),
+            t0=t0,
+            t1=t_end,
+            processes=procs,
+            cores=int(other.get("cores", os.cpu_count() or 1)),
+            device_source=next((n.split(": ", 1)[-1] for p, n in names.items() if p == 0), "none"),
+            device_intervals=np.array(device, np.int64).reshape(-1, 2),
+            decisions=int(other.get("summary", {}).get("decisions", 0)),
+            env_steps=int(other.get("summary", {}).get("env_steps", 0)),
         )
         report.summary = report._summarise()
         return report
