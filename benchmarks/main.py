@@ -80,7 +80,7 @@ def run_mode(args, spec, policy, mode: str, stages: int, label: str, out_dir: st
             decisions = max(2, int(args.seconds / args.windows / 2 / per))
         else:
             engine.rollout(max(2, decisions // 2))
-        plain, profiled, report = [], [], None
+        plain, profiled, summaries, report = [], [], [], None
         for w in range(args.windows):
             engine.stats.reset()
             t0 = time.perf_counter()
@@ -101,6 +101,7 @@ def run_mode(args, spec, policy, mode: str, stages: int, label: str, out_dir: st
                 wall = time.perf_counter() - t0
                 profiled.append(engine.stats.decisions / wall)
                 report = prof.report()
+                summaries.append(report.summary)
             _say(
                 f"  {label}: window {w + 1}/{args.windows}: "
                 f"{plain[-1]['decisions_per_s']:.1f} decisions/s"
@@ -119,7 +120,13 @@ def run_mode(args, spec, policy, mode: str, stages: int, label: str, out_dir: st
     if report is not None:
         res["profiled_decisions_per_s"] = statistics.median(profiled)
         res["profiler_overhead"] = 1 - res["profiled_decisions_per_s"] / res["decisions_per_s"]
-        res["summary"] = report.summary
+        res["summary"] = dict(report.summary)
+        # Utilisation and efficiency: medians over every profiled window, with their spread.
+        for key in ("cpu_utilization", "gpu_utilization", "overlap_efficiency"):
+            vals = [s[key] for s in summaries if s.get(key) is not None]
+            if vals:
+                res["summary"][key] = statistics.median(vals)
+                res["summary"][key + "_spread"] = [min(vals), max(vals)]
         res["table"] = report.table()
         if out_dir:
             res["files"] = report.save(

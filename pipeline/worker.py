@@ -116,12 +116,16 @@ class _Worker:
     # -- serving -----------------------------------------------------------------------------
     def serve(self) -> None:
         self.clock = None
+        self._follow_profiling()  # profiling from creation: time the wait for the first command
         while True:
-            self._follow_profiling()
+            if self.clock:
+                self.clock.switch("wait_actions")
             try:
                 kind, stage, slot, seq = P.recv(self.conn)
             except (EOFError, OSError):
                 return  # the parent is gone
+            # Checked after the wait, so the command that follows is timed in full.
+            self._follow_profiling()
             if kind == P.CLOSE:
                 return
             if kind == P.RESET:
@@ -144,6 +148,7 @@ class _Worker:
         on = bool(self.profile_on[0])
         if on and self.clock is None:
             self.clock = PhaseClock(self.ring)
+            self.clock.switch("wait_actions")  # until the command's first phase, microseconds
             for env in self.envs.values():
                 env.time_cpu = True
         elif not on and self.clock is not None:
@@ -151,8 +156,6 @@ class _Worker:
             self.clock = None
             for env in self.envs.values():
                 env.time_cpu = False
-        if self.clock:
-            self.clock.switch("wait_actions")
 
     def _write_obs(self, env_id: int, slot: int, obs: dict, text: str) -> int:
         """The one copy of an observation: from the env's arrays into its shared slot. The

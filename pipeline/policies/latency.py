@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline import schema
 from pipeline.policies.sampling import row_normal
+from pipeline.profiler.spans import mark
 
 
 class LatencyPolicy(nn.Module):
@@ -66,6 +67,7 @@ class LatencyPolicy(nn.Module):
             )
         x = (state @ self.weight.to(state.device)).view(b, self.chunk_len, self.action_dim)
         if not self.deterministic:
+            mark("sample")
             seeds = td.get(schema.SAMPLE_SEED, None)
             if seeds is None:
                 raise ValueError("a stochastic policy needs 'sample_seed' (int64 [B]) in the td")
@@ -74,6 +76,7 @@ class LatencyPolicy(nn.Module):
         td.set(schema.ACTION_CHUNK, torch.tanh(x))
         end = start + int(self.latency_s(b) * 1e9)
         remaining = (end - time.perf_counter_ns()) / 1e9
+        mark("inference")  # the modelled device time
         if remaining > 0:
             time.sleep(remaining)
         self.device_intervals.append((start, max(end, time.perf_counter_ns())))

@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline import schema
 from pipeline.policies.sampling import row_normal, row_uniform, sample_categorical
+from pipeline.profiler.spans import mark
 
 NUM_BINS = 256
 
@@ -196,6 +197,7 @@ class TinyVLA(nn.Module):
         b = td.batch_size[0]
         if self.head == "tokens":
             logits = self.action_logits(td).float() / self.temperature
+            mark("sample")
             if self.deterministic:
                 tokens = logits.argmax(-1)
             else:
@@ -209,6 +211,7 @@ class TinyVLA(nn.Module):
         ctx = self._context(td)
         ctx = self.norm(self.fusion(ctx))
         shape = (self.chunk_len, self.action_dim)
+        mark("sample")  # the flow head samples by denoising: all of it is sampling
         if self.deterministic:
             x = torch.zeros((b, *shape), device=ctx.device)
         else:

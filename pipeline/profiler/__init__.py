@@ -10,6 +10,6 @@ Example:
 This package imports no torch at module level: workers use :mod:`pipeline.profiler.spans`.
 """
 
-from pipeline.profiler.spans import PHASES, PhaseClock, SpanRing
+from pipeline.profiler.spans import PHASES, PhaseClock, SpanRing, mark
 
-__all__ = ["PHASES", "PhaseClock", "SpanRing"]
+__all__ = ["PHASES", "PhaseClock", "SpanRing", "mark"]

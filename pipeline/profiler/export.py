@@ -22,6 +22,7 @@ COLOURS = {
     "wait_obs": "#e8e8e8",
     "preprocess": "#ff7f0e",
     "inference": "#d62728",
+    "sample": "#ff9896",
     "dispatch": "#e377c2",
     "record": "#2ca02c",
     "bookkeeping": "#c5b0d5",

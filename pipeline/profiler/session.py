@@ -10,7 +10,7 @@ import time
 import numpy as np
 import psutil
 
-from pipeline.profiler.spans import PHASE_ID, PhaseClock, SpanRing
+from pipeline.profiler.spans import PHASE_ID, PhaseClock, SpanRing, set_active
 
 
 class CpuSampler(threading.Thread):
@@ -85,6 +85,7 @@ class ProfileSession:
         if self.since is not None:  # start-up: the loop waited for the workers' envs
             e._ring.add(PHASE_ID["env_init"], self.since, time.perf_counter_ns(), 0)
         e._clock.switch("outside")
+        set_active(e._clock)
         st = e.stats
         self.stats0 = (st.decisions, st.env_steps)
         policy = e.policy
@@ -107,6 +108,7 @@ class ProfileSession:
         e = self.engine
         e._clock.stop()
         e._clock = None
+        set_active(None)
         e.a["profile_on"][0] = 0
         self.t1 = time.perf_counter_ns()
         self.sampler.stop()

@@ -106,3 +106,21 @@ class PhaseClock:
             t, c = time.perf_counter_ns(), time.thread_time_ns()
             self.ring.add(self.phase, self.t, t, c - self.c)
         self.phase = -1
+
+
+_active: PhaseClock | None = None  # the inference loop's clock while a profile runs
+
+
+def set_active(clock: PhaseClock | None) -> None:
+    global _active
+    _active = clock
+
+
+def mark(phase: str) -> None:
+    """Switch the running profile's inference-loop clock to ``phase``; a no-op otherwise.
+
+    Policies call ``mark("sample")`` where their forward pass turns into sampling, so the
+    profile separates the two. Example: ``pipeline.profiler.mark("sample")``.
+    """
+    if _active is not None:
+        _active.switch(phase)
