@@ -18,6 +18,7 @@ LOOP_PHASES = (
     "wait_obs",
     "preprocess",
     "inference",
+    "sample",
     "dispatch",
     "record",
     "bookkeeping",
