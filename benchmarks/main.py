@@ -156,18 +156,28 @@ def side_by_side(rows: list[dict]) -> str:
         line("decisions/s", lambda r: spread(r, "decisions_per_s")),
         line("speed-up over first", lambda r: f"{r['decisions_per_s'] / base:.2f}x"),
     ]
-    if all("summary" in r for r in rows):
+    if any("summary" in r for r in rows):
+
+        def stat(key: str, suffix: str = ""):
+            def fmt(r) -> str:
+                s = r.get("summary")
+                if s is None:
+                    return "not profiled"
+                lo_hi = s.get(key + "_spread")
+                spread = f" [{lo_hi[0]:.0%}-{lo_hi[1]:.0%}]" if lo_hi else ""
+                sim = suffix if "simulated" in s.get("gpu_source", "") else ""
+                return pct(s.get(key)) + spread + sim
+
+            return fmt
+
         lines += [
+            line("GPU utilization", stat("gpu_utilization", " sim")),
+            line("CPU utilization", stat("cpu_utilization")),
+            line("overlap efficiency", stat("overlap_efficiency")),
             line(
-                "GPU utilization",
-                lambda r: (
-                    pct(r["summary"]["gpu_utilization"])
-                    + (" (sim)" if "simulated" in r["summary"]["gpu_source"] else "")
-                ),
+                "profiler overhead",
+                lambda r: f"{r['profiler_overhead']:+.1%}" if "summary" in r else "-",
             ),
-            line("CPU utilization", lambda r: pct(r["summary"]["cpu_utilization"])),
-            line("overlap efficiency", lambda r: pct(r["summary"]["overlap_efficiency"])),
-            line("profiler overhead", lambda r: f"{r['profiler_overhead']:+.1%}"),
         ]
     return "\n".join(lines)
 

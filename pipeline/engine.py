@@ -730,7 +730,8 @@ class RolloutEngine:
         if copied is not None:
             self._cuda.wait(copied)
         self._phase("inference")
-        gpu = self.profiler.cuda_mark() if self.profiler is not None and self._cuda else None
+        profiling = self.profiler is not None and self.profiler.running
+        gpu = self.profiler.cuda_mark() if profiling and self._cuda else None
         t_policy = time.perf_counter_ns()
         out = self.policy(td)
         s.turn_policy_ns = time.perf_counter_ns() - t_policy
@@ -816,10 +817,16 @@ class _CudaPath:
         """Queue the batch's host-to-device copy on the side stream and return it with the
         event that marks its end. Nothing blocks: a copy queued while another stage computes
         runs concurrently with that compute."""
+        prof = (
+            self.engine.profiler if self.engine.profiler and self.engine.profiler.running else None
+        )
         with torch.cuda.stream(self.copy_stream):
+            start = prof.cuda_mark() if prof else None
             dev = td.to(self.device, non_blocking=self.registered)
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(enable_timing=prof is not None)
             copied.record(self.copy_stream)
+        if prof:
+            prof.cuda_interval("h2d", start, copied)
         return dev, copied
 
     def wait(self, copied: torch.cuda.Event) -> None:

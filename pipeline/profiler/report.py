@@ -96,6 +96,7 @@ class ProfileReport:
     env_steps: int
     cpu_samples: list = field(default_factory=list, repr=False)
     dropped_spans: int = 0
+    device_kinds: list = field(default_factory=list, repr=False)  # phase of each interval
     summary: dict = field(default_factory=dict)
 
     @classmethod
@@ -127,6 +128,7 @@ class ProfileReport:
             env_steps=s.env_steps,
             cpu_samples=s.sampler.samples,
             dropped_spans=int(sum(s.dropped)),
+            device_kinds=list(getattr(s, "device_kinds", [])),
         )
         report.summary = report._summarise()
         return report
@@ -197,6 +199,15 @@ class ProfileReport:
         else:
             bound = max(inference, worker_busy / w, inference / g + worker_busy / (w * g))
         nvml = [gpu for *_, gpu in self.cpu_samples if gpu is not None]
+        kinds = (
+            np.array(self.device_kinds)
+            if len(self.device_kinds) == len(self.device_intervals)
+            else None
+        )
+        by_phase = {
+            k: union_ns(self.device_intervals[kinds == k], self.t0, self.t1) / 1e9
+            for k in (sorted(set(self.device_kinds)) if kinds is not None else [])
+        }
         return {
             "window_s": window / 1e9,
             "in_engine_calls_s": in_calls / 1e9,
@@ -212,6 +223,7 @@ class ProfileReport:
             if has_device and in_calls > 0
             else None,
             "nvml_gpu_utilization_mean": float(np.mean(nvml)) / 100 if nvml else None,
+            "gpu_busy_s_by_phase": by_phase,
             "ideal_bound_s": bound / 1e9,
             "overlap_efficiency": bound / in_calls if in_calls > 0 else None,
             "min_coverage": min(p.coverage for p in self.processes),
@@ -283,6 +295,9 @@ class ProfileReport:
             )
         gpu = s["gpu_utilization"]
         gpu_txt = f"{gpu:.1%} busy ({s['gpu_source']})" if gpu is not None else s["gpu_source"]
+        if s["gpu_busy_s_by_phase"]:
+            parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in s["gpu_busy_s_by_phase"].items())
+            gpu_txt += f"; busy by phase: {parts}"
         if s["nvml_gpu_utilization_mean"] is not None:
             gpu_txt += f"; NVML {s['nvml_gpu_utilization_mean']:.0%}"
         eff = s["overlap_efficiency"]

@@ -140,6 +140,7 @@ class ProfileSession:
 
     # -- device time -------------------------------------------------------------------------
     def cuda_mark(self):
+        """A timed event on the current stream (the copy stream inside ``to_device``)."""
         import torch
 
         ev = torch.cuda.Event(enable_timing=True)
@@ -153,17 +154,22 @@ class ProfileSession:
         """``[n, 2]`` host-clock intervals when the device was busy, and where they come from."""
         if self.simulated:
             iv = list(self.engine.policy.device_intervals)[self.sim_start :]
+            self.device_kinds = ["inference"] * len(iv)
             return np.array(iv, np.int64).reshape(-1, 2), "simulated (LatencyPolicy model)"
         if self.cuda_events and self._anchor is not None:
             import torch
 
             torch.cuda.synchronize()
-            out = []
-            for _, start, end in self.cuda_events:
+            out, self.device_kinds = [], []
+            for kind, start, end in self.cuda_events:
                 a = self._anchor_ns + int(self._anchor.elapsed_time(start) * 1e6)
                 b = self._anchor_ns + int(self._anchor.elapsed_time(end) * 1e6)
                 out.append((a, b))
-            return np.array(out, np.int64).reshape(-1, 2), "CUDA events (inference stream)"
+                self.device_kinds.append(kind)
+            return np.array(out, np.int64).reshape(
+                -1, 2
+            ), "CUDA events (inference and copy streams)"
+        self.device_kinds = []
         return np.zeros((0, 2), np.int64), "none (CPU inference)"
 
     def report(self):
