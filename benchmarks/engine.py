@@ -224,7 +224,12 @@ def transport(args, results: dict) -> None:
     """Zero-cost env, zero-latency policy, chunk_len=1: what the engine itself costs."""
     print("\ntransport: zero-cost toy env, zero-latency policy, chunk_len=1, sync, 1 stage, 8 envs")
     results["transport"] = {}
-    for label, cams, size in (("state-only", (), 32), ("3x224 images", ("a", "b", "c"), 224)):
+    setups = (
+        ("state-only", (), 32, False),
+        ("state-only, pinned", (), 32, True),
+        ("3x224 images", ("a", "b", "c"), 224, False),
+    )
+    for label, cams, size, pin in setups:
         toy = dict(state_dim=32, cameras=cams, image_size=size, episode_len=1000)
         policy = LatencyPolicy(state_dim=32, chunk_len=1)
         with RolloutEngine(
@@ -235,6 +240,7 @@ def transport(args, results: dict) -> None:
             num_stages=1,
             mode="sync",
             env_kwargs=toy,
+            pin_workers=pin,
         ) as engine:
             m = measure(engine, args.transport_decisions, args.windows)
         turns = np.concatenate([w["turn_us"] for w in m["windows"]])

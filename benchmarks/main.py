@@ -69,6 +69,7 @@ def run_mode(args, spec, policy, mode: str, stages: int, label: str, out_dir: st
         chunk_len=args.chunk,
         exec_len=args.exec,
         seed=0,
+        pin_workers=args.pin_workers,
     )
     with engine:
         _say(f"  {label}: engine up in {time.perf_counter() - t_start:.1f} s; warming up")
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny-vla, tiny-vla-base, expert, latency:BASE_MS,PER_ITEM_MS",
     )
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--pin-workers", action="store_true", help="pin each worker to a core")
     ap.add_argument("--decisions", type=int, default=8, help="decisions per env per window")
     ap.add_argument(
         "--seconds", type=float, default=None, help="size windows to about this much time per mode"

@@ -84,6 +84,20 @@ def _worker_environ():
                 os.environ[k] = v
 
 
+def _load_sched_getcpu():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL("libc.so.6", use_errno=True).sched_getcpu
+        fn.restype = ctypes.c_int
+        return fn if fn() >= 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
+_sched_getcpu = _load_sched_getcpu()
+
+
 def _shutdown(procs, conns, shm) -> None:
     """Stop workers (politely, then firmly) and release shared memory. Idempotent."""
     for conn in conns:
@@ -273,6 +287,9 @@ class RolloutEngine:
         # spawn: never fork a parent that may hold CUDA state or torch threads.
         ctx = mp.get_context("spawn")
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self._worker_cpu = (
+            [cpus[w % len(cpus)] for w in range(self.num_workers)] if pin_workers and cpus else None
+        )
         with _worker_environ():
             for w in range(self.num_workers):
                 ids = [int(i) for i in np.flatnonzero(self._env_worker == w)]
@@ -284,7 +301,7 @@ class RolloutEngine:
                     env_stage=[i // (self.num_envs // self.num_stages) for i in ids],
                     auto_reset=self.auto_reset,
                     parent_pid=os.getpid(),
-                    cpu=cpus[w % len(cpus)] if (pin_workers and cpus) else None,
+                    cpu=self._worker_cpu[w] if self._worker_cpu else None,
                     profile=profile,
                 )
                 parent_conn, child_conn = ctx.Pipe(duplex=True)
@@ -568,8 +585,16 @@ class RolloutEngine:
 
     def _send_step(self, s: _Stage) -> None:
         s.seq += 1
-        for w in s.workers:
+        for w in self._wake_order(s.workers):
             self._send(w, (P.STEP, s.index, 1 - s.slot, s.seq), f"stepping stage {s.index}")
+
+    def _wake_order(self, workers: list[int]) -> list[int]:
+        """Wake the workers on other cores first: a worker woken on this process's core may
+        preempt it before it has woken the rest, which serialises the workers."""
+        if self._worker_cpu is None or _sched_getcpu is None:
+            return workers
+        here = _sched_getcpu()
+        return sorted(workers, key=lambda w: self._worker_cpu[w] == here)
 
     def _send(self, w: int, frame: tuple, doing: str) -> None:
         try:
