@@ -269,6 +269,7 @@ class RolloutEngine:
             # what is alive now to the permanent generation (process-wide, as servers do).
             gc.collect()
             gc.freeze()
+        self._froze_gc = freeze_gc
 
     # -- start-up ----------------------------------------------------------------------------
     @staticmethod
@@ -429,6 +430,11 @@ class RolloutEngine:
         self.a = {}
         if hasattr(self, "_finalizer"):
             self._finalizer()
+        if getattr(self, "_froze_gc", False):
+            # Hand what was frozen back to the collector, so engines created and closed in a
+            # loop cannot make each other's garbage permanent.
+            self._froze_gc = False
+            gc.unfreeze()
 
     def __enter__(self) -> RolloutEngine:
         return self
