@@ -240,6 +240,12 @@ class RolloutEngine:
         self.chunk_len, self.exec_len, self.auto_reset = chunk_len, exec_len, auto_reset
         self.timeout_s = timeout_s
         self.device = self._resolve_device(device, policy)
+        param = next(iter(policy.parameters()), None)
+        if param is not None and param.device.type != self.device.type:
+            raise ValueError(
+                f"the policy's parameters are on {param.device} but device={self.device}: move "
+                f"the policy (policy.to('{self.device}')) or pass device='auto'"
+            )
         self.policy_version = 0
         self._param_versions = self._fingerprint()
         self.stages = [

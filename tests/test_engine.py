@@ -286,6 +286,8 @@ def test_bad_config_is_rejected():
         _engine(_latency(), exec_len=5)
     with pytest.raises(ValueError, match="mode"):
         _engine(_latency(), mode="async")
+    with pytest.raises(ValueError, match="policy's parameters are on cpu"):
+        _engine(_latency(), device="meta")
 
 
 # -- 4. clean lifecycle --------------------------------------------------------------------------
