@@ -169,6 +169,8 @@ class _Stage:
         self.turn_t0 = self.turn_policy_ns = 0
         self.collected = False  # in-flight results already collected (early, in _decide)
         self.prepared: tuple | None = None  # (slot, batch, texts, seeds, event), built ahead
+        self.unrecorded = False  # collected results not yet copied into the trajectory store
+        self.turn_ns = 0
 
 
 class RolloutEngine:
@@ -542,6 +544,8 @@ class RolloutEngine:
             plan.begin()
             self._loop(plan)
             self._phase("record")
+            for s in self.stages:
+                self._record_results(s, plan)
             return plan.result()
         except BaseException:
             self.close()  # a half-finished pipeline cannot be resumed safely
@@ -663,21 +667,31 @@ class RolloutEngine:
             raise EngineError(f"env {bad}: slot {s.slot} holds seq {seqs[bad - s.lo]}, not {s.seq}")
 
     def _await(self, s: _Stage, plan) -> None:
+        """Collect a stage's results. Only what the next decision needs happens here; the
+        results are recorded after the stage's next STEP has gone out (``_record_results``),
+        while the workers step: the slot holding them is not written until the STEP after."""
         self._collect(s, "stepping")
         s.slot = 1 - s.slot
         self._check_seq(s)
+        s.turn_ns = time.perf_counter_ns() - s.turn_t0
+        s.unrecorded = True
+        init = self.a["is_init"][s.slot, s.lo : s.hi] == 1
+        t = self._t_in_ep[s.lo : s.hi]
+        t[:] = np.where(init, 0, t + 1)
+
+    def _record_results(self, s: _Stage, plan) -> None:
+        if not s.unrecorded:
+            return
+        s.unrecorded = False
         plan.results(s)
         st, a, lo, hi = self.stats, self.a, s.lo, s.hi
-        st.turn_ns.append(time.perf_counter_ns() - s.turn_t0)
+        st.turn_ns.append(s.turn_ns)
         st.turn_policy_ns.append(s.turn_policy_ns)
         env_ns = self._per_worker(a["env_ns"][s.slot, lo:hi], lo)
         st.worker_env_ns += env_ns
         st.worker_write_ns += self._per_worker(a["write_ns"][s.slot, lo:hi], lo)
         st.turn_env_ns.append(int(env_ns.max()))
         st.env_steps += int(a["steps"][s.slot, lo:hi].sum())
-        init = self.a["is_init"][s.slot, s.lo : s.hi] == 1
-        t = self._t_in_ep[s.lo : s.hi]
-        t[:] = np.where(init, 0, t + 1)
 
     def _per_worker(self, values: np.ndarray, lo: int) -> np.ndarray:
         """Sum a stage's per-env values by worker (env i lives in worker i % num_workers)."""
@@ -787,6 +801,7 @@ class RolloutEngine:
         plan.before_step(s)
         self._send_step(s)
         self._phase("record")
+        self._record_results(s, plan)  # the previous decision's results, while workers step
         t_record = time.perf_counter_ns()
         plan.record(s, outputs, texts, sample_seeds)
         self.stats.record_ns += time.perf_counter_ns() - t_record
