@@ -132,9 +132,7 @@ class EngineStats:
     num_workers: int
     decisions: int = 0
     env_steps: int = 0
-    calls_ns: int = 0  # wall time inside rollout()/collect_episodes()
     policy_ns: int = 0
-    policy_calls: int = 0
     # Per stage turn (the most recent TURN_SAMPLES): decide start -> results in, the policy's
     # share of it, and the slowest worker's env time in it.
     turn_ns: deque = field(default_factory=deque)
@@ -148,7 +146,7 @@ class EngineStats:
         self.reset()
 
     def reset(self) -> None:
-        self.decisions = self.env_steps = self.calls_ns = self.policy_ns = self.policy_calls = 0
+        self.decisions = self.env_steps = self.policy_ns = 0
         self.record_ns = 0
         self.turn_ns, self.turn_policy_ns, self.turn_env_ns = (
             deque(maxlen=TURN_SAMPLES) for _ in range(3)
@@ -263,7 +261,6 @@ class RolloutEngine:
         self._seed_episode = np.full(num_envs, -2, np.int64)
         self.stats = EngineStats(num_workers)
         self._instruction_cache: dict[int, tuple] = {}
-        self._text_cache: dict[int, tuple] = {}
         self._clock: PhaseClock | None = None
         self._ring = SpanRing.local()
         self.profiler: ProfileSession | None = None
@@ -538,7 +535,6 @@ class RolloutEngine:
         self._check_open()
         self._timeout = self.timeout_s if timeout_s is None else timeout_s
         self._refresh_policy_version()
-        t0 = time.perf_counter_ns()
         self._phase("bookkeeping")
         try:
             plan.begin()
@@ -552,7 +548,6 @@ class RolloutEngine:
             raise
         finally:
             self._calls += 1
-            self.stats.calls_ns += time.perf_counter_ns() - t0
             self._phase("outside")
 
     # -- the loop ----------------------------------------------------------------------------
@@ -728,12 +723,7 @@ class RolloutEngine:
 
     # -- one stage turn ----------------------------------------------------------------------
     def _batch(self, s: _Stage, sample_seeds: np.ndarray) -> tuple[TensorDict, list[str]]:
-        texts = self._texts(s)
-        # Instructions change only on resets; building a NonTensorStack costs ~25 us a row.
-        cached = self._instruction_cache.get(s.index)
-        if cached is None or cached[0] != texts:
-            cached = (texts, NonTensorStack(*[NonTensorData(t) for t in texts]))
-            self._instruction_cache[s.index] = cached
+        texts, stack = self._instructions(s)
         # Every value is already checked (shared views of the right shapes), so skip the
         # constructor's validation, which costs more than the rest of the turn's bookkeeping.
         obs = self._sources[s.index, s.slot]
@@ -741,19 +731,23 @@ class RolloutEngine:
             # a shallow copy, so a policy that adds observation keys cannot alter the cache
             schema.OBSERVATION: obs._new_unsafe(dict(obs._tensordict), obs.batch_size),
             schema.SAMPLE_SEED: torch.from_numpy(sample_seeds),
-            schema.INSTRUCTION: cached[1],
+            schema.INSTRUCTION: stack,
         }
         return TensorDict._new_unsafe(source, batch_size=obs.batch_size), texts
 
-    def _texts(self, s: _Stage) -> list[str]:
+    def _instructions(self, s: _Stage) -> tuple[list[str], NonTensorStack]:
+        """The stage's instructions, as strings and as the batch's NonTensorStack. They
+        change only on resets, and building the stack costs ~25 us a row, so both are cached
+        per stage until the raw bytes in shared memory change."""
         raw = self.a["instruction"][s.slot, s.lo : s.hi]
         n = self.a["instruction_len"][s.slot, s.lo : s.hi]
-        cached = self._text_cache.get(s.index)
+        cached = self._instruction_cache.get(s.index)
         if cached is not None and np.array_equal(cached[0], raw) and np.array_equal(cached[1], n):
-            return cached[2]
+            return cached[2], cached[3]
         texts = [bytes(raw[i, : n[i]]).decode("utf-8", "replace") for i in range(len(n))]
-        self._text_cache[s.index] = (raw.copy(), n.copy(), texts)
-        return texts
+        stack = NonTensorStack(*[NonTensorData(t) for t in texts])
+        self._instruction_cache[s.index] = (raw.copy(), n.copy(), texts, stack)
+        return texts, stack
 
     def _prepare(self, s: _Stage) -> tuple:
         """The stage's policy batch (on the device; on CUDA the copy is queued on the side
@@ -795,7 +789,6 @@ class RolloutEngine:
             ahead.prepared = self._prepare(ahead)
         self._phase("dispatch")
         self.stats.policy_ns += s.turn_policy_ns
-        self.stats.policy_calls += 1
         self.stats.decisions += int((self.a["parked"][s.slot, s.lo : s.hi] == 0).sum())
         outputs = self._take_outputs(s, out)
         plan.before_step(s)

@@ -142,17 +142,18 @@ class TrajectoryStore:
                 td.set((schema.OBSERVATION, k), value)
         for key, buf in self.outputs.items():
             td.set(key, torch.from_numpy(buf[:, :t]))
-        steps = self.next_field("steps", t)
+        steps = self.next_field("steps", t)  # the pad mask comes before the "next" fields
         horizon = self.layout.chunk_len
         td.set(schema.ACTION_IS_PAD, torch.from_numpy(np.arange(horizon) >= steps[..., None]))
         for k, name in enumerate(ID_FIELDS):
             td.set(name, torch.from_numpy(np.ascontiguousarray(self.ids[:, :t, k])))
         td.set("is_init", torch.from_numpy(self.is_init[:, :t]))
         td.set("mask", torch.from_numpy(self.valid[:, :t]))
+        fields = {name: self.next_field(name, t) for name in _NEXT}
         for name, (key, _) in _NEXT.items():
-            value = torch.from_numpy(self.next_field(name, t))
+            value = torch.from_numpy(fields[name])
             td.set(key, value.unsqueeze(-1) if name != "steps" else value)
-        done = self.next_field("terminated", t) | self.next_field("truncated", t)
+        done = fields["terminated"] | fields["truncated"]
         td.set(("next", "done"), torch.from_numpy(done).unsqueeze(-1))
         instr = self.instructions[:, :t]
         td.set(

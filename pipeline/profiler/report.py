@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.profiler.spans import BUSY_PHASES, LOOP_PHASES, PHASE_ID, PHASES, WORKER_PHASES
+from pipeline.profiler.spans import (
+    LOOP_PHASES,
+    PHASE_ID,
+    PHASES,
+    STEPPING_PHASES,
+    WORKER_PHASES,
+)
 
 
 def union_ns(intervals: np.ndarray, lo: int, hi: int) -> int:
@@ -190,9 +196,7 @@ class ProfileReport:
         gpu_busy = union_ns(self.device_intervals, self.t0, self.t1)
         has_device = len(self.device_intervals) > 0
         inference = gpu_busy if has_device else loop.phases["inference"]["wall_ns"]
-        worker_busy = sum(
-            sum(p.phases[ph]["wall_ns"] for ph in BUSY_PHASES if ph != "env_init") for p in workers
-        )
+        worker_busy = sum(sum(p.phases[ph]["wall_ns"] for ph in STEPPING_PHASES) for p in workers)
         w, g = max(1, len(workers)), max(1, self.config.get("num_stages", 1))
         if self.config.get("mode") == "sync":
             bound = inference + worker_busy / w

@@ -26,7 +26,7 @@ LOOP_PHASES = (
 )
 PHASES = WORKER_PHASES + LOOP_PHASES
 PHASE_ID = {name: i for i, name in enumerate(PHASES)}
-BUSY_PHASES = ("env_init", "reset", "physics", "render", "obs_write")  # a worker doing work
+STEPPING_PHASES = ("reset", "physics", "render", "obs_write")  # a worker serving commands
 
 SPAN_DTYPE = np.dtype(
     [("phase", np.uint8), ("t0", np.int64), ("t1", np.int64), ("cpu", np.int64)], align=True
