@@ -37,7 +37,7 @@ from pipeline.layout import Layout, SharedBuffers
 from pipeline.profiler.session import ProfileSession
 from pipeline.profiler.spans import PhaseClock, SpanRing
 from pipeline.recorder import Dest, TrajectoryStore
-from pipeline.seeding import GROUP, RESET, SAMPLE, derive
+from pipeline.seeding import GROUP, RESET, derive, sample_seeds
 from pipeline.worker import WorkerConfig, worker_main
 
 
@@ -166,7 +166,7 @@ class _Stage:
         self.pending: tuple | None = None  # where the in-flight decision was recorded
         self.turn_t0 = self.turn_policy_ns = 0
         self.collected = False  # in-flight results already collected (early, in _decide)
-        self.prepared: tuple | None = None  # (slot, batch, texts, seeds, event), built ahead
+        self.prepared: tuple | None = None  # (slot, batch, copy event), built ahead
         self.unrecorded = False  # collected results not yet copied into the trajectory store
         self.turn_ns = 0
 
@@ -256,11 +256,14 @@ class RolloutEngine:
         self._next_uid = 0  # episode ids are unique over the engine's life
         self._calls = 0
         self._started = np.zeros(num_envs, bool)  # env has run at least one episode
-        self._t_in_ep = np.zeros(num_envs, np.int64)  # decision index within each episode
-        self._seed_base = np.zeros(num_envs, np.int64)  # derive(seed, SAMPLE, episode) cache
+        self._seed_base = np.zeros(num_envs, np.int64)  # sample_seeds(seed, episode, 0) cache
         self._seed_episode = np.full(num_envs, -2, np.int64)
         self.stats = EngineStats(num_workers)
-        self._instruction_cache: dict[int, tuple] = {}
+        # Per stage turn: (stage, turn ns, policy ns, the stage's result records); folded into
+        # ``stats`` once per call, so the turn itself only copies the records.
+        self._turn_log: list[tuple] = []
+        self._instruction_cache: dict[int, NonTensorStack] = {}  # per stage, until a reset
+        self._episode_text: dict[int, NonTensorData] = {}  # this call's episodes' instructions
         self._clock: PhaseClock | None = None
         self._ring = SpanRing.local()
         self.profiler: ProfileSession | None = None
@@ -351,7 +354,10 @@ class RolloutEngine:
         self._views = self._make_views()
         self._sources = self._make_sources()
         # One poll set for the whole life of the engine: every worker's socket and sentinel.
+        # Whatever frame arrives is read at once into that worker's inbox (replies come in
+        # command order), so the set never changes and a queued reply never makes it spin.
         self._poller = select.poll()
+        self._inbox: list[deque] = [deque() for _ in range(self.num_workers)]
         self._fd_owner: dict[int, tuple[str, int]] = {}
         for w, (conn, proc) in enumerate(zip(self._conns, self._procs, strict=True)):
             self._poller.register(conn.fileno(), select.POLLIN)
@@ -536,12 +542,17 @@ class RolloutEngine:
         self._timeout = self.timeout_s if timeout_s is None else timeout_s
         self._refresh_policy_version()
         self._phase("bookkeeping")
+        self._instruction_cache.clear()
+        self._episode_text = {}
+        for s in self.stages:  # a batch prepared ahead at the end of the last call
+            s.prepared = None
         try:
             plan.begin()
             self._loop(plan)
             self._phase("record")
             for s in self.stages:
                 self._record_results(s, plan)
+            self._fold_stats(plan.store)
             return plan.result()
         except BaseException:
             self.close()  # a half-finished pipeline cannot be resumed safely
@@ -584,7 +595,6 @@ class RolloutEngine:
         if not mask.any():
             return
         self.a["reset_now"][s.lo : s.hi] = mask
-        self._t_in_ep[s.lo : s.hi][mask] = 0
         s.seq += 1
         new = 1 - s.slot
         for w in s.workers:
@@ -616,10 +626,12 @@ class RolloutEngine:
     def _collect(self, s: _Stage, doing: str) -> None:
         """Block (in poll, burning no CPU) until every worker of the stage answers."""
         need = set(s.workers)
-        # Listen only to the sockets we wait on: a finished worker may already have its next
-        # reply queued, and a level-triggered poll would spin on it.
-        for w, conn in enumerate(self._conns):
-            self._poller.modify(conn.fileno(), select.POLLIN if w in need else 0)
+        for w in s.workers:
+            if self._inbox[w]:
+                self._accept(w, self._inbox[w].popleft(), s)
+                need.discard(w)
+        if not need:
+            return
         deadline = time.monotonic() + self._timeout
         died = None
         self._phase("wait_obs")
@@ -636,24 +648,32 @@ class RolloutEngine:
                 if what == "sentinel":
                     died = w  # read any reply it sent before dying first
                     continue
-                if w not in need:
-                    continue  # a worker of another stage; its reply waits in the socket
-                try:
-                    kind, stage, _, seq = P.recv(self._conns[w])
-                except (EOFError, OSError):
-                    raise WorkerDiedError(self._death(w, f"{doing} stage {s.index}")) from None
-                if kind == P.ERROR:
-                    raise EnvError(self._conns[w].recv().describe(self.env_name))
-                if kind != P.DONE or stage != s.index or seq != s.seq:
-                    raise EngineError(
-                        f"worker {w}: protocol error: got {P.NAMES.get(kind, kind)} for stage "
-                        f"{stage} seq {seq}, expected DONE for stage {s.index} seq {s.seq}"
-                    )
-                need.discard(w)
-                self._poller.modify(self._conns[w].fileno(), 0)
+                frame = self._read_frame(w, f"{doing} stage {s.index}")
+                if w in need and not self._inbox[w]:
+                    self._accept(w, frame, s)
+                    need.discard(w)
+                else:  # a reply for a later command
+                    self._inbox[w].append(frame)
             if died is not None:
                 raise WorkerDiedError(self._death(died, f"{doing} stage {s.index}"))
         self._phase("bookkeeping")
+
+    def _read_frame(self, w: int, doing: str) -> tuple:
+        try:
+            frame = P.recv(self._conns[w])
+        except (EOFError, OSError):
+            raise WorkerDiedError(self._death(w, doing)) from None
+        if frame[0] == P.ERROR:
+            raise EnvError(self._conns[w].recv().describe(self.env_name))
+        return frame
+
+    def _accept(self, w: int, frame: tuple, s: _Stage) -> None:
+        kind, stage, _, seq = frame
+        if kind != P.DONE or stage != s.index or seq != s.seq:
+            raise EngineError(
+                f"worker {w}: protocol error: got {P.NAMES.get(kind, kind)} for stage "
+                f"{stage} seq {seq}, expected DONE for stage {s.index} seq {s.seq}"
+            )
 
     def _check_seq(self, s: _Stage) -> None:
         seqs = self.a["seq"][s.slot, s.lo : s.hi]
@@ -670,98 +690,92 @@ class RolloutEngine:
         self._check_seq(s)
         s.turn_ns = time.perf_counter_ns() - s.turn_t0
         s.unrecorded = True
-        init = self.a["is_init"][s.slot, s.lo : s.hi] == 1
-        t = self._t_in_ep[s.lo : s.hi]
-        t[:] = np.where(init, 0, t + 1)
 
     def _record_results(self, s: _Stage, plan) -> None:
         if not s.unrecorded:
             return
         s.unrecorded = False
         plan.results(s)
-        st, a, lo, hi = self.stats, self.a, s.lo, s.hi
-        st.turn_ns.append(s.turn_ns)
-        st.turn_policy_ns.append(s.turn_policy_ns)
-        env_ns = self._per_worker(a["env_ns"][s.slot, lo:hi], lo)
-        st.worker_env_ns += env_ns
-        st.worker_write_ns += self._per_worker(a["write_ns"][s.slot, lo:hi], lo)
-        st.turn_env_ns.append(int(env_ns.max()))
-        st.env_steps += int(a["steps"][s.slot, lo:hi].sum())
+        records = self.a["results"][s.slot, s.lo : s.hi].copy()
+        self._turn_log.append((s.turn_ns, s.turn_policy_ns, records))
 
-    def _per_worker(self, values: np.ndarray, lo: int) -> np.ndarray:
-        """Sum a stage's per-env values by worker (env i lives in worker i % num_workers)."""
-        w = self.num_workers
-        if lo % w == 0 and len(values) % w == 0:
-            return values.reshape(-1, w).sum(0)
-        return np.bincount(self._env_worker[lo : lo + len(values)], values, w).astype(np.int64)
+    def _fold_stats(self, store: TrajectoryStore) -> None:
+        """Add this call's turns to ``stats``: per-worker env and write times, the slowest
+        worker's env time per turn, env steps and decisions, all from the result records."""
+        log, self._turn_log = self._turn_log, []
+        st = self.stats
+        st.decisions += int(store.valid.sum())
+        if not log:
+            return
+        records = np.stack([r for _, _, r in log])  # [turns, envs per stage]
+        owner = records["env_id"][..., None] % self.num_workers == np.arange(self.num_workers)
+        env_ns = (records["env_ns"][..., None] * owner).sum(1)  # [turns, workers]
+        st.worker_env_ns += env_ns.sum(0)
+        st.worker_write_ns += (records["write_ns"][..., None] * owner).sum((0, 1))
+        st.env_steps += int(records["steps"].sum())
+        st.turn_ns.extend(t for t, _, _ in log)
+        st.turn_policy_ns.extend(p for _, p, _ in log)
+        st.turn_env_ns.extend(env_ns.max(1).tolist())
 
     def _sample_seeds(self, s: _Stage) -> np.ndarray:
-        """One seed per (episode, decision): a hashed per-episode base plus the decision index
-        (the policy's generator hashes it again when seeding). The bases are cached."""
+        """One seed per (episode, decision) (``seeding.sample_seeds``), with the per-episode
+        bases cached."""
         lo, hi = s.lo, s.hi
         episode = self.a["episode_id"][s.slot, lo:hi]
         stale = episode != self._seed_episode[lo:hi]
         if stale.any():
-            base = derive(self.seed, SAMPLE, episode[stale]) >> 1  # room to add t
-            self._seed_base[lo:hi][stale] = base
+            self._seed_base[lo:hi][stale] = sample_seeds(self.seed, episode[stale], 0)
             self._seed_episode[lo:hi][stale] = episode[stale]
-        return self._seed_base[lo:hi] + self._t_in_ep[lo:hi]
-
-    def _ids(self, s: _Stage, sample_seeds: np.ndarray) -> np.ndarray:
-        """The id columns recorded with every decision (``recorder.ID_FIELDS`` order)."""
-        a = self.a
-        return np.stack(
-            [
-                sample_seeds,
-                a["episode_id"][s.slot, s.lo : s.hi],
-                a["reset_seed"][s.slot, s.lo : s.hi],
-                s.env_ids,
-                np.full(s.hi - s.lo, self.policy_version),
-            ],
-            1,
-        )
+        return self._seed_base[lo:hi] + self.a["t"][s.slot, lo:hi]
 
     # -- one stage turn ----------------------------------------------------------------------
-    def _batch(self, s: _Stage, sample_seeds: np.ndarray) -> tuple[TensorDict, list[str]]:
-        texts, stack = self._instructions(s)
+    def _batch(self, s: _Stage) -> TensorDict:
         # Every value is already checked (shared views of the right shapes), so skip the
         # constructor's validation, which costs more than the rest of the turn's bookkeeping.
         obs = self._sources[s.index, s.slot]
         source = {
             # a shallow copy, so a policy that adds observation keys cannot alter the cache
             schema.OBSERVATION: obs._new_unsafe(dict(obs._tensordict), obs.batch_size),
-            schema.SAMPLE_SEED: torch.from_numpy(sample_seeds),
-            schema.INSTRUCTION: stack,
+            schema.SAMPLE_SEED: torch.from_numpy(self._sample_seeds(s)),
+            schema.INSTRUCTION: self._instructions(s),
         }
-        return TensorDict._new_unsafe(source, batch_size=obs.batch_size), texts
+        return TensorDict._new_unsafe(source, batch_size=obs.batch_size)
 
-    def _instructions(self, s: _Stage) -> tuple[list[str], NonTensorStack]:
-        """The stage's instructions, as strings and as the batch's NonTensorStack. They
-        change only on resets, and building the stack costs ~25 us a row, so both are cached
-        per stage until the raw bytes in shared memory change."""
-        raw = self.a["instruction"][s.slot, s.lo : s.hi]
-        n = self.a["instruction_len"][s.slot, s.lo : s.hi]
+    def _instructions(self, s: _Stage) -> NonTensorStack:
+        """The stage's instructions as the batch's NonTensorStack. An instruction changes only
+        when an episode starts (``is_init``), so the stack is cached per stage until then.
+        Each episode's text is also kept for the trajectory store."""
+        a, lo, hi = self.a, s.lo, s.hi
         cached = self._instruction_cache.get(s.index)
-        if cached is not None and np.array_equal(cached[0], raw) and np.array_equal(cached[1], n):
-            return cached[2], cached[3]
-        texts = [bytes(raw[i, : n[i]]).decode("utf-8", "replace") for i in range(len(n))]
-        stack = NonTensorStack(*[NonTensorData(t) for t in texts])
-        self._instruction_cache[s.index] = (raw.copy(), n.copy(), texts, stack)
-        return texts, stack
+        if cached is not None and not a["is_init"][s.slot, lo:hi].any():
+            return cached
+        raw, n = a["instruction"][s.slot, lo:hi], a["instruction_len"][s.slot, lo:hi]
+        items = []
+        for i, episode in enumerate(a["episode_id"][s.slot, lo:hi].tolist()):
+            item = self._episode_text.get(episode)
+            if item is None:
+                text = bytes(raw[i, : n[i]]).decode("utf-8", "replace")
+                item = self._episode_text[episode] = NonTensorData(text)
+            items.append(item)
+        stack = self._instruction_cache[s.index] = NonTensorStack(*items)
+        return stack
 
     def _prepare(self, s: _Stage) -> tuple:
         """The stage's policy batch (on the device; on CUDA the copy is queued on the side
         stream and not waited for here)."""
-        sample_seeds = self._sample_seeds(s)
-        td, texts = self._batch(s, sample_seeds)
+        td = self._batch(s)
         copied = None
         if self._cuda is not None:
             td, copied = self._cuda.to_device(td)
-        return s.slot, td, texts, sample_seeds, copied
+        return s.slot, td, copied
 
     def _ready(self, s: _Stage) -> bool:
         """Whether every worker of the stage has replied (never blocks)."""
-        return all(self._conns[w].poll(0) for w in s.workers)
+        for fd, _ in self._poller.poll(0):
+            what, w = self._fd_owner[fd]
+            if what == "conn":
+                self._inbox[w].append(self._read_frame(w, f"stepping stage {s.index}"))
+        return all(self._inbox[w] for w in s.workers)
 
     def _decide(self, s: _Stage, plan, ahead: _Stage | None = None) -> None:
         """One stage turn. ``ahead`` is the next stage still stepping: if its results are in
@@ -770,7 +784,7 @@ class RolloutEngine:
         s.turn_t0 = time.perf_counter_ns()
         self._phase("preprocess")
         prepared = s.prepared if s.prepared is not None and s.prepared[0] == s.slot else None
-        _, td, texts, sample_seeds, copied = prepared or self._prepare(s)
+        _, td, copied = prepared or self._prepare(s)
         s.prepared = None
         if copied is not None:
             self._cuda.wait(copied)
@@ -789,14 +803,13 @@ class RolloutEngine:
             ahead.prepared = self._prepare(ahead)
         self._phase("dispatch")
         self.stats.policy_ns += s.turn_policy_ns
-        self.stats.decisions += int((self.a["parked"][s.slot, s.lo : s.hi] == 0).sum())
         outputs = self._take_outputs(s, out)
         plan.before_step(s)
         self._send_step(s)
         self._phase("record")
         self._record_results(s, plan)  # the previous decision's results, while workers step
         t_record = time.perf_counter_ns()
-        plan.record(s, outputs, texts, sample_seeds)
+        plan.record(s, outputs)
         self.stats.record_ns += time.perf_counter_ns() - t_record
         self._phase("bookkeeping")
 
@@ -929,13 +942,11 @@ class _RolloutPlan:
             ]:
                 self._queue_next(int(i))
 
-    def record(self, s: _Stage, outputs, texts, sample_seeds) -> None:
-        e = self.e
-        src = np.flatnonzero(e.a["parked"][s.slot, s.lo : s.hi] == 0)
-        dest = Dest(s.lo + src, np.full(len(src), self.made[s.index]), src, s.hi - s.lo)
-        self.store.record_decision(
-            dest, s.slot, s.lo, s.hi, outputs, texts, e._ids(s, sample_seeds)
-        )
+    def record(self, s: _Stage, outputs) -> None:
+        # The whole stage at column t: a parked env's entry is recorded too, and its record
+        # says it is parked (no decision; the store masks it).
+        dest = Dest.block_at(s.lo, int(self.made[s.index]), s.hi - s.lo)
+        self.store.record_decision(dest, s.slot, s.lo, s.hi, outputs)
         s.pending = dest
         self.made[s.index] += 1
 
@@ -943,7 +954,10 @@ class _RolloutPlan:
         self.store.record_results(s.pending, s.slot, s.lo, s.hi)
 
     def result(self) -> TensorDict:
-        return self.store.to_tensordict()
+        e = self.e
+        return self.store.to_tensordict(
+            seed=e.seed, policy_version=e.policy_version, texts=e._episode_text
+        )
 
 
 class _EpisodePlan:
@@ -990,34 +1004,35 @@ class _EpisodePlan:
         ]:
             self._hand_out(int(i))
 
-    def record(self, s: _Stage, outputs, texts, sample_seeds) -> None:
+    def record(self, s: _Stage, outputs) -> None:
         e = self.e
         live = e.a["parked"][s.slot, s.lo : s.hi] == 0
         src = np.flatnonzero(live)
         rows = e.a["episode_id"][s.slot, s.lo : s.hi][src] - self.uid0
-        ts = e._t_in_ep[s.lo : s.hi][src]
+        ts = e.a["t"][s.slot, s.lo : s.hi][src]
         if len(ts) and ts.max() >= self.max_t:
             raise EngineError(f"an episode exceeded {self.max_t} decisions (spec.max_steps)")
         dest = Dest(rows, ts, src, s.hi - s.lo)
-        self.store.record_decision(
-            dest, s.slot, s.lo, s.hi, outputs, texts, e._ids(s, sample_seeds)
-        )
+        self.store.record_decision(dest, s.slot, s.lo, s.hi, outputs)
         s.pending = dest
 
     def results(self, s: _Stage) -> None:
         self.store.record_results(s.pending, s.slot, s.lo, s.hi)
 
     def result(self) -> TensorDict:
-        store = self.store
-        T = int(store.length.max()) if self.E else 0
-        traj = store.to_tensordict(T)
+        store, e = self.store, self.e
+        length = store.valid.sum(1)  # episodes are recorded from their first decision on
+        T = int(length.max()) if self.E else 0
+        traj = store.to_tensordict(
+            seed=e.seed, policy_version=e.policy_version, texts=e._episode_text, t=T
+        )
         out = TensorDict({}, batch_size=[self.E])
         for key, value in traj.items(include_nested=True, leaves_only=True):
             out.set(key, value)
         out.set(schema.INSTRUCTION, traj.get(schema.INSTRUCTION))
         done = store.next_field("terminated", T) | store.next_field("truncated", T)
-        last = np.maximum(store.length - 1, 0)
-        out.set("length", torch.from_numpy(store.length.copy()))
+        last = np.maximum(length - 1, 0)
+        out.set("length", torch.from_numpy(length.astype(np.int64)))
         out.set("env_steps", torch.from_numpy(store.next_field("steps", T).sum(1).astype(np.int64)))
         out.set(
             "success", torch.from_numpy(store.next_field("success", T)[np.arange(self.E), last])

@@ -40,6 +40,8 @@ RESULT_DTYPE = np.dtype(
     [
         ("reward", np.float32),  # summed over the executed part of the chunk
         ("steps", np.int32),  # control steps executed
+        ("env_id", np.int32),
+        ("t", np.int32),  # decisions made earlier in this observation's episode
         ("terminated", np.uint8),
         ("truncated", np.uint8),
         ("success", np.uint8),

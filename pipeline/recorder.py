@@ -2,8 +2,14 @@
 
 A decision is recorded in two halves: what the policy saw and produced (when it is dispatched)
 and what came of it (when the worker's results arrive). Rows are envs for ``rollout()`` and
-episodes for ``collect_episodes()``; the caller says where each stage row goes. The buffers are
-numpy arrays wrapped by torch without copying, so :meth:`to_tensordict` costs nothing.
+episodes for ``collect_episodes()``; the caller says where each stage row goes.
+
+Per decision only block copies happen: the observation, the policy's outputs, and the result
+record that came with the observation (``seen``: episode id, reset seed, env id, decision
+index, ``is_init``), later the record of the outcome. Everything else a trainer gets (sample
+seeds, policy version, instructions, the mask) is a function of those records and is derived
+once, in :meth:`TrajectoryStore.to_tensordict`. The buffers are numpy arrays wrapped by torch
+without copying.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from tensordict import NonTensorData, NonTensorStack, TensorDict
 
 from pipeline import schema
 from pipeline.layout import RESULT_DTYPE, Layout
+from pipeline.seeding import sample_seeds
 
 # The results of a decision, from its result record: field -> (output key, dtype).
 _NEXT = {
@@ -26,6 +33,7 @@ _NEXT = {
     "steps": (("next", "steps_executed"), np.int32),
 }
 
+ID_FIELDS = ("sample_seed", "episode_id", "reset_seed", "env_id", "policy_version")
 
 _POPULATE_BYTES = 1 << 20
 
@@ -41,9 +49,6 @@ def _alloc(shape: tuple, dtype) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype).reshape(shape)
 
 
-ID_FIELDS = ("sample_seed", "episode_id", "reset_seed", "env_id", "policy_version")
-
-
 class Dest:
     """Where the rows of one stage batch go: stage row ``src[j]`` -> ``[rows[j], ts[j]]``.
 
@@ -51,19 +56,26 @@ class Dest:
     ``rollout()`` case): then every copy is a single slice assignment.
     """
 
-    __slots__ = ("rows", "ts", "src", "block")
+    __slots__ = ("rows", "ts", "src", "block", "n")
 
     def __init__(self, rows: np.ndarray, ts: np.ndarray, src: np.ndarray, stage_len: int) -> None:
-        self.rows, self.ts, self.src = rows, ts, src
-        n = len(src)
-        contiguous = n == stage_len and n > 0 and rows[-1] - rows[0] == n - 1
+        self.rows, self.ts, self.src, self.n = rows, ts, src, len(src)
+        contiguous = self.n == stage_len and self.n > 0 and rows[-1] - rows[0] == self.n - 1
         self.block = (int(rows[0]), int(ts[0])) if contiguous and (ts == ts[0]).all() else None
+
+    @classmethod
+    def block_at(cls, row0: int, t: int, n: int) -> Dest:
+        """Stage rows ``0..n`` -> rows ``row0..row0+n`` at time ``t`` (no index arrays)."""
+        dest = cls.__new__(cls)
+        dest.rows = dest.ts = dest.src = None
+        dest.block, dest.n = (row0, t), n
+        return dest
 
     def put(self, dst: np.ndarray, stage_values: np.ndarray) -> None:
         """``dst[rows[j], ts[j]] = stage_values[src[j]]``, by the cheapest copy."""
         if self.block is not None:
             r0, t = self.block
-            dst[r0 : r0 + len(self.src), t] = stage_values
+            dst[r0 : r0 + self.n, t] = stage_values
         elif stage_values.nbytes >= 16384 * len(stage_values):  # large rows: a memcpy each
             for r, t, j in zip(self.rows, self.ts, self.src, strict=True):
                 np.copyto(dst[r, t], stage_values[j])
@@ -72,6 +84,15 @@ class Dest:
 
 
 class TrajectoryStore:
+    """``[rows, max_t]`` buffers for one ``rollout()`` or ``collect_episodes()`` call.
+
+    Example:
+        >>> store = TrajectoryStore(layout, shm.arrays, rows=16, max_t=8)
+        >>> store.record_decision(Dest.block_at(0, t, 16), slot, 0, 16, {key: actions})
+        >>> store.record_results(dest, next_slot, 0, 16)
+        >>> td = store.to_tensordict(seed=0, policy_version=3, texts=texts)
+    """
+
     def __init__(
         self, layout: Layout, arrays: dict[str, np.ndarray], rows: int, max_t: int
     ) -> None:
@@ -79,13 +100,12 @@ class TrajectoryStore:
         spec = layout.spec
         shape = (rows, max_t)
         self.obs = {k: _alloc(shape + fs.shape, fs.dtype) for k, fs in spec.obs.items()}
-        self.ids = np.full((*shape, len(ID_FIELDS)), -1, np.int64)
-        self.is_init = np.zeros(shape, np.bool_)
-        self.valid = np.zeros(shape, np.bool_)
-        self.results = np.zeros(shape, RESULT_DTYPE)  # each decision's result record
-        self.instructions = np.full(shape, "", dtype=object)
+        # The record that came with each observation. Entries never written stay "parked"
+        # (no decision), and so do rows the caller recorded while their env was parked.
+        self.seen = np.zeros(shape, RESULT_DTYPE)
+        self.seen["parked"] = 1
+        self.results = np.zeros(shape, RESULT_DTYPE)  # each decision's outcome
         self.outputs: dict[tuple | str, np.ndarray] = {}
-        self.length = np.zeros(rows, np.int64)  # filled decisions per row
 
     def _output_buffer(self, key, value: np.ndarray) -> np.ndarray:
         buf = self.outputs.get(key)
@@ -93,46 +113,58 @@ class TrajectoryStore:
             buf = self.outputs[key] = _alloc((self.rows, self.max_t, *value.shape[1:]), value.dtype)
         return buf
 
-    def record_decision(
-        self,
-        dest: Dest,
-        slot: int,
-        lo: int,
-        hi: int,
-        outputs: dict,
-        instructions: list[str],
-        ids: np.ndarray,
-    ) -> None:
+    def record_decision(self, dest: Dest, slot: int, lo: int, hi: int, outputs: dict) -> None:
         """What the policy saw (stage rows ``lo:hi`` of ``slot``) and what it produced."""
-        if len(dest.src) == 0:
+        if dest.n == 0:
             return
         a = self.layout_arrays
         for k, buf in self.obs.items():
             dest.put(buf, a[f"obs/{k}"][slot, lo:hi])
         for key, value in outputs.items():
             dest.put(self._output_buffer(key, value), value)
-        dest.put(self.ids, ids)
-        dest.put(self.is_init, a["is_init"][slot, lo:hi].astype(bool))
-        dest.put(self.valid, np.ones(hi - lo, np.bool_))
-        texts = np.empty(hi - lo, dtype=object)
-        texts[:] = instructions
-        dest.put(self.instructions, texts)
-        self.length[dest.rows] = np.maximum(self.length[dest.rows], dest.ts + 1)
+        dest.put(self.seen, a["results"][slot, lo:hi])
 
     def record_results(self, dest: Dest, slot: int, lo: int, hi: int) -> None:
         """What came of it: the ``("next", ...)`` half, from the stage's next ``slot``."""
-        if len(dest.src) == 0:
+        if dest.n == 0:
             return
         dest.put(self.results, self.layout_arrays["results"][slot, lo:hi])
+
+    @property
+    def valid(self) -> np.ndarray:
+        """``[rows, max_t]``: where a decision was recorded."""
+        return self.seen["parked"] == 0
 
     def next_field(self, name: str, t: int) -> np.ndarray:
         """One result field over ``[rows, :t]`` as a contiguous array of its output dtype."""
         return np.ascontiguousarray(self.results[name][:, :t]).astype(_NEXT[name][1])
 
-    def to_tensordict(self, t: int | None = None) -> TensorDict:
-        """The canonical VLA layout over ``[rows, t]`` (images as ``[..., C, H, W]`` views)."""
+    def _clear_invalid(self, valid: np.ndarray) -> None:
+        """Entries without a decision read as zeros, whatever a parked env's slot held."""
+        invalid = ~valid
+        if not invalid.any():
+            return
+        for buf in (*self.obs.values(), *self.outputs.values(), self.results):
+            buf[invalid] = 0
+
+    def to_tensordict(
+        self,
+        *,
+        seed: int,
+        policy_version: int,
+        texts: dict[int, NonTensorData],
+        t: int | None = None,
+    ) -> TensorDict:
+        """The canonical VLA layout over ``[rows, t]`` (images as ``[..., C, H, W]`` views).
+
+        ``texts`` maps every recorded episode id to its instruction; ``seed`` is the engine
+        seed the sample seeds were derived from.
+        """
         t = self.max_t if t is None else t
         rows = self.rows
+        seen = self.seen[:, :t]
+        valid = seen["parked"] == 0
+        self._clear_invalid(self.valid)
         td = TensorDict({}, batch_size=[rows, t])
         for k, buf in self.obs.items():
             value = torch.from_numpy(buf[:, :t])
@@ -145,23 +177,40 @@ class TrajectoryStore:
         steps = self.next_field("steps", t)  # the pad mask comes before the "next" fields
         horizon = self.layout.chunk_len
         td.set(schema.ACTION_IS_PAD, torch.from_numpy(np.arange(horizon) >= steps[..., None]))
-        for k, name in enumerate(ID_FIELDS):
-            td.set(name, torch.from_numpy(np.ascontiguousarray(self.ids[:, :t, k])))
-        td.set("is_init", torch.from_numpy(self.is_init[:, :t]))
-        td.set("mask", torch.from_numpy(self.valid[:, :t]))
+        episode = seen["episode_id"]
+        ids = {
+            "sample_seed": sample_seeds(seed, episode, seen["t"]),
+            "episode_id": episode,
+            "reset_seed": seen["reset_seed"],
+            "env_id": seen["env_id"].astype(np.int64),
+            "policy_version": np.full((rows, t), policy_version, np.int64),
+        }
+        for name in ID_FIELDS:
+            td.set(name, torch.from_numpy(np.where(valid, ids[name], -1)))
+        td.set("is_init", torch.from_numpy(valid & (seen["is_init"] == 1)))
+        td.set("mask", torch.from_numpy(valid))
         fields = {name: self.next_field(name, t) for name in _NEXT}
         for name, (key, _) in _NEXT.items():
             value = torch.from_numpy(fields[name])
             td.set(key, value.unsqueeze(-1) if name != "steps" else value)
         done = fields["terminated"] | fields["truncated"]
         td.set(("next", "done"), torch.from_numpy(done).unsqueeze(-1))
-        instr = self.instructions[:, :t]
-        td.set(
-            schema.INSTRUCTION,
-            NonTensorStack(
-                *[NonTensorStack(*[NonTensorData(s) for s in row]) for row in instr.tolist()]
-            )
-            if rows and t
-            else NonTensorStack(batch_size=[rows, t]),
-        )
+        td.set(schema.INSTRUCTION, _instruction_stack(episode, valid, texts, rows, t))
         return td
+
+
+_NO_TEXT = NonTensorData("")
+
+
+def _instruction_stack(episode, valid, texts, rows: int, t: int) -> NonTensorStack:
+    """``[rows, t]`` instructions. An episode's instruction never changes, so all of its
+    entries share one NonTensorData (creating one costs ~4 us; a rollout has many entries)."""
+    if not (rows and t):
+        return NonTensorStack(batch_size=[rows, t])
+    ep, ok = episode.tolist(), valid.tolist()
+    return NonTensorStack(
+        *[
+            NonTensorStack(*[texts[e] if v else _NO_TEXT for e, v in zip(er, vr, strict=True)])
+            for er, vr in zip(ep, ok, strict=True)
+        ]
+    )

@@ -35,3 +35,27 @@ def derive(seed: int, domain: int, *ids) -> np.ndarray:
         for x in ids:
             h = _splitmix(h ^ np.asarray(x).astype(np.int64).astype(np.uint64))
     return (h & _MASK63).astype(np.int64)
+
+
+def sample_seeds(seed: int, episode: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The ``sample_seed`` of decision ``t`` of each ``episode``: a hashed per-episode base
+    (halved, leaving room to add ``t``) plus ``t``. The policy's generator hashes it again.
+
+    Example:
+        >>> sample_seeds(0, np.array([5, 5]), np.array([0, 1]))   # consecutive for one episode
+    """
+    return (derive(seed, SAMPLE, episode) >> 1) + np.asarray(t, np.int64)
+
+
+def bits(keys: np.ndarray, kind: int, n: int) -> np.ndarray:
+    """``[len(keys), n]`` uint64 random words: row ``i`` is the SplitMix64 stream of
+    ``(keys[i], kind)``, a pure function of them, computed for all rows at once.
+
+    Example:
+        >>> bits(np.array([7, 8]), kind=1, n=4).shape   # rows are unrelated streams
+        (2, 4)
+    """
+    with np.errstate(over="ignore"):
+        start = _splitmix(np.asarray(keys).astype(np.int64).astype(np.uint64) ^ np.uint64(kind))
+        counters = np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN
+        return _splitmix(start[:, None] + counters[None, :])

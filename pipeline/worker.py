@@ -68,9 +68,11 @@ class _Worker:
         self.by_stage: dict[int, list[int]] = {}
         for env_id, stage in zip(cfg.env_ids, cfg.env_stage, strict=True):
             self.by_stage.setdefault(stage, []).append(env_id)
-        self.episode: dict[int, int] = {}
-        self.seed: dict[int, int] = {}
-        self.ended: dict[int, bool] = {}  # episode over and not restarted (parked or no auto-reset)
+        # Per env, indexed by global env id: the running episode, its reset seed, decisions
+        # made so far in it, and whether it is over and not restarted (parked or no auto-reset).
+        n = max(cfg.env_ids, default=-1) + 1
+        self.episode, self.seed, self.t = [-1] * n, [-1] * n, [0] * n
+        self.ended = [False] * n
         self.phase, self.current_env = "create", None
 
     # -- start-up ----------------------------------------------------------------------------
@@ -197,9 +199,8 @@ class _Worker:
         write_ns: int = 0,
     ) -> tuple:
         """An env's result record (``layout.RESULT_DTYPE`` order), stored in one go."""
-        episode, seed = self.episode.get(env_id, -1), self.seed.get(env_id, -1)
-        return (reward, steps, terminated, truncated, success, is_init, parked, episode, seed,
-                env_ns, write_ns, seq)  # fmt: skip
+        return (reward, steps, env_id, self.t[env_id], terminated, truncated, success, is_init,
+                parked, self.episode[env_id], self.seed[env_id], env_ns, write_ns, seq)  # fmt: skip
 
     def _start_queued(self, env_id: int) -> tuple[dict, int] | None:
         """Start the episode the parent queued for this env; None parks the env."""
@@ -213,6 +214,7 @@ class _Worker:
         obs, _ = self.envs[env_id].reset(seed=seed)
         self.episode[env_id] = int(self.next_episode[env_id])
         self.seed[env_id] = seed
+        self.t[env_id] = 0
         self.ended[env_id] = False
         return obs, time.perf_counter_ns() - t0
 
@@ -244,7 +246,7 @@ class _Worker:
     def _step(self, env_id: int, slot: int, seq: int) -> None:
         self.current_env = env_id
         clock = self.clock
-        if self.ended.get(env_id, False):
+        if self.ended[env_id]:
             if clock:
                 clock.switch("obs_write")
             self._carry(env_id, slot)
@@ -262,6 +264,7 @@ class _Worker:
         reward = float(np.sum(rewards, dtype=np.float64))
         success = bool(info.get("success", False))
         is_init = parked = False
+        self.t[env_id] += 1
         if terminated or truncated:
             if not self.cfg.auto_reset:  # the env idles until the next RESET
                 self.ended[env_id] = parked = True
