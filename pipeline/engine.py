@@ -33,7 +33,7 @@ from tensordict import NonTensorData, NonTensorStack, TensorDict
 
 from pipeline import protocol as P
 from pipeline import schema
-from pipeline.layout import Layout, SharedBuffers
+from pipeline.layout import RESULT_DTYPE, Layout, SharedBuffers
 from pipeline.profiler.session import ProfileSession
 from pipeline.profiler.spans import PhaseClock, SpanRing
 from pipeline.recorder import Dest, TrajectoryStore
@@ -696,7 +696,7 @@ class RolloutEngine:
             return
         s.unrecorded = False
         plan.results(s)
-        records = self.a["results"][s.slot, s.lo : s.hi].copy()
+        records = self.a["results_raw"][s.slot, s.lo : s.hi].copy()
         self._turn_log.append((s.turn_ns, s.turn_policy_ns, records))
 
     def _fold_stats(self, store: TrajectoryStore) -> None:
@@ -707,7 +707,7 @@ class RolloutEngine:
         st.decisions += int(store.valid.sum())
         if not log:
             return
-        records = np.stack([r for _, _, r in log])  # [turns, envs per stage]
+        records = np.stack([r for _, _, r in log]).view(RESULT_DTYPE)  # [turns, stage envs]
         owner = records["env_id"][..., None] % self.num_workers == np.arange(self.num_workers)
         env_ns = (records["env_ns"][..., None] * owner).sum(1)  # [turns, workers]
         st.worker_env_ns += env_ns.sum(0)

@@ -55,6 +55,14 @@ RESULT_DTYPE = np.dtype(
     ],
     align=True,
 )
+
+
+def raw_records(records: np.ndarray) -> np.ndarray:
+    """The same memory as opaque fixed-size items: copying them is a memcpy, where numpy
+    copies a structured array field by field (~10x slower for a stage's records)."""
+    return records.view(f"V{RESULT_DTYPE.itemsize}")
+
+
 SLOT_FIELDS = {
     "results": ((), RESULT_DTYPE),
     "instruction": ((INSTRUCTION_BYTES,), np.dtype(np.uint8)),
@@ -119,13 +127,15 @@ class Layout:
 
     def views(self, buf) -> dict[str, np.ndarray]:
         """numpy views of every array over a buffer of ``nbytes``; each result field is also
-        exposed on its own (``views["reward"]`` is ``views["results"]["reward"]``)."""
+        exposed on its own (``views["reward"]`` is ``views["results"]["reward"]``), and the
+        records as raw items (``views["results_raw"]``, see :func:`raw_records`)."""
         out = {
             k: np.ndarray(a.shape, a.dtype, buffer=buf, offset=a.offset)
             for k, a in self.arrays.items()
         }
         for name in RESULT_DTYPE.names:
             out[name] = out["results"][name]
+        out["results_raw"] = raw_records(out["results"])
         return out
 
 

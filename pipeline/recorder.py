@@ -21,7 +21,7 @@ import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict
 
 from pipeline import schema
-from pipeline.layout import RESULT_DTYPE, Layout
+from pipeline.layout import RESULT_DTYPE, Layout, raw_records
 from pipeline.seeding import sample_seeds
 
 # The results of a decision, from its result record: field -> (output key, dtype).
@@ -105,6 +105,7 @@ class TrajectoryStore:
         self.seen = np.zeros(shape, RESULT_DTYPE)
         self.seen["parked"] = 1
         self.results = np.zeros(shape, RESULT_DTYPE)  # each decision's outcome
+        self._seen_raw, self._results_raw = raw_records(self.seen), raw_records(self.results)
         self.outputs: dict[tuple | str, np.ndarray] = {}
 
     def _output_buffer(self, key, value: np.ndarray) -> np.ndarray:
@@ -122,13 +123,13 @@ class TrajectoryStore:
             dest.put(buf, a[f"obs/{k}"][slot, lo:hi])
         for key, value in outputs.items():
             dest.put(self._output_buffer(key, value), value)
-        dest.put(self.seen, a["results"][slot, lo:hi])
+        dest.put(self._seen_raw, a["results_raw"][slot, lo:hi])
 
     def record_results(self, dest: Dest, slot: int, lo: int, hi: int) -> None:
         """What came of it: the ``("next", ...)`` half, from the stage's next ``slot``."""
         if dest.n == 0:
             return
-        dest.put(self.results, self.layout_arrays["results"][slot, lo:hi])
+        dest.put(self._results_raw, self.layout_arrays["results_raw"][slot, lo:hi])
 
     @property
     def valid(self) -> np.ndarray:

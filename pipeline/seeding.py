@@ -55,7 +55,20 @@ def bits(keys: np.ndarray, kind: int, n: int) -> np.ndarray:
         >>> bits(np.array([7, 8]), kind=1, n=4).shape   # rows are unrelated streams
         (2, 4)
     """
-    with np.errstate(over="ignore"):
-        start = _splitmix(np.asarray(keys).astype(np.int64).astype(np.uint64) ^ np.uint64(kind))
-        counters = np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN
-        return _splitmix(start[:, None] + counters[None, :])
+    # Arrays only (no numpy scalars), so the wrapping multiplications raise no warnings and
+    # need no errstate, which would cost more than the arithmetic here.
+    keys = np.asarray(keys, np.int64).reshape(-1).astype(np.uint64)
+    start = _splitmix(keys ^ np.array(kind, np.uint64))
+    z = start[:, None] + _counters(n)[None, :]
+    return _splitmix(z)
+
+
+_COUNTERS: dict[int, np.ndarray] = {}
+
+
+def _counters(n: int) -> np.ndarray:
+    c = _COUNTERS.get(n)
+    if c is None:
+        with np.errstate(over="ignore"):
+            c = _COUNTERS[n] = np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN
+    return c

@@ -261,7 +261,7 @@ class _Worker:
         obs, rewards, terminated, truncated, steps, info = result
         if clock:  # the chunk's one render was its last part
             clock.switch("obs_write", ("render", result.observe_ns, result.observe_cpu_ns))
-        reward = float(np.sum(rewards, dtype=np.float64))
+        reward = float(rewards.sum(dtype=np.float64))
         success = bool(info.get("success", False))
         is_init = parked = False
         self.t[env_id] += 1
