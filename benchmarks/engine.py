@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import envs
+from benchmarks import ipc_floor
 from pipeline import RolloutEngine
 from pipeline.policies import LatencyPolicy, TinyVLA
 
@@ -224,6 +225,12 @@ def transport(args, results: dict) -> None:
     """Zero-cost env, zero-latency policy, chunk_len=1: what the engine itself costs."""
     print("\ntransport: zero-cost toy env, zero-latency policy, chunk_len=1, sync, 1 stage, 8 envs")
     results["transport"] = {}
+    floor, floor_p99 = ipc_floor.round_trip_us(args.workers)
+    results["transport"]["ipc_floor_us"] = {"median": floor, "p99": floor_p99}
+    print(
+        f"{'IPC floor':<14} {args.workers} spawned processes echoing one 16-byte frame (no work): "
+        f"round trip median {floor:.0f} us (p99 {floor_p99:.0f}): two process wake-ups"
+    )
     setups = (
         ("state-only", (), 32, False),
         ("state-only, pinned", (), 32, True),
