@@ -158,6 +158,11 @@ def test_rollout_without_auto_reset_masks_finished_envs():
     with _engine(_latency(), auto_reset=False) as e:
         td = e.rollout(6)  # toy episodes are at most 2 decisions of 4 steps (7 steps)
         assert not td["mask"][:, 2:].any() and td["mask"][:, 0].all()
+        idle = ~td["mask"]  # entries without a decision read as zeros and -1 ids
+        assert (td["observation", "state"][idle] == 0).all()
+        assert (td["vla_action", "chunk"][idle] == 0).all()
+        assert (td["episode_id"][idle] == -1).all() and (td["sample_seed"][idle] == -1).all()
+        assert not td["next", "reward"][idle].any() and not td["is_init"][idle].any()
         td2 = e.rollout(2)  # ended envs restart at the next call
         assert td2["is_init"][:, 0].all() and td2["mask"][:, 0].all()
 

@@ -9,6 +9,7 @@ import torch
 import envs
 from pipeline import schema
 from pipeline.policies import ExpertPolicy, LatencyPolicy, TinyVLA
+from pipeline.policies.sampling import row_normal, row_uniform
 
 
 def _batch(name="tabletop/pick-place", n=4, cameras=("head",), seeds=None, size=64):
@@ -69,6 +70,19 @@ def test_sampling_depends_on_seed_and_temperature():
     c = policy(td.clone())[schema.ACTION_TOKENS]
     d = policy(td2.clone())[schema.ACTION_TOKENS]
     assert torch.equal(c, d)  # argmax ignores the seeds
+
+
+def test_row_noise_is_a_function_of_each_row_seed_alone():
+    seeds = torch.tensor([3, 4, 3, 2**62])
+    z = row_normal(seeds, (8, 7))
+    assert z.shape == (4, 8, 7) and z.dtype == torch.float32
+    assert torch.equal(z[0], z[2]) and not torch.equal(z[0], z[1])
+    assert torch.equal(row_normal(seeds[1:2], (8, 7))[0], z[1])  # batch composition is irrelevant
+    u = row_uniform(seeds, (8, 7))
+    assert not torch.equal(u[0], u[1]) and ((u >= 0) & (u < 1)).all()
+    many = row_normal(torch.arange(4000), (7,))  # a sanity check on the distribution
+    assert abs(many.mean().item()) < 0.02 and abs(many.std().item() - 1) < 0.02
+    assert abs(row_uniform(torch.arange(4000), (7,)).mean().item() - 0.5) < 0.01
 
 
 @pytest.mark.parametrize("head", ["tokens", "flow"])
