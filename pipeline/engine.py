@@ -259,7 +259,7 @@ class RolloutEngine:
         self._seed_base = np.zeros(num_envs, np.int64)  # sample_seeds(seed, episode, 0) cache
         self._seed_episode = np.full(num_envs, -2, np.int64)
         self.stats = EngineStats(num_workers)
-        # Per stage turn: (stage, turn ns, policy ns, the stage's result records); folded into
+        # Per stage turn: (turn ns, policy ns, the stage's result records); folded into
         # ``stats`` once per call, so the turn itself only copies the records.
         self._turn_log: list[tuple] = []
         self._instruction_cache: dict[int, NonTensorStack] = {}  # per stage, until a reset
