@@ -25,8 +25,13 @@ def _echo(conn) -> None:
         os.write(fd, frame)
 
 
-def round_trip_us(num_workers: int, reps: int = 5000) -> tuple[float, float]:
-    """Median and p99 round trip (us): one frame to every worker, one back from each."""
+def round_trip_us(num_workers: int, reps: int = 5000, busy_us: float = 0.0) -> tuple[float, float]:
+    """Median and p99 round trip (us): one frame to every worker, one back from each.
+
+    ``busy_us``: the parent computes this long before each round (as the engine's loop runs
+    the policy), so the workers sit idle in between. An idle vCPU is parked by the host after
+    a short while, and waking it again costs more than a wake-up straight after the last one.
+    """
     import multiprocess as mp
 
     ctx = mp.get_context("spawn")
@@ -45,6 +50,9 @@ def round_trip_us(num_workers: int, reps: int = 5000) -> tuple[float, float]:
             poller.register(fd, select.POLLIN)
         times = []
         for i in range(reps + reps // 10):  # the first tenth warms up
+            busy_until = time.perf_counter_ns() + int(busy_us * 1000)
+            while time.perf_counter_ns() < busy_until:
+                pass
             t0 = time.perf_counter_ns()
             for fd in fds:
                 os.write(fd, FRAME)
