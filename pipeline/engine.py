@@ -163,7 +163,7 @@ class _Stage:
         self.slot = 0  # slot holding the stage's current observations
         self.seq = 0  # sequence number of the last command sent
         self.env_ids = np.arange(lo, hi)
-        self.pending: tuple | None = None  # where the in-flight decision was recorded
+        self.pending: Dest | None = None  # where the in-flight decision was recorded
         self.turn_t0 = self.turn_policy_ns = 0
         self.collected = False  # in-flight results already collected (early, in _decide)
         self.prepared: tuple | None = None  # (slot, batch, copy event), built ahead
@@ -569,7 +569,7 @@ class RolloutEngine:
                 for s in stages:
                     if plan.wants(s):
                         self._decide(s, plan)
-                        self._await(s, plan)
+                        self._await(s)
             return
         in_flight: set[int] = set()
         while True:
@@ -577,7 +577,7 @@ class RolloutEngine:
             for s in stages:
                 if s.index in in_flight:
                     if not s.collected:  # unless it was collected early (see _decide)
-                        self._await(s, plan)
+                        self._await(s)
                     s.collected = False
                     in_flight.discard(s.index)
                 if plan.wants(s):
@@ -603,6 +603,16 @@ class RolloutEngine:
         # Rows not reset keep their observation: the worker carried it into the new slot.
         s.slot = new
         self._check_seq(s)
+
+    def _queue_episodes(self, s: _Stage, plan) -> None:
+        """Before a STEP: every env whose queued episode has already started gets the plan's
+        next one, so an episode that ends during the chunk restarts at once in the worker."""
+        if not self.auto_reset:
+            return
+        lo, hi = s.lo, s.hi
+        started = self.a["next_episode"][lo:hi] == self.a["episode_id"][s.slot, lo:hi]
+        for i in s.env_ids[started]:
+            plan.next_episode(int(i))
 
     def _send_step(self, s: _Stage) -> None:
         s.seq += 1
@@ -681,7 +691,7 @@ class RolloutEngine:
             bad = s.lo + int(np.flatnonzero(seqs != s.seq)[0])
             raise EngineError(f"env {bad}: slot {s.slot} holds seq {seqs[bad - s.lo]}, not {s.seq}")
 
-    def _await(self, s: _Stage, plan) -> None:
+    def _await(self, s: _Stage) -> None:
         """Collect a stage's results. Only what the next decision needs happens here; the
         results are recorded after the stage's next STEP has gone out (``_record_results``),
         while the workers step: the slot holding them is not written until the STEP after."""
@@ -695,7 +705,7 @@ class RolloutEngine:
         if not s.unrecorded:
             return
         s.unrecorded = False
-        plan.results(s)
+        plan.store.record_results(s.pending, s.slot, s.lo, s.hi)
         records = self.a["results_raw"][s.slot, s.lo : s.hi].copy()
         self._turn_log.append((s.turn_ns, s.turn_policy_ns, records))
 
@@ -708,7 +718,7 @@ class RolloutEngine:
         if not log:
             return
         records = np.stack([r for _, _, r in log]).view(RESULT_DTYPE)  # [turns, stage envs]
-        owner = records["env_id"][..., None] % self.num_workers == np.arange(self.num_workers)
+        owner = self._env_worker[records["env_id"]][..., None] == np.arange(self.num_workers)
         env_ns = (records["env_ns"][..., None] * owner).sum(1)  # [turns, workers]
         st.worker_env_ns += env_ns.sum(0)
         st.worker_write_ns += (records["write_ns"][..., None] * owner).sum((0, 1))
@@ -797,14 +807,14 @@ class RolloutEngine:
         if gpu is not None:
             self.profiler.cuda_interval("inference", gpu, self.profiler.cuda_mark())
         if ahead is not None and not ahead.collected and self._ready(ahead):
-            self._await(ahead, plan)
+            self._await(ahead)
             ahead.collected = True
             self._phase("preprocess")
             ahead.prepared = self._prepare(ahead)
         self._phase("dispatch")
         self.stats.policy_ns += s.turn_policy_ns
         outputs = self._take_outputs(s, out)
-        plan.before_step(s)
+        self._queue_episodes(s, plan)
         self._send_step(s)
         self._phase("record")
         self._record_results(s, plan)  # the previous decision's results, while workers step
@@ -920,11 +930,12 @@ class _RolloutPlan:
             # the others carry on with their episodes.
             ended = ~e._started[s.lo : s.hi] | (e.a["parked"][s.slot, s.lo : s.hi] == 1)
             for i in s.env_ids[ended]:
-                self._queue_next(int(i))
+                self.next_episode(int(i))
             e._reset_stage(s, ended)
             e._started[s.lo : s.hi] = True
 
-    def _queue_next(self, i: int) -> None:
+    def next_episode(self, i: int) -> None:
+        """Queue a fresh episode (a new id and reset seed) for env ``i``."""
         e = self.e
         uid = e._next_uid
         e._next_uid += 1
@@ -934,14 +945,6 @@ class _RolloutPlan:
     def wants(self, s: _Stage) -> bool:
         return self.made[s.index] < self.T
 
-    def before_step(self, s: _Stage) -> None:
-        e = self.e
-        if e.auto_reset:  # queue each env's next episode, to start the moment this one ends
-            for i in s.env_ids[
-                e.a["next_episode"][s.lo : s.hi] == e.a["episode_id"][s.slot, s.lo : s.hi]
-            ]:
-                self._queue_next(int(i))
-
     def record(self, s: _Stage, outputs) -> None:
         # The whole stage at column t: a parked env's entry is recorded too, and its record
         # says it is parked (no decision; the store masks it).
@@ -949,9 +952,6 @@ class _RolloutPlan:
         self.store.record_decision(dest, s.slot, s.lo, s.hi, outputs)
         s.pending = dest
         self.made[s.index] += 1
-
-    def results(self, s: _Stage) -> None:
-        self.store.record_results(s.pending, s.slot, s.lo, s.hi)
 
     def result(self) -> TensorDict:
         e = self.e
@@ -975,7 +975,8 @@ class _EpisodePlan:
         self.queue = 0  # next episode index to hand out
         self.max_t = math.ceil(e.spec.max_steps / e.exec_len) + 1
 
-    def _hand_out(self, i: int) -> None:
+    def next_episode(self, i: int) -> None:
+        """Queue the next episode of the group-major queue for env ``i``; -1 parks it."""
         e = self.e
         if self.queue < self.E:
             e.a["next_seed"][i] = self.seeds[self.queue]
@@ -990,19 +991,12 @@ class _EpisodePlan:
         self.store = TrajectoryStore(e.layout, e.a, self.E, self.max_t)
         for s in e.stages:  # every env starts a fresh episode from the queue (or parks)
             for i in s.env_ids:
-                self._hand_out(int(i))
+                self.next_episode(int(i))
             e._reset_stage(s, np.ones(len(s.env_ids), bool))
             e._started[s.lo : s.hi] = True
 
     def wants(self, s: _Stage) -> bool:
         return bool((self.e.a["parked"][s.slot, s.lo : s.hi] == 0).any())
-
-    def before_step(self, s: _Stage) -> None:
-        e = self.e
-        for i in s.env_ids[
-            e.a["next_episode"][s.lo : s.hi] == e.a["episode_id"][s.slot, s.lo : s.hi]
-        ]:
-            self._hand_out(int(i))
 
     def record(self, s: _Stage, outputs) -> None:
         e = self.e
@@ -1015,9 +1009,6 @@ class _EpisodePlan:
         dest = Dest(rows, ts, src, s.hi - s.lo)
         self.store.record_decision(dest, s.slot, s.lo, s.hi, outputs)
         s.pending = dest
-
-    def results(self, s: _Stage) -> None:
-        self.store.record_results(s.pending, s.slot, s.lo, s.hi)
 
     def result(self) -> TensorDict:
         store, e = self.store, self.e

@@ -164,8 +164,9 @@ class TrajectoryStore:
         t = self.max_t if t is None else t
         rows = self.rows
         seen = self.seen[:, :t]
-        valid = seen["parked"] == 0
-        self._clear_invalid(self.valid)
+        valid_all = self.valid
+        self._clear_invalid(valid_all)
+        valid = valid_all[:, :t]
         td = TensorDict({}, batch_size=[rows, t])
         for k, buf in self.obs.items():
             value = torch.from_numpy(buf[:, :t])
