@@ -8,7 +8,7 @@ import pytest
 from pipeline import EngineError, RolloutEngine
 from pipeline.policies import LatencyPolicy
 from pipeline.profiler.report import union_ns
-from pipeline.profiler.spans import PHASES, PhaseClock, SpanRing
+from pipeline.profiler.spans import PHASE_ID, PHASES, PhaseClock, SpanRing
 
 TOY = dict(state_dim=8, step_cost_us=1500, episode_len=400)
 
@@ -27,22 +27,41 @@ def profiled():
 def test_simulated_gpu_busy_matches_the_model(profiled):
     policy, report = profiled
     s = report.summary
-    # 12 rounds x 2 stages, each a modelled latency of 4 + 1 x 4 ms = 8 ms.
-    modelled = 12 * 2 * policy.latency_s(4)
     assert "simulated" in s["gpu_source"]
-    assert abs(s["gpu_utilization"] - modelled / s["window_s"]) < 0.05
-    assert 0 < s["gpu_utilization"] < 1
+    # The report's device intervals are exactly the policy's record inside the window:
+    # 12 rounds x 2 stages, each at least the modelled 4 + 1 x 4 ms (a sleep never ends early).
+    recorded = np.array(policy.device_intervals, np.int64)
+    inside = recorded[(recorded[:, 1] > report.t0) & (recorded[:, 0] < report.t1)]
+    np.testing.assert_array_equal(report.device_intervals, inside)
+    assert len(inside) == 12 * 2
+    assert ((inside[:, 1] - inside[:, 0]) >= int(policy.latency_s(4) * 1e9)).all()
+    busy = union_ns(inside, report.t0, report.t1)
+    assert s["gpu_utilization"] == busy / (report.t1 - report.t0)
+    assert 0 < s["gpu_utilization"] <= 1
 
 
-def test_worker_cpu_per_wall(profiled):
+# thread_time_ns and perf_counter_ns tick separately: allow one scheduler tick per span.
+_TICK_NS = 4_000_000
+
+
+def test_worker_spans_add_up_and_cpu_never_exceeds_wall(profiled):
     _, report = profiled
+    for p in report.processes:
+        spans = p.spans
+        inside = spans[(spans["t1"] > report.t0) & (spans["t0"] < report.t1)]
+        # Each phase's wall time is the sum of its (clipped) spans, and the phases tile the
+        # window: a process is in exactly one phase at a time.
+        lo = np.clip(inside["t0"], report.t0, report.t1)
+        hi = np.clip(inside["t1"], report.t0, report.t1)
+        assert (hi >= lo).all()
+        assert p.attributed_ns == int((hi - lo).sum())
+        assert (inside["t0"][1:] >= inside["t1"][:-1]).all(), p.name  # no overlaps
+        assert (inside["cpu"] <= inside["t1"] - inside["t0"] + _TICK_NS).all(), p.name
+        for name, ph in p.phases.items():
+            assert ph["cpu_ns"] <= ph["wall_ns"] + _TICK_NS * len(inside), (p.name, name)
     for w in (0, 1):
         physics = report.phase(f"worker {w}", "physics")
-        wait = report.phase(f"worker {w}", "wait_actions")
-        assert physics["wall_s"] > 0.05
-        # Real CPU work; on a loaded 2-core machine a worker is sometimes descheduled.
-        assert physics["cpu_per_wall"] > 0.6, physics
-        assert wait["cpu_per_wall"] is None or wait["cpu_per_wall"] < 0.2, wait
+        assert physics["wall_s"] > 0 and physics["cpu_s"] > 0  # real work was recorded
 
 
 def test_every_process_is_covered(profiled):
@@ -51,8 +70,6 @@ def test_every_process_is_covered(profiled):
     for p in report.processes:
         assert p.coverage >= 0.95, (p.name, p.coverage)
     assert report.summary["min_coverage"] >= 0.95
-    loop = report.phase("inference loop", "inference")
-    assert loop["cpu_per_wall"] < 0.5  # LatencyPolicy sleeps: no CPU while "the GPU" works
 
 
 def test_outputs_are_valid(profiled, tmp_path):
@@ -88,10 +105,16 @@ def test_profile_from_creation_includes_env_init():
             with e.profile():
                 pass
         report = e.profile_report()
-    assert report.phase("worker 0", "env_init")["wall_s"] > 0
+    # Spans the workers actually recorded at creation (one per env, then the hand-shake),
+    # not time inferred at the window's edges.
+    for w in (0, 1):
+        spans = report.processes[w + 1].spans
+        recorded = spans[spans["phase"] == PHASE_ID["env_init"]]
+        # Inferred edges carry no CPU time; creating each of the worker's 2 envs does.
+        assert (recorded["cpu"] > 0).sum() == 2, recorded
+        phase = report.processes[w + 1].phases["env_init"]
+        assert phase["wall_ns"] > phase["inferred_ns"]
     assert report.summary["decisions"] == 12
-    for p in report.processes:
-        assert p.coverage >= 0.95
 
 
 def test_phase_clock_tiles_time():
