@@ -7,7 +7,7 @@ benches) is derived from an :class:`EnvSpec`, never from hard-coded shapes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -28,9 +28,6 @@ class FieldSpec:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def zeros(self) -> np.ndarray:
-        return np.zeros(self.shape, self.dtype)
-
 
 @dataclass(frozen=True)
 class EnvSpec:
@@ -49,7 +46,6 @@ class EnvSpec:
     action_high: float = 1.0
     max_steps: int = 100
     control_hz: float = 25.0
-    info_keys: tuple[str, ...] = field(default=("success",))
 
     @property
     def cameras(self) -> tuple[str, ...]:

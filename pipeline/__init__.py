@@ -16,6 +16,7 @@ __all__ = [
     "EngineError",
     "EngineTimeout",
     "EnvError",
+    "ObservationError",
     "PolicyOutputError",
     "RolloutEngine",
     "WorkerDiedError",

@@ -1,14 +1,14 @@
 """The shared-memory layout: every array the workers and the inference loop share.
 
 It is derived from the :class:`envs.EnvSpec` and the chunk shape, and nothing else, so the
-parent and every worker compute the same offsets independently. One POSIX shared-memory
-segment holds it all.
+parent and every worker compute the same offsets independently. One anonymous shared
+segment (``memfd``) holds it all.
 
 Two kinds of arrays:
 
 * **slot arrays** ``[slots, num_envs, ...]``: what a worker writes after executing a chunk —
   the next observation plus the results of the chunk that led to it (one record per env).
-  ``slots`` is the ring depth: while the inference side reads slot ``s`` of a stage (to batch
+  There are ``SLOTS = 2``: while the inference side reads slot ``s`` of a stage (to batch
   and to record it), the workers write the next results of that stage into slot ``s ^ 1``.
   A stage's rows are contiguous, so a stage batch is one contiguous block per field
   (zero-copy views, one DMA per field on CUDA).
@@ -22,8 +22,8 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+from collections import namedtuple
 from dataclasses import dataclass
-from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from pipeline.profiler.spans import RING_CAPACITY, SPAN_DTYPE
 
 SHM_PREFIX = "vlare_"
 INSTRUCTION_BYTES = 256
+SLOTS = 2  # double buffering: a stage's current observations, and the ones being written
 _ALIGN = 64
 
 # Per-env results written with every observation: one aligned record, so a worker finishes
@@ -54,6 +55,13 @@ RESULT_DTYPE = np.dtype(
         ("seq", np.int64),  # the command that produced this slot
     ],
     align=True,
+)
+
+
+# The worker builds each record by field name (every field defaults to 0) and stores it in
+# one go; its field order is RESULT_DTYPE's, so the two can never disagree.
+ResultRecord = namedtuple(
+    "ResultRecord", RESULT_DTYPE.names, defaults=(0,) * len(RESULT_DTYPE.names)
 )
 
 
@@ -93,16 +101,15 @@ class Layout:
     Example:
         >>> layout = Layout(env.spec, num_envs=16, chunk_len=8)
         >>> shm = SharedBuffers.create(layout)
-        >>> shm.arrays["obs/state"].shape      # [slots, num_envs, state_dim]
+        >>> shm.arrays["obs/state"].shape      # [SLOTS, num_envs, state_dim]
         (2, 16, 27)
     """
 
-    def __init__(
-        self, spec: EnvSpec, num_envs: int, chunk_len: int, slots: int = 2, num_workers: int = 1
-    ) -> None:
-        if num_envs < 1 or chunk_len < 1 or slots < 1 or num_workers < 1:
-            raise ValueError("num_envs, chunk_len, slots and num_workers must be >= 1")
-        self.spec, self.num_envs, self.chunk_len, self.slots = spec, num_envs, chunk_len, slots
+    def __init__(self, spec: EnvSpec, num_envs: int, chunk_len: int, num_workers: int = 1) -> None:
+        if num_envs < 1 or chunk_len < 1 or num_workers < 1:
+            raise ValueError("num_envs, chunk_len and num_workers must be >= 1")
+        self.spec, self.num_envs, self.chunk_len = spec, num_envs, chunk_len
+        slots = SLOTS
         self.num_workers = num_workers
         self.obs_keys = tuple(spec.obs)
         fields: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
@@ -140,55 +147,57 @@ class Layout:
 
 
 class SharedBuffers:
-    """The segment behind a :class:`Layout`, in the creating process or attached in a worker.
+    """The memory behind a :class:`Layout`: one anonymous ``memfd`` segment, mapped by the
+    inference process and every worker.
 
-    The creator unlinks the name as soon as every worker has attached (:meth:`unlink`), so
-    the memory lives exactly as long as some process maps it: nothing is left in /dev/shm
-    after a crash once the engine is running.
+    The segment has no name in /dev/shm, ever: it lives exactly as long as some process maps
+    it or holds its descriptor, so no crash, kill or missing ``close()`` can leak it. Workers
+    get the descriptor over their pipe (``SCM_RIGHTS``), which is also how a worker that
+    replaces a dead one attaches to the running engine's memory.
     """
 
-    def __init__(self, layout: Layout, name: str, buf, owner) -> None:
-        self.layout, self.name, self._buf, self._owner = layout, name, buf, owner
-        self.arrays = layout.views(buf)
+    def __init__(self, layout: Layout, fd: int, mm: mmap.mmap) -> None:
+        self.layout, self.fd, self._mm = layout, fd, mm
+        self.arrays = layout.views(mm)
 
     @classmethod
     def create(cls, layout: Layout) -> SharedBuffers:
-        name = SHM_PREFIX + secrets.token_hex(6)
-        # The stdlib class registers the name with multiprocessing's resource tracker, which
-        # unlinks it should this process die before the workers have attached.
-        shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
-        np.frombuffer(shm.buf, np.uint8)[:] = 0
-        return cls(layout, name, shm.buf, shm)
+        if not hasattr(os, "memfd_create"):
+            raise OSError("the engine's shared memory needs memfd_create (Linux)")
+        fd = os.memfd_create(SHM_PREFIX + secrets.token_hex(6), os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, layout.nbytes)  # zero-filled pages, provided on first touch
+            mm = mmap.mmap(fd, layout.nbytes)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(layout, fd, mm)
 
     @classmethod
-    def attach(cls, layout: Layout, name: str) -> SharedBuffers:
-        """Map an existing segment without registering it with any resource tracker."""
-        fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
-        try:
-            mm = mmap.mmap(fd, layout.nbytes)
-        finally:
+    def attach(cls, layout: Layout, fd: int) -> SharedBuffers:
+        """Map the segment behind a descriptor received from the creator (and own it)."""
+        size = os.fstat(fd).st_size
+        if size != layout.nbytes:
             os.close(fd)
-        return cls(layout, name, mm, mm)
+            raise ValueError(f"shared segment has {size} bytes, the layout needs {layout.nbytes}")
+        return cls(layout, fd, mmap.mmap(fd, layout.nbytes))
 
     @property
     def address(self) -> int:
         """Base address of the mapping (for cudaHostRegister)."""
         import ctypes
 
-        return ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
-
-    def unlink(self) -> None:
-        if isinstance(self._owner, shared_memory.SharedMemory):
-            try:
-                self._owner.unlink()
-            except FileNotFoundError:
-                pass
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
 
     def close(self) -> None:
+        """Unmap and close the descriptor. Idempotent."""
         self.arrays = {}
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         try:
-            self._owner.close()
+            self._mm.close()
         except BufferError:
             # A torch tensor or numpy view still references the mapping; it is released
-            # when they are collected. The name is already unlinked, so nothing leaks.
+            # when they are collected. The descriptor is closed, so nothing else holds it.
             pass

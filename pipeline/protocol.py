@@ -1,23 +1,32 @@
 """The messages between the inference side and a worker.
 
 Every message starts with one fixed 16-byte frame written straight to the socket's file
-descriptor (no pickling, no length header): the data itself (observations, actions, results)
-lives in shared memory, and the frame only says which stage and which slot.
-Pipes give blocking waits that cost no CPU while idle, and the parent can wait on every
-worker's pipe and process sentinel at once, so a dead worker is noticed immediately.
+descriptor (no length header): the data itself (observations, actions, results) lives in
+shared memory, and a frame only says which stage and which slot. Pipes give blocking waits
+that cost no CPU while idle, and the parent can wait on every worker's pipe and process
+sentinel at once, so a dead worker is noticed immediately.
 
-Commands (parent -> worker), each answered by exactly one reply, in order:
+Start-up hand-shake (the only place anything but a frame travels):
 
-* ``RESET(stage, slot, seq)``: reset the worker's envs of ``stage`` with their ``next_seed``,
-  write observations into ``slot``.
+1. worker -> ``HELLO`` frame, then the env spec, pickled (``conn.send``). A worker whose env
+   factory raises sends ``ERROR`` instead (see below) and exits.
+2. parent -> ``ATTACH`` frame, then ``(num_envs, chunk_len, num_workers)`` pickled, then the
+   shared segment's file descriptor (``SCM_RIGHTS``). Or ``CLOSE``, when start-up is
+   abandoned (another worker failed): the worker closes its envs and exits with code 0.
+3. worker -> ``ATTACHED`` frame once the memory is mapped.
+
+Then, in the RUNNING state, commands (parent -> worker), each answered by exactly one reply
+in order:
+
+* ``RESET(stage, slot, seq)``: reset the worker's envs of ``stage`` that have ``reset_now``
+  set, with their ``next_seed``; write every env's observation into ``slot``.
 * ``STEP(stage, slot, seq)``: execute ``actions[:n_exec]`` for the worker's envs of ``stage``,
   write results and the next observation into ``slot`` (auto-resetting ended episodes).
 * ``CLOSE``: close the envs and exit.
 
 Replies (worker -> parent): ``DONE(stage, slot, seq)``, or ``ERROR`` followed by one pickled
-:class:`WorkerFailure` (the only pickled message; never on the hot path). At start-up a
-worker sends ``HELLO`` with its pickled env spec, then ``ATTACHED`` once it has mapped the
-shared memory.
+:class:`WorkerFailure`; the worker exits after an ``ERROR``. Both pickled messages are off
+the hot path.
 """
 
 from __future__ import annotations
@@ -28,9 +37,18 @@ from dataclasses import dataclass
 
 FRAME = struct.Struct("<BBHIq")  # kind, stage, slot, reserved, seq
 
-RESET, STEP, CLOSE = 1, 2, 3
+RESET, STEP, CLOSE, ATTACH = 1, 2, 3, 4
 DONE, ERROR, HELLO, ATTACHED = 10, 11, 12, 13
-NAMES = {RESET: "RESET", STEP: "STEP", CLOSE: "CLOSE", DONE: "DONE", ERROR: "ERROR"}
+NAMES = {
+    RESET: "RESET",
+    STEP: "STEP",
+    CLOSE: "CLOSE",
+    ATTACH: "ATTACH",
+    DONE: "DONE",
+    ERROR: "ERROR",
+    HELLO: "HELLO",
+    ATTACHED: "ATTACHED",
+}
 
 
 def unpack(frame: bytes) -> tuple[int, int, int, int]:
@@ -54,6 +72,29 @@ def recv(conn) -> tuple[int, int, int, int]:
     return unpack(buf)
 
 
+def send_attach(conn, shm_fd: int, num_envs: int, chunk_len: int, num_workers: int) -> None:
+    """Hand-shake step 2 (parent side)."""
+    from multiprocess import reduction
+
+    send(conn, ATTACH)
+    conn.send((num_envs, chunk_len, num_workers))
+    reduction.send_handle(conn, shm_fd, None)
+
+
+def recv_attach(conn) -> tuple[int, int, int, int] | None:
+    """Hand-shake step 2 (worker side): ``(shm_fd, num_envs, chunk_len, num_workers)``, or
+    None when the parent sent ``CLOSE`` instead."""
+    from multiprocess import reduction
+
+    kind, *_ = recv(conn)
+    if kind == CLOSE:
+        return None
+    if kind != ATTACH:
+        raise RuntimeError(f"protocol error: expected ATTACH or CLOSE, got {NAMES.get(kind, kind)}")
+    num_envs, chunk_len, num_workers = conn.recv()
+    return reduction.recv_handle(conn), num_envs, chunk_len, num_workers
+
+
 @dataclass
 class WorkerFailure:
     """What a worker reports when an env, or an env factory, raises."""
@@ -63,6 +104,7 @@ class WorkerFailure:
     phase: str  # "create", "reset" or "step"
     error: str  # repr of the exception
     traceback: str
+    kind: str = "env"  # "observation": the env's output broke its spec
 
     def describe(self, env_name: str) -> str:
         where = f"env {self.env_id}" if self.env_id is not None else "no env yet"

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import protocol as P
+from pipeline.layout import Layout, ResultRecord, SharedBuffers
 from pipeline.profiler.spans import PHASE_ID, PhaseClock, SpanRing
 
 
@@ -90,15 +91,13 @@ class _Worker:
             raise ValueError(f"envs in one worker disagree on their spec: {sorted(specs)}")
         P.send(self.conn, P.HELLO)
         self.conn.send(next(iter(self.envs.values())).spec)
-        msg = self.conn.recv()  # (shm name, layout arguments) or None to stop
-        if msg is None:
+        attach = P.recv_attach(self.conn)
+        if attach is None:  # start-up abandoned: another worker failed
             return False
-        name, num_envs, chunk_len, slots, num_workers = msg
-        from pipeline.layout import Layout, SharedBuffers
-
+        fd, num_envs, chunk_len, num_workers = attach
         spec = next(iter(self.envs.values())).spec
-        layout = Layout(spec, num_envs, chunk_len, slots, num_workers)
-        self.shm = SharedBuffers.attach(layout, name)
+        layout = Layout(spec, num_envs, chunk_len, num_workers)
+        self.shm = SharedBuffers.attach(layout, fd)
         a = self.a = self.shm.arrays
         self.obs_arrays = [(key, a[f"obs/{key}"]) for key in self.shm.layout.obs_keys]
         self.res, self.actions, self.n_exec = a["results"], a["actions"], a["n_exec"]
@@ -175,32 +174,23 @@ class _Worker:
     def _carry(self, env_id: int, slot: int) -> None:
         """Copy the env's observation forward into ``slot`` (the env is not stepping), so
         every slot of every row always holds deterministic content."""
-        prev = 1 - slot if self.shm.layout.slots == 2 else slot
-        if prev == slot:
-            return
+        prev = 1 - slot
         for _, arr in self.obs_arrays:
             arr[slot, env_id] = arr[prev, env_id]
         self.a["instruction"][slot, env_id] = self.a["instruction"][prev, env_id]
         self.a["instruction_len"][slot, env_id] = self.a["instruction_len"][prev, env_id]
         self.written_text[slot, env_id] = self.written_text.get((prev, env_id))
 
-    def _record(
-        self,
-        env_id: int,
-        seq: int,
-        reward: float = 0.0,
-        steps: int = 0,
-        terminated: bool = False,
-        truncated: bool = False,
-        success: bool = False,
-        is_init: bool = False,
-        parked: bool = False,
-        env_ns: int = 0,
-        write_ns: int = 0,
-    ) -> tuple:
-        """An env's result record (``layout.RESULT_DTYPE`` order), stored in one go."""
-        return (reward, steps, env_id, self.t[env_id], terminated, truncated, success, is_init,
-                parked, self.episode[env_id], self.seed[env_id], env_ns, write_ns, seq)  # fmt: skip
+    def _record(self, env_id: int, seq: int, **fields) -> ResultRecord:
+        """An env's result record; fields not given are 0. Stored with a single assignment."""
+        return ResultRecord(
+            env_id=env_id,
+            t=self.t[env_id],
+            episode_id=self.episode[env_id],
+            reset_seed=self.seed[env_id],
+            seq=seq,
+            **fields,
+        )
 
     def _start_queued(self, env_id: int) -> tuple[dict, int] | None:
         """Start the episode the parent queued for this env; None parks the env."""
@@ -280,9 +270,18 @@ class _Worker:
                         clock.switch("obs_write")
         write_ns = self._write_obs(env_id, slot, obs, env.instruction)
         self.res[slot, env_id] = self._record(
-            env_id, seq, reward, steps, terminated, truncated, success, is_init, parked,
-            env_ns, write_ns,
-        )  # fmt: skip
+            env_id,
+            seq,
+            reward=reward,
+            steps=steps,
+            terminated=terminated,
+            truncated=truncated,
+            success=success,
+            is_init=is_init,
+            parked=parked,
+            env_ns=env_ns,
+            write_ns=write_ns,
+        )
 
     def close(self) -> None:
         for env in self.envs.values():

@@ -7,8 +7,7 @@ import pytest
 
 from pipeline import EngineError, RolloutEngine
 from pipeline.policies import LatencyPolicy
-from pipeline.profiler.report import union_ns
-from pipeline.profiler.spans import PHASE_ID, PHASES, PhaseClock, SpanRing
+from pipeline.profiler.spans import PHASE_ID, PHASES, PhaseClock, SpanRing, union_ns
 
 TOY = dict(state_dim=8, step_cost_us=1500, episode_len=400)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 
 import numpy as np
 
-from pipeline.profiler.spans import PHASES
+from pipeline.profiler.spans import PHASE_ID, PHASES, SPAN_DTYPE, union_ns
 
 GPU_PID = 0  # no real process has pid 0: the device's row in the trace
 COLOURS = {
@@ -123,9 +124,48 @@ def chrome_trace(report, path: str) -> dict:
     return trace
 
 
+def read_trace(trace: dict) -> dict:
+    """The parts of a trace written by :func:`chrome_trace`: per-process spans (as
+    ``SPAN_DTYPE`` arrays), process names, device intervals, the window and the metadata."""
+    other = trace.get("otherData", {})
+    t0 = int(other.get("t0_ns", 0))
+    events = trace["traceEvents"]
+    names = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e["name"] == "process_name"
+    }
+    spans: dict[int, list] = {}
+    device = []
+    t_end = t0
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        a = t0 + int(round(e["ts"] * 1e3))
+        b = a + int(round(e["dur"] * 1e3))
+        t_end = max(t_end, b)
+        if e.get("cat") == "device":
+            device.append((a, b))
+        else:
+            cpu = int(round(e.get("args", {}).get("cpu_ms", 0) * 1e6))
+            spans.setdefault(e["pid"], []).append((PHASE_ID[e["name"]], a, b, cpu))
+    summary = other.get("summary", {})
+    return {
+        "t0": t0,
+        "t1": t_end,
+        "config": other.get("config", {}),
+        "cores": int(other.get("cores", os.cpu_count() or 1)),
+        "names": {pid: n for pid, n in names.items() if pid != GPU_PID},
+        "spans": {pid: np.array(rows, dtype=SPAN_DTYPE) for pid, rows in spans.items()},
+        "device_source": names.get(GPU_PID, "GPU: none").split(": ", 1)[-1],
+        "device_intervals": np.array(device, np.int64).reshape(-1, 2),
+        "decisions": int(summary.get("decisions", 0)),
+        "env_steps": int(summary.get("env_steps", 0)),
+    }
+
+
 def _device_counter(report, buckets: int = 100) -> list[dict]:
     """Device busy fraction per time bucket, as a counter track."""
-    from pipeline.profiler.report import union_ns
 
     if len(report.device_intervals) == 0:
         return []

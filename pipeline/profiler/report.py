@@ -19,23 +19,8 @@ from pipeline.profiler.spans import (
     PHASES,
     STEPPING_PHASES,
     WORKER_PHASES,
+    union_ns,
 )
-
-
-def union_ns(intervals: np.ndarray, lo: int, hi: int) -> int:
-    """Total length of the union of ``[n, 2]`` intervals, clipped to ``[lo, hi]``."""
-    if len(intervals) == 0:
-        return 0
-    iv = np.clip(intervals, lo, hi)
-    iv = iv[np.argsort(iv[:, 0])]
-    total, cur_a, cur_b = 0, int(iv[0, 0]), int(iv[0, 1])
-    for a, b in iv[1:]:
-        if a > cur_b:
-            total += cur_b - cur_a
-            cur_a, cur_b = int(a), int(b)
-        else:
-            cur_b = max(cur_b, int(b))
-    return total + cur_b - cur_a
 
 
 @dataclass
@@ -142,47 +127,25 @@ class ProfileReport:
     @classmethod
     def from_trace(cls, trace: dict) -> ProfileReport:
         """Rebuild a report from a saved Chrome trace (as written by :meth:`save`)."""
-        from pipeline.profiler.spans import SPAN_DTYPE
+        from pipeline.profiler import export
 
-        other = trace.get("otherData", {})
-        t0 = int(other.get("t0_ns", 0))
-        events = trace["traceEvents"]
-        names = {
-            e["pid"]: e["args"]["name"]
-            for e in events
-            if e.get("ph") == "M" and e["name"] == "process_name"
-        }
-        spans: dict[int, list] = {}
-        device = []
-        t_end = t0
-        for e in events:
-            if e.get("ph") != "X":
-                continue
-            a = t0 + int(round(e["ts"] * 1e3))
-            b = a + int(round(e["dur"] * 1e3))
-            t_end = max(t_end, b)
-            if e.get("cat") == "device":
-                device.append((a, b))
-            else:
-                cpu = int(round(e.get("args", {}).get("cpu_ms", 0) * 1e6))
-                spans.setdefault(e["pid"], []).append((PHASE_ID[e["name"]], a, b, cpu))
+        t = export.read_trace(trace)
         procs = []
-        for pid, rows in spans.items():
-            arr = np.array(rows, dtype=SPAN_DTYPE)
-            is_loop = names.get(pid, "").startswith("inference")
-            phases = LOOP_PHASES + ("env_init",) if is_loop else WORKER_PHASES
-            procs.append(_process(names.get(pid, str(pid)), pid, arr, t0, t_end, None, phases))
+        for pid, spans in t["spans"].items():
+            name = t["names"].get(pid, str(pid))
+            phases = LOOP_PHASES + ("env_init",) if name.startswith("inference") else WORKER_PHASES
+            procs.append(_process(name, pid, spans, t["t0"], t["t1"], None, phases))
         procs.sort(key=lambda p: (not p.name.startswith("inference"), p.name))
         report = cls(
-            config=other.get("config", {}),
-            t0=t0,
-            t1=t_end,
+            config=t["config"],
+            t0=t["t0"],
+            t1=t["t1"],
             processes=procs,
-            cores=int(other.get("cores", os.cpu_count() or 1)),
-            device_source=next((n.split(": ", 1)[-1] for p, n in names.items() if p == 0), "none"),
-            device_intervals=np.array(device, np.int64).reshape(-1, 2),
-            decisions=int(other.get("summary", {}).get("decisions", 0)),
-            env_steps=int(other.get("summary", {}).get("env_steps", 0)),
+            cores=t["cores"],
+            device_source=t["device_source"],
+            device_intervals=t["device_intervals"],
+            decisions=t["decisions"],
+            env_steps=t["env_steps"],
         )
         report.summary = report._summarise()
         return report
@@ -336,4 +299,4 @@ class ProfileReport:
         return paths
 
 
-__all__ = ["PHASES", "ProfileReport", "union_ns"]
+__all__ = ["PHASES", "ProfileReport"]

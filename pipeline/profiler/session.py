@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any, Protocol
 
 import numpy as np
 import psutil
@@ -63,37 +64,60 @@ def _nvml_handle():
         return None
 
 
-class ProfileSession:
-    """One profiling window. Use ``engine.profile()`` or ``RolloutEngine(..., profile=True)``."""
+class Profiled(Protocol):
+    """What a profile needs from the engine it watches, and nothing more."""
 
-    def __init__(self, engine, since: int | None = None) -> None:
+    policy: Any
+    device: Any
+    stats: Any  # .decisions, .env_steps
+
+    def worker_pids(self) -> list[int]: ...
+
+    def worker_rings(self) -> list[SpanRing]: ...
+
+    def set_profiling(self, clock: PhaseClock | None) -> None: ...
+
+    def describe(self) -> dict: ...
+
+
+class ProfileSession:
+    """One profiling window. Use ``engine.profile()`` or ``RolloutEngine(..., profile=True)``.
+
+    Example:
+        >>> with engine.profile() as session:
+        ...     engine.rollout(8)
+        >>> print(session.report().table())
+    """
+
+    def __init__(self, engine: Profiled, since: int | None = None) -> None:
         self.engine, self.since = engine, since
         self.running = False
         self._report = None
         self.cuda_events: list[tuple[str, object, object]] = []
         self._anchor = None
+        self.ring = SpanRing.local()  # the inference loop's spans
 
     # -- window ------------------------------------------------------------------------------
     def start(self) -> None:
         e = self.engine
+        rings = e.worker_rings()
         if self.since is None:  # keep env_init spans when profiling from creation
-            e.a["span_head"][:] = 0
-        e._ring.clear()
+            for ring in rings:
+                ring.clear()
         self.t0 = self.since if self.since is not None else time.perf_counter_ns()
-        e.a["profile_on"][0] = 1
-        e._clock = PhaseClock(e._ring)
+        self.clock = PhaseClock(self.ring)
         if self.since is not None:  # start-up: the loop waited for the workers' envs
-            e._ring.add(PHASE_ID["env_init"], self.since, time.perf_counter_ns(), 0)
-        e._clock.switch("outside")
-        set_active(e._clock)
-        st = e.stats
-        self.stats0 = (st.decisions, st.env_steps)
+            self.ring.add(PHASE_ID["env_init"], self.since, time.perf_counter_ns(), 0)
+        self.clock.switch("outside")
+        e.set_profiling(self.clock)
+        set_active(self.clock)
+        self.stats0 = (e.stats.decisions, e.stats.env_steps)
         policy = e.policy
         self.simulated = hasattr(policy, "device_intervals")
         self.sim_start = len(policy.device_intervals) if self.simulated else 0
         self.sampler = CpuSampler([os.getpid(), *e.worker_pids()])
         self.sampler.start()
-        if e._cuda is not None:
+        if getattr(e.device, "type", None) == "cuda":
             import torch
 
             self._anchor = torch.cuda.Event(enable_timing=True)
@@ -103,40 +127,26 @@ class ProfileSession:
         self.running = True
 
     def stop(self) -> None:
+        """End the window and read every process's spans. Idempotent; the engine calls it
+        from ``close()`` while its memory is still mapped."""
         if not self.running:
             return
+        self.running = False
         e = self.engine
-        e._clock.stop()
-        e._clock = None
+        self.clock.stop()
         set_active(None)
-        e.a["profile_on"][0] = 0
+        e.set_profiling(None)
         self.t1 = time.perf_counter_ns()
         self.sampler.stop()
-        self.loop_spans = e._ring.spans()
-        self.worker_spans = [
-            SpanRing(e.a["spans"][w], e.a["span_head"][w]).spans() for w in range(e.num_workers)
-        ]
-        self.dropped = [
-            SpanRing(e.a["spans"][w], e.a["span_head"][w]).dropped for w in range(e.num_workers)
-        ]
-        self.dropped.append(e._ring.dropped)
-        st = e.stats
-        self.decisions = st.decisions - self.stats0[0]
-        self.env_steps = st.env_steps - self.stats0[1]
+        self.loop_spans = self.ring.spans()
+        rings = e.worker_rings()
+        self.worker_spans = [r.spans() for r in rings]
+        self.dropped = [r.dropped for r in rings] + [self.ring.dropped]
+        self.decisions = e.stats.decisions - self.stats0[0]
+        self.env_steps = e.stats.env_steps - self.stats0[1]
         self.device_intervals, self.device_source = self._device_intervals()
         self.pids = [os.getpid(), *e.worker_pids()]
-        self.config = {
-            "env": e.env_name,
-            "mode": e.mode,
-            "num_envs": e.num_envs,
-            "num_workers": e.num_workers,
-            "num_stages": e.num_stages,
-            "chunk_len": e.chunk_len,
-            "exec_len": e.exec_len,
-            "device": str(e.device),
-            "policy": type(e.policy).__name__,
-        }
-        self.running = False
+        self.config = e.describe()
 
     # -- device time -------------------------------------------------------------------------
     def cuda_mark(self):

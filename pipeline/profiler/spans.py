@@ -34,6 +34,22 @@ SPAN_DTYPE = np.dtype(
 RING_CAPACITY = 1 << 15
 
 
+def union_ns(intervals: np.ndarray, lo: int, hi: int) -> int:
+    """Total length of the union of ``[n, 2]`` intervals, clipped to ``[lo, hi]``."""
+    if len(intervals) == 0:
+        return 0
+    iv = np.clip(intervals, lo, hi)
+    iv = iv[np.argsort(iv[:, 0])]
+    total, cur_a, cur_b = 0, int(iv[0, 0]), int(iv[0, 1])
+    for a, b in iv[1:]:
+        if a > cur_b:
+            total += cur_b - cur_a
+            cur_a, cur_b = int(a), int(b)
+        else:
+            cur_b = max(cur_b, int(b))
+    return total + cur_b - cur_a
+
+
 class SpanRing:
     """The last ``len(buf)`` spans, over a numpy array (local or in shared memory).
 

@@ -1,0 +1,32 @@
+"""The engine's errors. Every one is an :class:`EngineError`; catching that catches them all."""
+
+from __future__ import annotations
+
+
+class EngineError(RuntimeError):
+    """Base class of the engine's errors. The engine is closed when one is raised."""
+
+
+class EnvError(EngineError):
+    """An env (or env factory) raised inside a worker; carries the original traceback."""
+
+
+class ObservationError(EnvError, ValueError):
+    """An env produced an observation that does not match its spec (shape, dtype, a missing
+    key, or a non-finite float); nothing of it reached shared memory."""
+
+
+class WorkerDiedError(EngineError):
+    """A worker process exited without being asked to (killed, crashed)."""
+
+
+class EngineTimeout(EngineError, TimeoutError):
+    """Workers did not answer within the timeout."""
+
+
+class PolicyOutputError(EngineError, ValueError):
+    """The policy returned something that must not reach the physics."""
+
+
+class EngineClosedError(EngineError):
+    """The engine was used after close()."""

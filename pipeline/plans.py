@@ -1,0 +1,169 @@
+"""What a call asks of the loop: which episodes to run, when to stop, where each decision goes.
+
+A plan queues episodes (writing the ``next_seed``/``next_episode`` control arrays the workers
+read), says whether a stage still wants decisions, and records them in its trajectory store.
+It never touches the engine: episode ids come from an :class:`EpisodeIds` allocator.
+
+- :class:`RolloutPlan` (``rollout(T)``): every env makes ``T`` decisions; row = env.
+- :class:`EpisodePlan` (``collect_episodes``): a group-major queue of episodes that envs pull
+  from as they finish; row = episode.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+import torch
+from tensordict import NonTensorData, TensorDict
+
+from pipeline import schema
+from pipeline.errors import EngineError
+from pipeline.layout import Layout
+from pipeline.recorder import Dest, TrajectoryStore
+from pipeline.seeding import GROUP, RESET, derive
+from pipeline.stages import Stage
+
+
+class EpisodeIds:
+    """Episode ids, unique over an engine's life.
+
+    Example:
+        >>> ids = EpisodeIds(); ids.take(4), ids.take(1)
+        (0, 4)
+    """
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self, n: int = 1) -> int:
+        """Reserve ``n`` consecutive ids and return the first."""
+        first = self.next
+        self.next += n
+        return first
+
+
+class Plan(Protocol):
+    """The interface the loop drives."""
+
+    store: TrajectoryStore
+    restart_all: bool  # every env starts a fresh episode at the call's start
+
+    def next_episode(self, i: int) -> None: ...
+
+    def wants(self, s: Stage) -> bool: ...
+
+    def record(self, s: Stage, outputs: dict) -> Dest: ...
+
+    def result(self, policy_version: int, texts: dict[int, NonTensorData]) -> TensorDict: ...
+
+
+class RolloutPlan:
+    """``rollout(T)``: record decision r of env i at ``[i, r]``."""
+
+    restart_all = False  # envs carry their episodes over from the previous call
+
+    def __init__(
+        self,
+        layout: Layout,
+        arrays: dict[str, np.ndarray],
+        ids: EpisodeIds,
+        seed: int,
+        num_stages: int,
+        num_decisions: int,
+    ) -> None:
+        self.a, self.ids, self.seed, self.T = arrays, ids, seed, num_decisions
+        self.made = np.zeros(num_stages, np.int64)
+        self.store = TrajectoryStore(layout, arrays, layout.num_envs, num_decisions)
+
+    def next_episode(self, i: int) -> None:
+        """Queue a fresh episode (a new id and reset seed) for env ``i``."""
+        uid = self.ids.take()
+        self.a["next_episode"][i] = uid
+        self.a["next_seed"][i] = derive(self.seed, RESET, uid)
+
+    def wants(self, s: Stage) -> bool:
+        return self.made[s.index] < self.T
+
+    def record(self, s: Stage, outputs: dict) -> Dest:
+        # The whole stage at column t: a parked env's entry is recorded too, and its record
+        # says it is parked (no decision; the store masks it).
+        dest = Dest.block_at(s.lo, int(self.made[s.index]), s.size)
+        self.store.record_decision(dest, s.slot, s.lo, s.hi, outputs)
+        self.made[s.index] += 1
+        return dest
+
+    def result(self, policy_version: int, texts: dict[int, NonTensorData]) -> TensorDict:
+        return self.store.to_tensordict(seed=self.seed, policy_version=policy_version, texts=texts)
+
+
+class EpisodePlan:
+    """``collect_episodes``: a queue of episodes, group-major; envs pull the next one."""
+
+    restart_all = True
+
+    def __init__(
+        self,
+        layout: Layout,
+        arrays: dict[str, np.ndarray],
+        ids: EpisodeIds,
+        seed: int,
+        call: int,
+        exec_len: int,
+        num_groups: int,
+        group_size: int,
+    ) -> None:
+        self.a, self.seed = arrays, seed
+        self.E = num_groups * group_size
+        self.group_size = group_size
+        group_seeds = derive(seed, GROUP, call, np.arange(num_groups))
+        self.seeds = np.repeat(group_seeds, group_size)
+        self.uid0 = ids.take(self.E)
+        self.queue = 0  # next episode index to hand out
+        self.max_t = math.ceil(layout.spec.max_steps / exec_len) + 1
+        self.store = TrajectoryStore(layout, arrays, self.E, self.max_t)
+
+    def next_episode(self, i: int) -> None:
+        """Queue the next episode of the group-major queue for env ``i``; -1 parks it."""
+        if self.queue < self.E:
+            self.a["next_seed"][i] = self.seeds[self.queue]
+            self.a["next_episode"][i] = self.uid0 + self.queue
+            self.queue += 1
+        else:
+            self.a["next_seed"][i] = -1
+            self.a["next_episode"][i] = -1
+
+    def wants(self, s: Stage) -> bool:
+        return bool((self.a["parked"][s.slot, s.lo : s.hi] == 0).any())
+
+    def record(self, s: Stage, outputs: dict) -> Dest:
+        a = self.a
+        live = a["parked"][s.slot, s.lo : s.hi] == 0
+        src = np.flatnonzero(live)
+        rows = a["episode_id"][s.slot, s.lo : s.hi][src] - self.uid0
+        ts = a["t"][s.slot, s.lo : s.hi][src]
+        if len(ts) and ts.max() >= self.max_t:
+            raise EngineError(f"an episode exceeded {self.max_t} decisions (spec.max_steps)")
+        dest = Dest(rows, ts, src, s.size)
+        self.store.record_decision(dest, s.slot, s.lo, s.hi, outputs)
+        return dest
+
+    def result(self, policy_version: int, texts: dict[int, NonTensorData]) -> TensorDict:
+        store, E = self.store, self.E
+        length = store.valid.sum(1)  # episodes are recorded from their first decision on
+        T = int(length.max()) if E else 0
+        traj = store.to_tensordict(seed=self.seed, policy_version=policy_version, texts=texts, t=T)
+        out = TensorDict({}, batch_size=[E])
+        for key, value in traj.items(include_nested=True, leaves_only=True):
+            out.set(key, value)
+        out.set(schema.INSTRUCTION, traj.get(schema.INSTRUCTION))
+        done = store.next_field("terminated", T) | store.next_field("truncated", T)
+        last = np.maximum(length - 1, 0)
+        out.set("length", torch.from_numpy(length.astype(np.int64)))
+        out.set("env_steps", torch.from_numpy(store.next_field("steps", T).sum(1).astype(np.int64)))
+        out.set("success", torch.from_numpy(store.next_field("success", T)[np.arange(E), last]))
+        out.set("group_id", torch.from_numpy(np.arange(E) // self.group_size))
+        if not done[np.arange(E), last].all():
+            raise EngineError("collect_episodes returned an unfinished episode (engine bug)")
+        return out

@@ -1,0 +1,306 @@
+"""The worker pool: the parent's half of :mod:`pipeline.protocol`.
+
+It spawns the env worker processes, runs the start-up hand-shake, owns the shared segment,
+waits on every worker's pipe and process sentinel in one poll set, reads replies into
+per-worker inboxes, and shuts everything down. It knows nothing of stages, plans or policies:
+the engine says which workers to wait for and what reply it expects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from envs.spec import EnvSpec
+from pipeline import protocol as P
+from pipeline.errors import EngineError, EngineTimeout, EnvError, ObservationError, WorkerDiedError
+from pipeline.layout import Layout, SharedBuffers
+from pipeline.worker import WorkerConfig, worker_main
+
+_WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def _worker_environ():
+    """Children inherit the environment at spawn: one BLAS/OpenMP thread per worker, so
+    physics processes never oversubscribe the cores."""
+    saved = {k: os.environ.get(k) for k in _WORKER_ENV}
+    os.environ.update(_WORKER_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _load_sched_getcpu():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL("libc.so.6", use_errno=True).sched_getcpu
+        fn.restype = ctypes.c_int
+        return fn if fn() >= 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
+_sched_getcpu = _load_sched_getcpu()
+
+
+def shutdown(procs: list, conns: list, shm: SharedBuffers | None) -> None:
+    """Stop workers (politely, then firmly) and release shared memory. Idempotent, and
+    references no pool, so a finalizer can call it."""
+    for conn in conns:
+        with contextlib.suppress(OSError, ValueError):
+            P.send(conn, P.CLOSE)
+    deadline = time.monotonic() + 2.0
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2.0)
+    for conn in conns:
+        with contextlib.suppress(OSError):
+            conn.close()
+    if shm is not None:
+        shm.close()
+
+
+def failure_error(failure: P.WorkerFailure, env_name: str) -> EnvError:
+    """The exception a worker's ERROR report raises in the parent."""
+    cls = ObservationError if failure.kind == "observation" else EnvError
+    return cls(failure.describe(env_name))
+
+
+class WorkerPool:
+    """``num_workers`` env worker processes around one shared segment.
+
+    Example:
+        >>> pool = WorkerPool("toy", {}, env_ids=[[0, 2], [1, 3]], env_stage=[0, 1, 0, 1],
+        ...                   auto_reset=True, env_name="toy")
+        >>> spec = pool.start(lambda spec: Layout(spec, 4, 8, 2), start_timeout_s=60)
+        >>> pool.send(0, (P.RESET, 0, 1, 1), "resetting")
+        >>> pool.close()
+    """
+
+    def __init__(
+        self,
+        env: str | Callable[..., Any],
+        env_kwargs: dict,
+        *,
+        env_ids: list[list[int]],
+        env_stage: list[int],
+        auto_reset: bool,
+        env_name: str,
+        pin_workers: bool = False,
+        profile: bool = False,
+    ) -> None:
+        self.env, self.env_kwargs, self.env_name = env, env_kwargs, env_name
+        self.env_ids, self.env_stage, self.auto_reset = env_ids, env_stage, auto_reset
+        self.num_workers = len(env_ids)
+        self.profile = profile
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.worker_cpu = (
+            [cpus[w % len(cpus)] for w in range(self.num_workers)] if pin_workers and cpus else None
+        )
+        self.procs: list = [None] * self.num_workers
+        self.conns: list = [None] * self.num_workers
+        self.shm: SharedBuffers | None = None
+        self.spec: EnvSpec | None = None
+        # One poll set for the life of the pool: every worker's socket and sentinel. Whatever
+        # frame arrives is read at once into that worker's inbox (replies come in command
+        # order), so the set changes only when a worker is replaced.
+        self._poller = select.poll()
+        self.inbox: list[deque] = [deque() for _ in range(self.num_workers)]
+        self._fd_owner: dict[int, tuple[str, int]] = {}
+
+    # -- start-up ----------------------------------------------------------------------------
+    def start(self, make_layout: Callable[[EnvSpec], Layout], start_timeout_s: float) -> EnvSpec:
+        """Spawn every worker, agree on the spec, create the shared segment and attach every
+        worker to it. On failure, the healthy workers are told to CLOSE and everything is
+        released before the error propagates."""
+        try:
+            for w in range(self.num_workers):
+                self._spawn(w)
+            specs = [self._hello(w, start_timeout_s) for w in range(self.num_workers)]
+            if any(repr(s) != repr(specs[0]) for s in specs):
+                raise EngineError(f"workers disagree on the env spec: {specs}")
+            self.spec = specs[0]
+            self.layout = make_layout(self.spec)
+            self.shm = SharedBuffers.create(self.layout)
+            if self.profile:  # on before the workers serve, so their clocks run from the start
+                self.shm.arrays["profile_on"][0] = 1
+            for w in range(self.num_workers):
+                self._attach(w, start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        return self.spec
+
+    def _spawn(self, w: int) -> None:
+        import multiprocess as mp
+
+        # spawn: never fork a parent that may hold CUDA state or torch threads.
+        ctx = mp.get_context("spawn")
+        cfg = WorkerConfig(
+            worker_id=w,
+            env_fn=self.env,
+            env_kwargs=self.env_kwargs,
+            env_ids=self.env_ids[w],
+            env_stage=[self.env_stage[i] for i in self.env_ids[w]],
+            auto_reset=self.auto_reset,
+            parent_pid=os.getpid(),
+            cpu=self.worker_cpu[w] if self.worker_cpu else None,
+            profile=self.profile,
+        )
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        proc = ctx.Process(
+            target=worker_main, args=(cfg, child_conn), name=f"rollout-worker-{w}", daemon=True
+        )
+        with _worker_environ():
+            proc.start()
+        child_conn.close()
+        self.procs[w], self.conns[w] = proc, parent_conn
+
+    def _hello(self, w: int, timeout: float) -> EnvSpec:
+        self._expect(w, P.HELLO, timeout, "creating its envs")
+        return self.conns[w].recv()
+
+    def _attach(self, w: int, timeout: float) -> None:
+        lay = self.layout
+        P.send_attach(self.conns[w], self.shm.fd, lay.num_envs, lay.chunk_len, self.num_workers)
+        self._expect(w, P.ATTACHED, timeout, "attaching shared memory")
+        conn, proc = self.conns[w], self.procs[w]
+        self._poller.register(conn.fileno(), select.POLLIN)
+        self._poller.register(proc.sentinel, select.POLLIN)
+        self._fd_owner[conn.fileno()] = ("conn", w)
+        self._fd_owner[proc.sentinel] = ("sentinel", w)
+
+    def _expect(self, w: int, kind: int, timeout: float, doing: str) -> None:
+        from multiprocess.connection import wait
+
+        conn, proc = self.conns[w], self.procs[w]
+        ready = wait([conn, proc.sentinel], timeout)
+        if conn in ready:
+            try:
+                got, *_ = P.recv(conn)
+            except (EOFError, OSError):
+                raise WorkerDiedError(
+                    self.death(w, doing) + ". Workers are spawned: a script that creates the "
+                    "engine at import time must guard it with `if __name__ == '__main__':`"
+                ) from None
+            if got == P.ERROR:
+                raise failure_error(conn.recv(), self.env_name)
+            if got != kind:
+                raise EngineError(
+                    f"worker {w}: protocol error, expected {P.NAMES[kind]}, got "
+                    f"{P.NAMES.get(got, got)}"
+                )
+            return
+        if proc.sentinel in ready:
+            raise WorkerDiedError(self.death(w, doing))
+        raise EngineTimeout(f"worker {w} did not finish {doing} within {timeout:.0f} s")
+
+    # -- running -----------------------------------------------------------------------------
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def death(self, w: int, doing: str) -> str:
+        """How worker ``w`` died, for an error message (joins it briefly)."""
+        proc = self.procs[w]
+        proc.join(0.1)
+        code = proc.exitcode
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                how = f"signal {signal.Signals(-code).name}"
+        return f"worker {w} (pid {proc.pid}) died ({how}) while {doing}"
+
+    def send(self, w: int, frame: tuple, doing: str) -> None:
+        try:
+            P.send(self.conns[w], *frame)
+        except OSError:  # BrokenPipeError: the worker is gone
+            raise WorkerDiedError(self.death(w, doing)) from None
+
+    def wake_order(self, workers: list[int]) -> list[int]:
+        """Wake the workers on other cores first: a worker woken on this process's core may
+        preempt it before it has woken the rest, which serialises the workers."""
+        if self.worker_cpu is None or _sched_getcpu is None:
+            return workers
+        here = _sched_getcpu()
+        return sorted(workers, key=lambda w: self.worker_cpu[w] == here)
+
+    def read_frame(self, w: int, doing: str) -> tuple:
+        try:
+            frame = P.recv(self.conns[w])
+        except (EOFError, OSError):
+            raise WorkerDiedError(self.death(w, doing)) from None
+        if frame[0] == P.ERROR:
+            raise failure_error(self.conns[w].recv(), self.env_name)
+        return frame
+
+    def drain(self, doing: str) -> None:
+        """Read every reply already waiting into the inboxes (never blocks)."""
+        for fd, _ in self._poller.poll(0):
+            what, w = self._fd_owner[fd]
+            if what == "conn":
+                self.inbox[w].append(self.read_frame(w, doing))
+
+    def collect(
+        self, workers: list[int], accept: Callable[[int, tuple], None], timeout: float, doing: str
+    ) -> None:
+        """Block (in poll, burning no CPU) until each of ``workers`` has replied once; each
+        reply goes to ``accept(w, frame)``. Replies to later commands stay in the inbox."""
+        need = set(workers)
+        for w in workers:
+            if self.inbox[w]:
+                accept(w, self.inbox[w].popleft())
+                need.discard(w)
+        if not need:
+            return
+        deadline = time.monotonic() + timeout
+        died = None
+        while need:
+            remaining = deadline - time.monotonic()
+            events = self._poller.poll(max(0, int(remaining * 1000) + 1)) if remaining > 0 else []
+            if not events:
+                raise EngineTimeout(
+                    f"workers {sorted(need)} did not finish {doing} within {timeout:.1f} s"
+                )
+            for fd, _ in events:
+                what, w = self._fd_owner[fd]
+                if what == "sentinel":
+                    died = w  # read any reply it sent before dying first
+                    continue
+                frame = self.read_frame(w, doing)
+                if w in need and not self.inbox[w]:
+                    accept(w, frame)
+                    need.discard(w)
+                else:  # a reply for a later command
+                    self.inbox[w].append(frame)
+            if died is not None:
+                raise WorkerDiedError(self.death(died, doing))
+
+    def worker_rings_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        a = self.shm.arrays
+        return [(a["spans"][w], a["span_head"][w]) for w in range(self.num_workers)]
+
+    # -- shutdown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop every worker and release the shared memory. Idempotent."""
+        procs = [p for p in self.procs if p is not None]
+        conns = [c for c in self.conns if c is not None]
+        shm, self.shm = self.shm, None
+        shutdown(procs, conns, shm)
