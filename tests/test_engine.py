@@ -349,7 +349,13 @@ def test_parent_signals_leave_no_workers_or_segments(tmp_path, sig):
         assert len(pids) == 2
         time.sleep(0.5)  # mid-rollout
         proc.send_signal(sig)
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # say where it hangs
+            stacks = subprocess.run(
+                ["py-spy", "dump", "--pid", str(proc.pid)], capture_output=True, text=True
+            )
+            pytest.fail(f"the script did not exit after {sig!r}:\n{stacks.stdout}{stacks.stderr}")
         _assert_gone(pids, before)
     finally:
         proc.kill()
