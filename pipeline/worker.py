@@ -42,6 +42,10 @@ class WorkerConfig:
     profile: bool = False  # time env creation for the profiler
 
 
+class BadObservation(ValueError):
+    """An env's observation does not match its spec; raised before anything is written."""
+
+
 def _die_with_parent(parent_pid: int) -> None:
     try:
         import ctypes
@@ -100,6 +104,9 @@ class _Worker:
         self.shm = SharedBuffers.attach(layout, fd)
         a = self.a = self.shm.arrays
         self.obs_arrays = [(key, a[f"obs/{key}"]) for key in self.shm.layout.obs_keys]
+        self.obs_fields = [
+            (key, fs.shape, fs.dtype, fs.dtype.kind == "f") for key, fs in spec.obs.items()
+        ]
         self.res, self.actions, self.n_exec = a["results"], a["actions"], a["n_exec"]
         self.reset_now, self.next_seed = a["reset_now"], a["next_seed"]
         self.next_episode = a["next_episode"]
@@ -158,10 +165,42 @@ class _Worker:
             for env in self.envs.values():
                 env.time_cpu = False
 
+    def _check_obs(self, env_id: int, obs: dict) -> None:
+        """Raise :class:`BadObservation` naming the env, the field and what the spec expects,
+        so that nothing malformed or non-finite is ever written into a slot."""
+        if not isinstance(obs, dict):
+            raise BadObservation(f"env {env_id}: observation is a {type(obs).__name__}, not a dict")
+        if len(obs) != len(self.obs_fields) or any(k not in obs for k, *_ in self.obs_fields):
+            want = sorted(k for k, *_ in self.obs_fields)
+            missing = sorted(set(want) - set(obs))
+            extra = sorted(set(obs) - set(want))
+            raise BadObservation(
+                f"env {env_id}: observation keys {sorted(obs)} do not match the spec {want} "
+                f"(missing {missing}, unexpected {extra})"
+            )
+        for key, shape, dtype, is_float in self.obs_fields:
+            value = obs[key]
+            if not isinstance(value, np.ndarray) or value.shape != shape or value.dtype != dtype:
+                got = (
+                    f"{value.dtype}{list(value.shape)}"
+                    if isinstance(value, np.ndarray)
+                    else type(value).__name__
+                )
+                raise BadObservation(
+                    f"env {env_id}: observation field {key!r} is {got}, expected "
+                    f"{dtype}{list(shape)}"
+                )
+            if is_float and not np.isfinite(value).all():
+                raise BadObservation(
+                    f"env {env_id}: observation field {key!r} contains NaN or inf "
+                    f"(at flat index {int(np.flatnonzero(~np.isfinite(value))[0])})"
+                )
+
     def _write_obs(self, env_id: int, slot: int, obs: dict, text: str) -> int:
         """The one copy of an observation: from the env's arrays into its shared slot. The
         instruction is written only when it differs from what the slot already holds."""
         t0 = time.perf_counter_ns()
+        self._check_obs(env_id, obs)
         for key, arr in self.obs_arrays:
             arr[slot, env_id] = obs[key]
         if self.written_text.get((slot, env_id)) != text:
@@ -317,6 +356,7 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
             phase=worker.phase,
             error=repr(exc),
             traceback=traceback.format_exc(),
+            kind="observation" if isinstance(exc, BadObservation) else "env",
         )
         try:
             P.send(conn, P.ERROR)
