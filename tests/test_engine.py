@@ -343,7 +343,14 @@ def test_parent_signals_leave_no_workers_or_segments(tmp_path, sig):
     before = _shm_segments()
     script = tmp_path / "run.py"
     script.write_text(_SCRIPT.format(root=ROOT))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    # A shell's background job starts with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: restore the default, as an interactive user's process has it.
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2
@@ -353,7 +360,14 @@ def test_parent_signals_leave_no_workers_or_segments(tmp_path, sig):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:  # say where it hangs
             stacks = subprocess.run(
-                ["py-spy", "dump", "--pid", str(proc.pid)], capture_output=True, text=True
+                [
+                    os.path.join(os.path.dirname(sys.executable), "py-spy"),
+                    "dump",
+                    "--pid",
+                    str(proc.pid),
+                ],
+                capture_output=True,
+                text=True,  # fmt: skip
             )
             pytest.fail(f"the script did not exit after {sig!r}:\n{stacks.stdout}{stacks.stderr}")
         _assert_gone(pids, before)
