@@ -7,6 +7,7 @@ benches) is derived from an :class:`EnvSpec`, never from hard-coded shapes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -130,11 +131,14 @@ class ChunkedEnvMixin:
     observation), ``_observe()`` and ``_info()``. Images are rendered once, at the end of a
     chunk: intermediate steps never call the renderer. ``step_chunk`` reports how long that
     observation took, so a profiler can tell physics from rendering; set ``time_cpu`` to also
-    get its thread CPU time (a system call, so off by default).
+    get its thread CPU time (a system call, so off by default). ``on_step``, when set, is
+    called after every control step: a host process counts progress with it, so that a slow
+    chunk can be told from a stuck one.
     """
 
     spec: EnvSpec
     time_cpu: bool = False
+    on_step: Callable[[], None] | None = None
 
     def step(self, action: np.ndarray):
         a = self.spec.check_action(action)
@@ -149,6 +153,8 @@ class ChunkedEnvMixin:
         for a in acts:
             rewards[n], terminated, truncated = self._apply(a)
             n += 1
+            if self.on_step is not None:
+                self.on_step()
             if terminated or truncated:
                 break
         c0 = time.thread_time_ns() if self.time_cpu else 0

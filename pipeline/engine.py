@@ -110,7 +110,9 @@ class RolloutEngine:
         chunk_len: int | None = None,
         exec_len: int | None = None,
         auto_reset: bool = True,
-        timeout_s: float = 60.0,
+        on_worker_failure: str = "restart",
+        max_restarts: int = 10,
+        hang_timeout_s: float = 60.0,
         start_timeout_s: float = 300.0,
         pin_workers: bool = False,
         freeze_gc: bool = True,
@@ -135,13 +137,20 @@ class RolloutEngine:
         exec_len = chunk_len if exec_len is None else exec_len
         if not 1 <= exec_len <= chunk_len:
             raise ValueError(f"exec_len={exec_len} must be in [1, chunk_len={chunk_len}]")
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be > 0")
+        if hang_timeout_s <= 0:
+            raise ValueError(f"hang_timeout_s={hang_timeout_s} must be > 0")
+        if on_worker_failure not in ("restart", "raise"):
+            raise ValueError(
+                f"on_worker_failure={on_worker_failure!r}: choose 'restart' or 'raise'"
+            )
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts={max_restarts} must be >= 0")
         self.env_name = env if isinstance(env, str) else getattr(env, "__name__", repr(env))
         self.policy, self.mode, self.seed = policy, mode, int(seed)
         self.num_envs, self.num_workers, self.num_stages = num_envs, num_workers, num_stages
         self.chunk_len, self.exec_len, self.auto_reset = chunk_len, exec_len, auto_reset
-        self.timeout_s = timeout_s
+        self.hang_timeout_s, self.start_timeout_s = hang_timeout_s, start_timeout_s
+        self.on_worker_failure = on_worker_failure
         self.device = self._resolve_device(device, policy)
         param = next(iter(policy.parameters()), None)
         if param is not None and param.device.type != self.device.type:
@@ -174,6 +183,7 @@ class RolloutEngine:
             env_name=self.env_name,
             pin_workers=pin_workers,
             profile=profile,
+            max_restarts=max_restarts if on_worker_failure == "restart" else 0,
         )
         # From here on a finalizer stops the workers even if the user never calls close().
         self._finalizer = weakref.finalize(self, _release, None, self._pool)
@@ -328,7 +338,7 @@ class RolloutEngine:
             self.policy_version += 1
 
     # -- public calls ------------------------------------------------------------------------
-    def rollout(self, num_decisions: int, timeout_s: float | None = None) -> TensorDict:
+    def rollout(self, num_decisions: int) -> TensorDict:
         """Every env makes ``num_decisions`` decisions; returns a TensorDict ``[num_envs, T]``.
 
         Envs carry their episodes over from the previous call; with ``auto_reset`` an ended
@@ -340,11 +350,9 @@ class RolloutEngine:
         plan = RolloutPlan(
             self.layout, self.a, self._ids, self.seed, self.num_stages, num_decisions
         )
-        return self._call(plan, timeout_s)
+        return self._call(plan)
 
-    def collect_episodes(
-        self, num_groups: int, group_size: int, timeout_s: float | None = None
-    ) -> TensorDict:
+    def collect_episodes(self, num_groups: int, group_size: int) -> TensorDict:
         """Run ``num_groups * group_size`` complete episodes, GRPO style.
 
         Members of a group share the reset seed (the same initial state) and have their own
@@ -368,16 +376,20 @@ class RolloutEngine:
             num_groups,
             group_size,
         )
-        return self._call(plan, timeout_s)
+        return self._call(plan)
 
-    def _call(self, plan: Plan, timeout_s: float | None) -> TensorDict:
-        self._timeout = self.timeout_s if timeout_s is None else timeout_s
+    def _call(self, plan: Plan) -> TensorDict:
         self._refresh_policy_version()
         self._phase("bookkeeping")
         self._batcher.new_call()
         try:
             self._begin(plan)
-            self._loop(plan)
+            while True:  # the loop resumes from the stages' states after a recovery
+                try:
+                    self._loop(plan)
+                    break
+                except EngineError as exc:
+                    self._recover(exc, plan)
             self._phase("record")
             for s in self.stages:
                 self._record_results(s, plan)
@@ -402,7 +414,10 @@ class RolloutEngine:
                 fresh = ~self._started[s.lo : s.hi] | (self.a["parked"][s.slot, s.lo : s.hi] == 1)
             for i in s.env_ids[fresh]:
                 plan.next_episode(int(i))
-            self._reset_stage(s, fresh)
+            try:
+                self._reset_stage(s, fresh)
+            except EngineError as exc:
+                self._recover(exc, plan)  # completes this stage's reset
             self._started[s.lo : s.hi] = True
 
     # -- the loop ----------------------------------------------------------------------------
@@ -476,16 +491,15 @@ class RolloutEngine:
         self.stats.policy_ns += s.turn_policy_ns
         outputs = self._take_outputs(s, out)
         self._queue_episodes(s, plan)
-        s.seq += 1
-        for w in self._pool.wake_order(s.workers):
-            self._pool.send(w, (P.STEP, s.index, 1 - s.slot, s.seq), f"stepping stage {s.index}")
-        s.state = StageState.STEPPING
+        failed = self._command(s, P.STEP)
         self._phase("record")
         self._record_results(s, plan)  # the previous decision's results, while workers step
         t_record = time.perf_counter_ns()
         s.pending = plan.record(s, outputs)
         self.stats.record_ns += time.perf_counter_ns() - t_record
         self._phase("bookkeeping")
+        if failed is not None:  # raised only now: the decision is recorded like any other
+            raise failed
 
     def _take_outputs(self, s: Stage, out) -> dict[object, np.ndarray]:
         """Validate the policy's output and land the action chunk in shared memory.
@@ -539,10 +553,25 @@ class RolloutEngine:
         if not mask.any():
             return
         self.a["reset_now"][s.lo : s.hi] = mask
-        s.seq += 1
-        for w in s.workers:
-            self._pool.send(w, (P.RESET, s.index, 1 - s.slot, s.seq), f"resetting stage {s.index}")
+        failed = self._command(s, P.RESET)
+        if failed is not None:
+            raise failed
         self._collect(s, "resetting")
+
+    def _command(self, s: Stage, kind: int) -> EngineError | None:
+        """Send STEP or RESET to every worker of the stage, into its next slot. A worker that
+        is gone does not stop the others from getting theirs (a recovery relies on every
+        healthy worker having the command); its error is returned."""
+        s.seq += 1
+        s.state, s.in_flight = StageState.STEPPING, kind
+        doing = f"{P.NAMES[kind].lower()} stage {s.index}"
+        failed = None
+        for w in self._pool.wake_order(s.workers):
+            try:
+                self._pool.send(w, (kind, s.index, 1 - s.slot, s.seq), doing)
+            except EngineError as exc:
+                failed = failed or exc
+        return failed
 
     def _queue_episodes(self, s: Stage, plan: Plan) -> None:
         """Before a STEP: every env whose queued episode has already started gets the plan's
@@ -558,7 +587,14 @@ class RolloutEngine:
         """Wait for the stage's replies to its last command; its new slot becomes current
         (rows not reset or stepped were carried into it by the worker)."""
         self._phase("wait_obs")
+        self._pool.collect(
+            s.workers, self._accept(s), self.hang_timeout_s, f"{doing} stage {s.index}"
+        )
+        self._phase("bookkeeping")
+        self._finish_command(s)
 
+    @staticmethod
+    def _accept(s: Stage) -> Callable[[int, tuple], None]:
         def accept(w: int, frame: tuple) -> None:
             kind, stage, _, seq = frame
             if kind != P.DONE or stage != s.index or seq != s.seq:
@@ -567,8 +603,9 @@ class RolloutEngine:
                     f"{stage} seq {seq}, expected DONE for stage {s.index} seq {s.seq}"
                 )
 
-        self._pool.collect(s.workers, accept, self._timeout, f"{doing} stage {s.index}")
-        self._phase("bookkeeping")
+        return accept
+
+    def _finish_command(self, s: Stage) -> None:
         s.slot = 1 - s.slot
         s.state = StageState.READY
         seqs = self.a["seq"][s.slot, s.lo : s.hi]
@@ -582,6 +619,71 @@ class RolloutEngine:
         while the workers step: the slot holding them is not written until the STEP after."""
         self._collect(s, "stepping")
         s.last_turn = (time.perf_counter_ns() - s.turn_t0, s.turn_policy_ns)
+
+    # -- recovery ----------------------------------------------------------------------------
+    @property
+    def failures(self) -> list:
+        """Every worker failure recovered from, oldest first (:class:`pipeline.pool.Failure`)."""
+        return list(self._pool.failures)
+
+    def _recover(self, exc: EngineError, plan: Plan) -> None:
+        """Replace the worker ``exc`` is about and restart the episodes that ran on its envs,
+        or re-raise ``exc`` (``on_worker_failure="raise"``, budget spent, not one worker).
+
+        Every other env goes on exactly as it would have: the healthy workers finish the
+        commands they have, their results are recorded as usual, and no seed or episode id
+        of theirs changes. The failed worker's running episodes end as aborted (masked) and
+        are re-run from their reset with the same ids and seeds, so their retries are the
+        trajectories the fault interrupted.
+        """
+        pool = self._pool
+        if not pool.can_replace(exc):
+            raise exc
+        w = exc.worker
+        self._phase("bookkeeping")
+        pool.replace(w, exc, self.start_timeout_s)
+        self.stats.restarts += 1
+        for s in self.stages:
+            mine = s.env_ids[self._env_worker[s.lo : s.hi] == w]
+            if s.state is StageState.STEPPING:
+                healthy = [x for x in s.workers if x != w]
+                pool.collect(healthy, self._accept(s), self.hang_timeout_s, "recovering")
+                target = 1 - s.slot
+                # An env the in-flight RESET was starting keeps its queued episode.
+                starting = self.a["reset_now"][mine] if s.in_flight == P.RESET else 0
+            else:
+                self._record_results(s, plan)  # the current slot's rows are rewritten below
+                s.prepared, s.state = None, StageState.READY
+                target, starting = s.slot, 0
+            retry = self._retry(s, mine, starting)
+            # The replacement restarts each env: a running episode again from its reset (same
+            # id and seed), a queued one as queued; the others stay parked.
+            a = self.a
+            saved = a["next_seed"][mine].copy(), a["next_episode"][mine].copy()
+            keep = np.asarray(starting, bool) & np.ones(len(mine), bool)
+            a["next_seed"][mine] = np.where(
+                retry, a["reset_seed"][s.slot, mine], np.where(keep, saved[0], -1)
+            )
+            a["next_episode"][mine] = np.where(
+                retry, a["episode_id"][s.slot, mine], np.where(keep, saved[1], -1)
+            )
+            a["reset_now"][mine] = 1
+            pool.send(w, (P.RESET, s.index, target, s.seq), "recovering")
+            pool.collect([w], self._accept(s), self.hang_timeout_s, "recovering")
+            # What was queued after the retried episodes is queued again (the worker has read
+            # the control arrays).
+            a["next_seed"][mine], a["next_episode"][mine] = saved
+            if target != s.slot:
+                self._finish_command(s)
+                s.last_turn = (time.perf_counter_ns() - s.turn_t0, s.turn_policy_ns)
+                self._record_results(s, plan)
+            plan.abort(mine[retry], a["episode_id"][s.slot, mine][retry])
+
+    def _retry(self, s: Stage, envs: np.ndarray, starting) -> np.ndarray:
+        """Which of ``envs`` were running an episode (per the current slot's records) that
+        must be re-run, rather than starting a queued one or staying parked."""
+        running = self.a["parked"][s.slot, envs] == 0
+        return running & (np.asarray(starting, bool) == 0)
 
     def _record_results(self, s: Stage, plan: Plan) -> None:
         if s.pending is None:

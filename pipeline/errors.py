@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 class EngineError(RuntimeError):
-    """Base class of the engine's errors. The engine is closed when one is raised."""
+    """Base class of the engine's errors. The engine is closed when one is raised.
+
+    ``worker`` is the index of the worker the error is about, when there is one: with
+    ``on_worker_failure="restart"`` the engine replaces that worker instead of raising.
+    """
+
+    def __init__(self, message: str, worker: int | None = None) -> None:
+        super().__init__(message)
+        self.worker = worker
 
 
 class EnvError(EngineError):
@@ -22,6 +30,11 @@ class WorkerDiedError(EngineError):
 
 class EngineTimeout(EngineError, TimeoutError):
     """Workers did not answer within the timeout."""
+
+
+class WorkerStuckError(EngineTimeout):
+    """A worker's progress counter did not move for ``hang_timeout_s``: it is stuck, not
+    slow. The message carries its live Python stack and the inference loop's."""
 
 
 class PolicyOutputError(EngineError, ValueError):

@@ -120,6 +120,9 @@ class Layout:
         fields["actions"] = ((num_envs, chunk_len, spec.action_dim), np.dtype(np.float32))
         for key, (shape, dtype) in CONTROL_FIELDS.items():
             fields[key] = ((num_envs, *shape), np.dtype(dtype))
+        # Per worker: a progress counter (control steps, resets and chunks done) that the
+        # watchdog reads to tell a slow worker from a stuck one.
+        fields["progress"] = ((num_workers,), np.dtype(np.int64))
         # Profiling: one span ring per worker, and the switch the inference side flips.
         fields["spans"] = ((num_workers, RING_CAPACITY), SPAN_DTYPE)
         fields["span_head"] = ((num_workers, 1), np.dtype(np.int64))

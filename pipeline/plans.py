@@ -56,6 +56,8 @@ class Plan(Protocol):
 
     def record(self, s: Stage, outputs: dict) -> Dest: ...
 
+    def abort(self, env_ids: np.ndarray, episodes: np.ndarray) -> None: ...
+
     def result(self, policy_version: int, texts: dict[int, NonTensorData]) -> TensorDict: ...
 
 
@@ -94,6 +96,11 @@ class RolloutPlan:
         self.made[s.index] += 1
         return dest
 
+    def abort(self, env_ids: np.ndarray, episodes: np.ndarray) -> None:
+        """A worker failure ended these episodes: their decisions so far stay in the output,
+        masked and flagged ``aborted``; the episodes run again from their reset."""
+        self.store.abort(env_ids, episodes)
+
     def result(self, policy_version: int, texts: dict[int, NonTensorData]) -> TensorDict:
         return self.store.to_tensordict(seed=self.seed, policy_version=policy_version, texts=texts)
 
@@ -121,6 +128,7 @@ class EpisodePlan:
         self.seeds = np.repeat(group_seeds, group_size)
         self.uid0 = ids.take(self.E)
         self.queue = 0  # next episode index to hand out
+        self.restarts = np.zeros(self.E, np.int64)  # aborted attempts per episode
         self.max_t = math.ceil(layout.spec.max_steps / exec_len) + 1
         self.store = TrajectoryStore(layout, arrays, self.E, self.max_t)
 
@@ -149,6 +157,13 @@ class EpisodePlan:
         self.store.record_decision(dest, s.slot, s.lo, s.hi, outputs)
         return dest
 
+    def abort(self, env_ids: np.ndarray, episodes: np.ndarray) -> None:
+        """A worker failure ended these episodes: each runs again from its reset (same id,
+        seeds and row), so its group still comes back complete; ``restarts`` counts it."""
+        rows = np.asarray(episodes, np.int64) - self.uid0
+        self.store.forget(rows)
+        np.add.at(self.restarts, rows, 1)
+
     def result(self, policy_version: int, texts: dict[int, NonTensorData]) -> TensorDict:
         store, E = self.store, self.E
         length = store.valid.sum(1)  # episodes are recorded from their first decision on
@@ -164,6 +179,7 @@ class EpisodePlan:
         out.set("env_steps", torch.from_numpy(store.next_field("steps", T).sum(1).astype(np.int64)))
         out.set("success", torch.from_numpy(store.next_field("success", T)[np.arange(E), last]))
         out.set("group_id", torch.from_numpy(np.arange(E) // self.group_size))
+        out.set("restarts", torch.from_numpy(self.restarts))
         if not done[np.arange(E), last].all():
             raise EngineError("collect_episodes returned an unfinished episode (engine bug)")
         return out

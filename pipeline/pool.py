@@ -9,21 +9,37 @@ the engine says which workers to wait for and what reply it expects.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from envs.spec import EnvSpec
 from pipeline import protocol as P
-from pipeline.errors import EngineError, EngineTimeout, EnvError, ObservationError, WorkerDiedError
+from pipeline.errors import (
+    EngineError,
+    EngineTimeout,
+    EnvError,
+    ObservationError,
+    WorkerDiedError,
+    WorkerStuckError,
+)
 from pipeline.layout import Layout, SharedBuffers
+from pipeline.stacks import dump_stacks, own_stacks
 from pipeline.worker import WorkerConfig, worker_main
+
+log = logging.getLogger("pipeline")
+
+# A worker that fails this many times in a row, with no command served in between, fails
+# deterministically (a factory that always raises): replacing it again cannot help.
+MAX_CONSECUTIVE_FAILURES = 3
 
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -81,7 +97,19 @@ def shutdown(procs: list, conns: list, shm: SharedBuffers | None) -> None:
 def failure_error(failure: P.WorkerFailure, env_name: str) -> EnvError:
     """The exception a worker's ERROR report raises in the parent."""
     cls = ObservationError if failure.kind == "observation" else EnvError
-    return cls(failure.describe(env_name))
+    return cls(failure.describe(env_name), worker=failure.worker)
+
+
+@dataclass
+class Failure:
+    """One worker failure the pool recovered from (``engine.failures``)."""
+
+    time: float  # time.time() when it was handled
+    worker: int
+    pid: int
+    env_ids: list[int]
+    error: str  # the exception's class and message: signal, traceback or stacks included
+    restart: int  # the restart it caused (1-based, over the pool's life)
 
 
 class WorkerPool:
@@ -106,8 +134,13 @@ class WorkerPool:
         env_name: str,
         pin_workers: bool = False,
         profile: bool = False,
+        max_restarts: int = 0,
     ) -> None:
         self.env, self.env_kwargs, self.env_name = env, env_kwargs, env_name
+        self.max_restarts = max_restarts  # 0: every failure raises
+        self.restarts = 0
+        self.failures: deque[Failure] = deque(maxlen=1000)
+        self._consecutive = [0] * len(env_ids)
         self.env_ids, self.env_stage, self.auto_reset = env_ids, env_stage, auto_reset
         self.num_workers = len(env_ids)
         self.profile = profile
@@ -134,7 +167,7 @@ class WorkerPool:
         try:
             for w in range(self.num_workers):
                 self._spawn(w)
-            specs = [self._hello(w, start_timeout_s) for w in range(self.num_workers)]
+            specs = [self._hello_or_replace(w, start_timeout_s) for w in range(self.num_workers)]
             if any(repr(s) != repr(specs[0]) for s in specs):
                 raise EngineError(f"workers disagree on the env spec: {specs}")
             self.spec = specs[0]
@@ -178,6 +211,17 @@ class WorkerPool:
         self._expect(w, P.HELLO, timeout, "creating its envs")
         return self.conns[w].recv()
 
+    def _hello_or_replace(self, w: int, timeout: float) -> EnvSpec:
+        """The HELLO of worker ``w``; a worker whose envs fail to start is replaced while the
+        restart budget lasts."""
+        while True:
+            try:
+                return self._hello(w, timeout)
+            except (EnvError, WorkerDiedError) as exc:
+                self._account(w, exc)
+                self._kill(w)
+                self._spawn(w)
+
     def _attach(self, w: int, timeout: float) -> None:
         lay = self.layout
         P.send_attach(self.conns[w], self.shm.fd, lay.num_envs, lay.chunk_len, self.num_workers)
@@ -199,7 +243,8 @@ class WorkerPool:
             except (EOFError, OSError):
                 raise WorkerDiedError(
                     self.death(w, doing) + ". Workers are spawned: a script that creates the "
-                    "engine at import time must guard it with `if __name__ == '__main__':`"
+                    "engine at import time must guard it with `if __name__ == '__main__':`",
+                    worker=w,
                 ) from None
             if got == P.ERROR:
                 raise failure_error(conn.recv(), self.env_name)
@@ -210,8 +255,8 @@ class WorkerPool:
                 )
             return
         if proc.sentinel in ready:
-            raise WorkerDiedError(self.death(w, doing))
-        raise EngineTimeout(f"worker {w} did not finish {doing} within {timeout:.0f} s")
+            raise WorkerDiedError(self.death(w, doing), worker=w)
+        raise EngineTimeout(f"worker {w} did not finish {doing} within {timeout:.0f} s", worker=w)
 
     # -- running -----------------------------------------------------------------------------
     def pids(self) -> list[int]:
@@ -232,7 +277,7 @@ class WorkerPool:
         try:
             P.send(self.conns[w], *frame)
         except OSError:  # BrokenPipeError: the worker is gone
-            raise WorkerDiedError(self.death(w, doing)) from None
+            raise WorkerDiedError(self.death(w, doing), worker=w) from None
 
     def wake_order(self, workers: list[int]) -> list[int]:
         """Wake the workers on other cores first: a worker woken on this process's core may
@@ -246,7 +291,7 @@ class WorkerPool:
         try:
             frame = P.recv(self.conns[w])
         except (EOFError, OSError):
-            raise WorkerDiedError(self.death(w, doing)) from None
+            raise WorkerDiedError(self.death(w, doing), worker=w) from None
         if frame[0] == P.ERROR:
             raise failure_error(self.conns[w].recv(), self.env_name)
         return frame
@@ -259,39 +304,129 @@ class WorkerPool:
                 self.inbox[w].append(self.read_frame(w, doing))
 
     def collect(
-        self, workers: list[int], accept: Callable[[int, tuple], None], timeout: float, doing: str
+        self,
+        workers: list[int],
+        accept: Callable[[int, tuple], None],
+        hang_timeout: float,
+        doing: str,
     ) -> None:
         """Block (in poll, burning no CPU) until each of ``workers`` has replied once; each
-        reply goes to ``accept(w, frame)``. Replies to later commands stay in the inbox."""
-        need = set(workers)
-        for w in workers:
-            if self.inbox[w]:
-                accept(w, self.inbox[w].popleft())
-                need.discard(w)
-        if not need:
-            return
-        deadline = time.monotonic() + timeout
-        died = None
-        while need:
-            remaining = deadline - time.monotonic()
-            events = self._poller.poll(max(0, int(remaining * 1000) + 1)) if remaining > 0 else []
+        reply goes to ``accept(w, frame)``. Replies to later commands stay in the inbox.
+
+        The watchdog: a worker whose progress counter has not moved for ``hang_timeout``
+        seconds is stuck (:class:`WorkerStuckError`, with its live stack); one whose counter
+        moves is only slow and is waited for.
+        """
+        # Replies wait in the inboxes until every one is in, so a failure half-way leaves
+        # the healthy workers' replies where a recovery finds them.
+        progress = self.shm.arrays["progress"]
+        now = time.monotonic()
+        seen = {w: (int(progress[w]), now) for w in workers}
+        period_ms = max(1, int(min(1.0, hang_timeout / 4) * 1000))
+        while True:
+            need = [w for w in workers if not self.inbox[w]]
+            if not need:
+                break
+            events = self._poller.poll(period_ms)
             if not events:
-                raise EngineTimeout(
-                    f"workers {sorted(need)} did not finish {doing} within {timeout:.1f} s"
-                )
+                now = time.monotonic()
+                for w in need:
+                    count, since = seen[w]
+                    if int(progress[w]) != count:
+                        seen[w] = (int(progress[w]), now)
+                    elif now - since >= hang_timeout:
+                        raise self._stuck(w, count, now - since, doing)
+                continue
+            died = None
             for fd, _ in events:
                 what, w = self._fd_owner[fd]
                 if what == "sentinel":
                     died = w  # read any reply it sent before dying first
-                    continue
-                frame = self.read_frame(w, doing)
-                if w in need and not self.inbox[w]:
-                    accept(w, frame)
-                    need.discard(w)
-                else:  # a reply for a later command
-                    self.inbox[w].append(frame)
+                else:
+                    self.inbox[w].append(self.read_frame(w, doing))
             if died is not None:
-                raise WorkerDiedError(self.death(died, doing))
+                raise WorkerDiedError(self.death(died, doing), worker=died)
+        for w in workers:
+            self._accepted(accept, w, self.inbox[w].popleft())
+
+    def _accepted(self, accept: Callable[[int, tuple], None], w: int, frame: tuple) -> None:
+        accept(w, frame)
+        self._consecutive[w] = 0  # it served a command: not a deterministic failure
+
+    def _stuck(self, w: int, count: int, idle_s: float, doing: str) -> WorkerStuckError:
+        pid = self.procs[w].pid
+        return WorkerStuckError(
+            f"worker {w} (pid {pid}, envs {self.env_ids[w]}) is stuck: its progress counter "
+            f"stayed at {count} for {idle_s:.1f} s while {doing}\n"
+            f"--- worker {w} stack (py-spy dump) ---\n{dump_stacks(pid)}\n"
+            f"--- inference loop stack ---\n{own_stacks()}",
+            worker=w,
+        )
+
+    # -- failures ----------------------------------------------------------------------------
+    def can_replace(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is about one worker that the restart budget lets the pool replace."""
+        return (
+            isinstance(exc, EngineError)
+            and exc.worker is not None
+            and self.max_restarts > 0
+            and self.shm is not None
+        )
+
+    def _account(self, w: int, exc: BaseException) -> None:
+        """Count a failure of worker ``w`` against the budget and log it, or re-raise it when
+        the budget is spent or the worker keeps failing before serving anything."""
+        if self.max_restarts <= 0:
+            raise exc
+        if self.restarts >= self.max_restarts:
+            exc.add_note(f"(not replaced: the restart budget of {self.max_restarts} is spent)")
+            raise exc
+        self._consecutive[w] += 1
+        if self._consecutive[w] >= MAX_CONSECUTIVE_FAILURES:
+            exc.add_note(
+                f"(not replaced: worker {w} failed {self._consecutive[w]} times in a row "
+                "without serving a command, so replacing it again cannot help)"
+            )
+            raise exc
+        self.restarts += 1
+        proc = self.procs[w]
+        record = Failure(
+            time.time(), w, proc.pid if proc else -1, list(self.env_ids[w]),
+            f"{type(exc).__name__}: {exc}", self.restarts,
+        )  # fmt: skip
+        self.failures.append(record)
+        log.warning(
+            "replacing worker %d (pid %s, envs %s), restart %d of %d: %s",
+            w, record.pid, record.env_ids, self.restarts, self.max_restarts, record.error,
+        )  # fmt: skip
+
+    def replace(self, w: int, exc: BaseException, start_timeout_s: float) -> None:
+        """Kill worker ``w`` and start a replacement attached to the same shared memory, or
+        re-raise ``exc`` (see :meth:`_account`). The caller re-issues commands to it."""
+        self._account(w, exc)
+        self._kill(w)
+        self._spawn(w)
+        spec = self._hello_or_replace(w, start_timeout_s)
+        if repr(spec) != repr(self.spec):
+            raise EngineError(f"replacement worker {w} has another env spec: {spec}", worker=w)
+        self._attach(w, start_timeout_s)
+
+    def _kill(self, w: int) -> None:
+        """Stop worker ``w`` at once and forget its pipe (its replies are lost)."""
+        proc, conn = self.procs[w], self.conns[w]
+        for fd in (conn.fileno() if conn is not None else None, getattr(proc, "sentinel", None)):
+            if fd is not None and fd in self._fd_owner:
+                self._poller.unregister(fd)
+                del self._fd_owner[fd]
+        if proc is not None and proc.is_alive():
+            proc.kill()
+        if proc is not None:
+            proc.join(5.0)
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self.procs[w] = self.conns[w] = None
+        self.inbox[w].clear()
 
     def worker_rings_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         a = self.shm.arrays

@@ -105,6 +105,7 @@ class TrajectoryStore:
         self.seen = np.zeros(shape, RESULT_DTYPE)
         self.seen["parked"] = 1
         self.results = np.zeros(shape, RESULT_DTYPE)  # each decision's outcome
+        self.aborted = np.zeros(shape, bool)  # decisions of episodes a worker failure ended
         self._seen_raw, self._results_raw = raw_records(self.seen), raw_records(self.results)
         self.outputs: dict[tuple | str, np.ndarray] = {}
 
@@ -133,8 +134,20 @@ class TrajectoryStore:
 
     @property
     def valid(self) -> np.ndarray:
-        """``[rows, max_t]``: where a decision was recorded."""
-        return self.seen["parked"] == 0
+        """``[rows, max_t]``: where a decision was recorded (and not aborted)."""
+        return (self.seen["parked"] == 0) & ~self.aborted
+
+    def abort(self, rows: np.ndarray, episodes: np.ndarray) -> None:
+        """Mark every decision recorded so far for episode ``episodes[j]`` in row
+        ``rows[j]`` as aborted: masked out, never counted as success or failure."""
+        for row, episode in zip(rows.tolist(), episodes.tolist(), strict=True):
+            seen = self.seen[row]
+            self.aborted[row] |= (seen["episode_id"] == episode) & (seen["parked"] == 0)
+
+    def forget(self, rows: np.ndarray) -> None:
+        """Drop everything recorded in ``rows``, to be recorded again from ``t = 0``."""
+        self.seen["parked"][rows] = 1
+        self.aborted[rows] = False
 
     def next_field(self, name: str, t: int) -> np.ndarray:
         """One result field over ``[rows, :t]`` as a contiguous array of its output dtype."""
@@ -191,6 +204,7 @@ class TrajectoryStore:
             td.set(name, torch.from_numpy(np.where(valid, ids[name], -1)))
         td.set("is_init", torch.from_numpy(valid & (seen["is_init"] == 1)))
         td.set("mask", torch.from_numpy(valid))
+        td.set("aborted", torch.from_numpy(np.ascontiguousarray(self.aborted[:, :t])))
         fields = {name: self.next_field(name, t) for name in _NEXT}
         for name, (key, _) in _NEXT.items():
             value = torch.from_numpy(fields[name])

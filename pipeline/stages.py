@@ -42,6 +42,7 @@ class Stage:
         self.state = StageState.READY
         self.slot = 0  # slot holding the stage's current observations
         self.seq = 0  # sequence number of the last command sent
+        self.in_flight = 0  # the kind of that command (protocol.STEP or RESET)
         self.pending: Dest | None = None  # a decision whose results are not yet recorded
         self.prepared: tuple | None = None  # (batch, copy event) when PREPARED
         self.turn_t0 = self.turn_policy_ns = 0  # the turn in progress

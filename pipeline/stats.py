@@ -34,6 +34,7 @@ class EngineStats:
     turn_policy_ns: deque = field(default_factory=deque)
     turn_env_ns: deque = field(default_factory=deque)
     record_ns: int = 0  # copying decisions into the trajectory store
+    restarts: int = 0  # workers replaced (``engine.failures`` says why)
     worker_env_ns: np.ndarray = None
     worker_write_ns: np.ndarray = None
     # Per stage turn: (turn ns, policy ns, the stage's result records); folded into the
@@ -45,7 +46,7 @@ class EngineStats:
 
     def reset(self) -> None:
         self.decisions = self.env_steps = self.policy_ns = 0
-        self.record_ns = 0
+        self.record_ns = self.restarts = 0
         self.turn_ns, self.turn_policy_ns, self.turn_env_ns = (
             deque(maxlen=TURN_SAMPLES) for _ in range(3)
         )

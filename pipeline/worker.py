@@ -114,12 +114,19 @@ class _Worker:
         w = self.cfg.worker_id
         self.ring = SpanRing(a["spans"][w], a["span_head"][w])
         self.profile_on = a["profile_on"]
+        self.progress = a["progress"][w : w + 1]
+        for env in self.envs.values():
+            if hasattr(env, "on_step"):  # ChunkedEnvMixin envs count every control step
+                env.on_step = self._tick
         for t0, t1, cpu in self.init_spans:  # env creation, timed before the rings existed
             self.ring.add(PHASE_ID["env_init"], t0, t1, cpu)
         if self.init_spans:  # then the hand-shake: the rest of start-up
             self.ring.add(PHASE_ID["env_init"], self.init_spans[-1][1], time.perf_counter_ns(), 0)
         P.send(self.conn, P.ATTACHED)
         return True
+
+    def _tick(self) -> None:
+        self.progress[0] += 1
 
     # -- serving -----------------------------------------------------------------------------
     def serve(self) -> None:
@@ -240,7 +247,9 @@ class _Worker:
         if self.clock:
             self.clock.switch("reset")
         t0 = time.perf_counter_ns()
+        self._tick()
         obs, _ = self.envs[env_id].reset(seed=seed)
+        self._tick()
         self.episode[env_id] = int(self.next_episode[env_id])
         self.seed[env_id] = seed
         self.t[env_id] = 0
@@ -285,7 +294,9 @@ class _Worker:
         if clock:
             clock.switch("physics")
         t0 = time.perf_counter_ns()
+        self._tick()
         result = env.step_chunk(self.actions[env_id, : self.n_exec[env_id]])
+        self._tick()
         env_ns = time.perf_counter_ns() - t0
         obs, rewards, terminated, truncated, steps, info = result
         if clock:  # the chunk's one render was its last part

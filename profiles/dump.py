@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 
 import psutil
+
+from pipeline.stacks import dump_stacks, pyspy_path
 
 
 def _workers_of(p: psutil.Process) -> list[psutil.Process]:
@@ -56,20 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pid", type=int, default=None, help="the engine's parent process")
     ap.add_argument("--native", action="store_true", help="include native (C/C++) frames")
     args = ap.parse_args(argv)
-    pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    if not os.path.exists(pyspy):
+    if pyspy_path() is None:
         raise SystemExit("py-spy not found: pip install py-spy")
     engines = engine_processes(args.pid)
     if not engines:
         raise SystemExit("no running engine found (a Python process with spawned workers)")
-    rc = 0
     for parent, workers in engines:
         procs = [("inference loop", parent)] + [("worker", w) for w in workers]
         for role, proc in procs:
             print(f"=== {role}: pid {proc.pid} ===", flush=True)
-            cmd = [pyspy, "dump", "--pid", str(proc.pid)] + (["--native"] if args.native else [])
-            rc |= subprocess.call(cmd)
-    return rc
+            print(dump_stacks(proc.pid, native=args.native), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def _assert_identical(a: TensorDict, b: TensorDict) -> None:
 
 def _engine(policy, **kw):
     env = kw.pop("env", "toy")
-    args = dict(num_envs=8, num_workers=2, num_stages=2, env_kwargs=TOY, seed=3, timeout_s=30)
+    args = dict(num_envs=8, num_workers=2, num_stages=2, env_kwargs=TOY, seed=3, hang_timeout_s=30)
     args.update(kw)
     return RolloutEngine(env, policy, **args)
 
@@ -202,7 +202,14 @@ def _failing_env_factory():
 
 def test_env_exception_names_worker_env_and_traceback():
     before = _shm_segments()
-    e = RolloutEngine(_failing_env_factory, _latency(), num_envs=4, num_workers=2, num_stages=2)
+    e = RolloutEngine(
+        _failing_env_factory,
+        _latency(),
+        num_envs=4,
+        num_workers=2,
+        num_stages=2,
+        on_worker_failure="raise",
+    )
     pids = e.worker_pids()
     with pytest.raises(EnvError) as info:
         e.rollout(10)
@@ -218,17 +225,19 @@ def test_env_factory_exception_is_reported():
         raise RuntimeError("no such robot")
 
     with pytest.raises(EnvError, match=r"worker \d, env \d .*create.*no such robot"):
-        RolloutEngine(factory, _latency(), num_envs=2, num_workers=2, num_stages=1)
+        RolloutEngine(
+            factory, _latency(), num_envs=2, num_workers=2, num_stages=1, on_worker_failure="raise"
+        )
 
 
 def test_sigkilled_worker_is_detected_within_the_timeout():
     before = _shm_segments()
-    e = _engine(_latency(base_ms=50), timeout_s=20)
+    e = _engine(_latency(base_ms=50), hang_timeout_s=20, on_worker_failure="raise")
     pids = e.worker_pids()
     e.rollout(1)
     os.kill(pids[1], signal.SIGKILL)
     # Noticed through the process sentinel: a WorkerDiedError, not the EngineTimeout that
-    # waiting out timeout_s would raise.
+    # waiting out hang_timeout_s would raise.
     with pytest.raises(WorkerDiedError, match="worker 1 .*SIGKILL"):
         e.rollout(50)
     _assert_gone(pids, before)
@@ -237,9 +246,9 @@ def test_sigkilled_worker_is_detected_within_the_timeout():
 def test_stuck_env_times_out():
     before = _shm_segments()
     slow = dict(TOY, step_cost_us=3_000_000)
-    e = _engine(_latency(), env_kwargs=slow, timeout_s=1.0)
+    e = _engine(_latency(), env_kwargs=slow, hang_timeout_s=1.0, on_worker_failure="raise")
     pids = e.worker_pids()
-    with pytest.raises(EngineTimeout, match="did not finish stepping"):
+    with pytest.raises(EngineTimeout, match=r"worker \d .* is stuck: its progress counter"):
         e.rollout(2)
     _assert_gone(pids, before)
 

@@ -18,7 +18,7 @@ def _latency(**kw):
 
 
 def _engine(env, policy, **kw):
-    args = dict(num_envs=4, num_workers=2, num_stages=2, env_kwargs=TOY, seed=3, timeout_s=30)
+    args = dict(num_envs=4, num_workers=2, num_stages=2, env_kwargs=TOY, seed=3, hang_timeout_s=30)
     args.update(kw)
     return RolloutEngine(env, policy, **args)
 
@@ -66,7 +66,12 @@ def _bad_obs_env(kind, bad_env=1, **kw):
     ],
 )
 def test_bad_observation_names_env_field_and_expectation(kind, match):
-    e = _engine(_bad_obs_env, _latency(), env_kwargs=dict(TOY, kind=kind, episode_len=50))
+    e = _engine(
+        _bad_obs_env,
+        _latency(),
+        env_kwargs=dict(TOY, kind=kind, episode_len=50),
+        on_worker_failure="raise",
+    )
     with pytest.raises(ObservationError, match=match) as info:
         e.rollout(4)
     msg = str(info.value)
@@ -124,7 +129,12 @@ def _fails_in_worker_1(marker_dir, **kw):
 
 def test_startup_failure_closes_the_healthy_workers_cleanly(tmp_path):
     with pytest.raises(EnvError, match="worker 1.*no robot on worker 1"):
-        _engine(_fails_in_worker_1, _latency(), env_kwargs=dict(TOY, marker_dir=str(tmp_path)))
+        _engine(
+            _fails_in_worker_1,
+            _latency(),
+            env_kwargs=dict(TOY, marker_dir=str(tmp_path)),
+            on_worker_failure="raise",
+        )
     # Worker 0 read CLOSE during the hand-shake and closed its 2 envs: a SIGKILL would not.
     closed = os.listdir(tmp_path)
     assert len(closed) == 1 and closed[0].startswith("closed-"), closed
@@ -162,7 +172,9 @@ def _failing_env(**kw):
 
 
 def test_engine_error_inside_profile_surfaces_as_itself():
-    e = _engine(_failing_env, _latency(), env_kwargs=dict(TOY, episode_len=50))
+    e = _engine(
+        _failing_env, _latency(), env_kwargs=dict(TOY, episode_len=50), on_worker_failure="raise"
+    )
     with pytest.raises(EnvError, match="the gripper fell off"):
         with e.profile() as prof:
             e.rollout(10)
