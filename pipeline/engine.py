@@ -165,7 +165,7 @@ class RolloutEngine:
             for g in range(num_stages)
         ]
         self._env_worker = np.arange(num_envs) % num_workers
-        self._ids = EpisodeIds()  # episode ids are unique over the engine's life
+        self._ids = EpisodeIds(num_envs)  # episode ids are unique over the engine's life
         self._calls = 0
         self._started = np.zeros(num_envs, bool)  # env has run at least one episode
         self.stats = EngineStats(num_workers)
@@ -634,56 +634,72 @@ class RolloutEngine:
         commands they have, their results are recorded as usual, and no seed or episode id
         of theirs changes. The failed worker's running episodes end as aborted (masked) and
         are re-run from their reset with the same ids and seeds, so their retries are the
-        trajectories the fault interrupted.
+        trajectories the fault interrupted. Another worker failing meanwhile is replaced too.
         """
-        pool = self._pool
-        if not pool.can_replace(exc):
-            raise exc
-        w = exc.worker
-        self._phase("bookkeeping")
-        pool.replace(w, exc, self.start_timeout_s)
-        self.stats.restarts += 1
-        for s in self.stages:
-            mine = s.env_ids[self._env_worker[s.lo : s.hi] == w]
-            if s.state is StageState.STEPPING:
-                healthy = [x for x in s.workers if x != w]
+        while True:
+            if not self._pool.can_replace(exc):
+                raise exc
+            self._phase("bookkeeping")
+            self._pool.replace(exc.worker, exc, self.start_timeout_s)
+            self.stats.restarts += 1
+            for s in self.stages:
+                s.lost.add(exc.worker)
+            try:
+                for s in self.stages:
+                    self._resync(s, plan)
+                return
+            except EngineError as again:
+                exc = again
+
+    def _resync(self, s: Stage, plan: Plan) -> None:
+        """Bring stage ``s`` back to READY after its workers in ``s.lost`` were replaced.
+        Safe to call again after a failure half-way: each step is done once."""
+        pool, a = self._pool, self.a
+        if not s.lost:
+            return
+        if s.state is StageState.STEPPING:
+            if not s.healthy_in:  # the healthy workers' replies to the command in flight
+                healthy = [w for w in s.workers if w not in s.lost]
                 pool.collect(healthy, self._accept(s), self.hang_timeout_s, "recovering")
-                target = 1 - s.slot
-                # An env the in-flight RESET was starting keeps its queued episode.
-                starting = self.a["reset_now"][mine] if s.in_flight == P.RESET else 0
-            else:
-                self._record_results(s, plan)  # the current slot's rows are rewritten below
-                s.prepared, s.state = None, StageState.READY
-                target, starting = s.slot, 0
-            retry = self._retry(s, mine, starting)
-            # The replacement restarts each env: a running episode again from its reset (same
-            # id and seed), a queued one as queued; the others stay parked.
-            a = self.a
+                s.healthy_in = True
+            target = 1 - s.slot
+        else:
+            self._record_results(s, plan)  # the current slot's rows are rewritten below
+            s.prepared, s.state = None, StageState.READY
+            target = s.slot
+        for w in sorted(s.lost):
+            mine = s.env_ids[self._env_worker[s.lo : s.hi] == w]
+            # An env the in-flight RESET was starting keeps its queued episode; one running
+            # an episode re-runs it from its reset (same id and seed); the others stay parked.
+            starting = np.zeros(len(mine), bool)
+            if s.state is StageState.STEPPING and s.in_flight == P.RESET:
+                starting = a["reset_now"][mine] == 1
+            retry = (a["parked"][s.slot, mine] == 0) & ~starting
             saved = a["next_seed"][mine].copy(), a["next_episode"][mine].copy()
-            keep = np.asarray(starting, bool) & np.ones(len(mine), bool)
             a["next_seed"][mine] = np.where(
-                retry, a["reset_seed"][s.slot, mine], np.where(keep, saved[0], -1)
+                retry, a["reset_seed"][s.slot, mine], np.where(starting, saved[0], -1)
             )
             a["next_episode"][mine] = np.where(
-                retry, a["episode_id"][s.slot, mine], np.where(keep, saved[1], -1)
+                retry, a["episode_id"][s.slot, mine], np.where(starting, saved[1], -1)
             )
             a["reset_now"][mine] = 1
-            pool.send(w, (P.RESET, s.index, target, s.seq), "recovering")
-            pool.collect([w], self._accept(s), self.hang_timeout_s, "recovering")
-            # What was queued after the retried episodes is queued again (the worker has read
-            # the control arrays).
-            a["next_seed"][mine], a["next_episode"][mine] = saved
-            if target != s.slot:
-                self._finish_command(s)
-                s.last_turn = (time.perf_counter_ns() - s.turn_t0, s.turn_policy_ns)
-                self._record_results(s, plan)
-            plan.abort(mine[retry], a["episode_id"][s.slot, mine][retry])
-
-    def _retry(self, s: Stage, envs: np.ndarray, starting) -> np.ndarray:
-        """Which of ``envs`` were running an episode (per the current slot's records) that
-        must be re-run, rather than starting a queued one or staying parked."""
-        running = self.a["parked"][s.slot, envs] == 0
-        return running & (np.asarray(starting, bool) == 0)
+            try:
+                pool.send(w, (P.RESET, s.index, target, s.seq), "recovering")
+                pool.collect([w], self._accept(s), self.hang_timeout_s, "recovering")
+            finally:
+                # What was queued after the retried episodes is queued again (the worker
+                # has read the control arrays, or will be replaced and read them again).
+                a["next_seed"][mine], a["next_episode"][mine] = saved
+            s.aborts.append((mine[retry], a["episode_id"][s.slot, mine][retry]))
+            s.lost.discard(w)
+        if target != s.slot:
+            self._finish_command(s)
+            s.last_turn = (time.perf_counter_ns() - s.turn_t0, s.turn_policy_ns)
+            self._record_results(s, plan)
+        s.healthy_in = False
+        for envs, episodes in s.aborts:
+            plan.abort(envs, episodes)
+        s.aborts.clear()
 
     def _record_results(self, s: Stage, plan: Plan) -> None:
         if s.pending is None:

@@ -27,20 +27,34 @@ from pipeline.stages import Stage
 
 
 class EpisodeIds:
-    """Episode ids, unique over an engine's life.
+    """Episode ids, unique over an engine's life, and independent of timing.
+
+    An env's own episodes (``rollout``) are numbered per env, so the ids one env draws never
+    depend on when the others finish theirs (or re-run one after a worker failure); blocks
+    (``collect_episodes``) come from a separate counter. Even ids are per-env, odd ids are
+    blocks.
 
     Example:
-        >>> ids = EpisodeIds(); ids.take(4), ids.take(1)
-        (0, 4)
+        >>> ids = EpisodeIds(num_envs=4)
+        >>> ids.for_env(1), ids.for_env(1), ids.take(3)
+        (2, 10, 1)
     """
 
-    def __init__(self) -> None:
-        self.next = 0
+    def __init__(self, num_envs: int) -> None:
+        self.num_envs = num_envs
+        self._per_env = np.zeros(num_envs, np.int64)
+        self._blocks = 0
+
+    def for_env(self, i: int) -> int:
+        """The next episode id of env ``i``'s own sequence."""
+        k = int(self._per_env[i])
+        self._per_env[i] += 1
+        return 2 * (k * self.num_envs + i)
 
     def take(self, n: int = 1) -> int:
-        """Reserve ``n`` consecutive ids and return the first."""
-        first = self.next
-        self.next += n
+        """Reserve ``n`` consecutive block ids (stride 2: ``first + 2 * j``); return the first."""
+        first = 2 * self._blocks + 1
+        self._blocks += n
         return first
 
 
@@ -81,7 +95,7 @@ class RolloutPlan:
 
     def next_episode(self, i: int) -> None:
         """Queue a fresh episode (a new id and reset seed) for env ``i``."""
-        uid = self.ids.take()
+        uid = self.ids.for_env(i)
         self.a["next_episode"][i] = uid
         self.a["next_seed"][i] = derive(self.seed, RESET, uid)
 
@@ -136,7 +150,7 @@ class EpisodePlan:
         """Queue the next episode of the group-major queue for env ``i``; -1 parks it."""
         if self.queue < self.E:
             self.a["next_seed"][i] = self.seeds[self.queue]
-            self.a["next_episode"][i] = self.uid0 + self.queue
+            self.a["next_episode"][i] = self.uid0 + 2 * self.queue
             self.queue += 1
         else:
             self.a["next_seed"][i] = -1
@@ -149,7 +163,7 @@ class EpisodePlan:
         a = self.a
         live = a["parked"][s.slot, s.lo : s.hi] == 0
         src = np.flatnonzero(live)
-        rows = a["episode_id"][s.slot, s.lo : s.hi][src] - self.uid0
+        rows = (a["episode_id"][s.slot, s.lo : s.hi][src] - self.uid0) // 2
         ts = a["t"][s.slot, s.lo : s.hi][src]
         if len(ts) and ts.max() >= self.max_t:
             raise EngineError(f"an episode exceeded {self.max_t} decisions (spec.max_steps)")
@@ -160,7 +174,7 @@ class EpisodePlan:
     def abort(self, env_ids: np.ndarray, episodes: np.ndarray) -> None:
         """A worker failure ended these episodes: each runs again from its reset (same id,
         seeds and row), so its group still comes back complete; ``restarts`` counts it."""
-        rows = np.asarray(episodes, np.int64) - self.uid0
+        rows = (np.asarray(episodes, np.int64) - self.uid0) // 2
         self.store.forget(rows)
         np.add.at(self.restarts, rows, 1)
 

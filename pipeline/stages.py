@@ -45,6 +45,11 @@ class Stage:
         self.in_flight = 0  # the kind of that command (protocol.STEP or RESET)
         self.pending: Dest | None = None  # a decision whose results are not yet recorded
         self.prepared: tuple | None = None  # (batch, copy event) when PREPARED
+        # Recovery: workers replaced whose envs here are not restarted yet, whether the
+        # healthy workers' replies to the command in flight are in, episodes to abort.
+        self.lost: set[int] = set()
+        self.healthy_in = False
+        self.aborts: list[tuple[np.ndarray, np.ndarray]] = []
         self.turn_t0 = self.turn_policy_ns = 0  # the turn in progress
         self.last_turn = (0, 0)  # (turn ns, policy ns) of the last turn whose results are in
 

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from tensordict import TensorDict
+from helpers import assert_identical, shm_segments
 
 import envs
 from pipeline import (
@@ -27,22 +27,6 @@ from pipeline.policies import LatencyPolicy, TinyVLA
 
 TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=7)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _shm_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("vlare_")}
-
-
-def _assert_identical(a: TensorDict, b: TensorDict) -> None:
-    assert a.batch_size == b.batch_size
-    keys = set(a.keys(include_nested=True, leaves_only=True))
-    assert keys == set(b.keys(include_nested=True, leaves_only=True))
-    for key in keys:
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, torch.Tensor):
-            assert va.dtype == vb.dtype and torch.equal(va, vb), key
-        else:
-            assert va.tolist() == vb.tolist(), key
 
 
 def _engine(policy, **kw):
@@ -64,8 +48,8 @@ def test_bitwise_identical_run_to_run_under_jitter(deterministic):
     for _ in range(2):
         with _engine(_latency(deterministic), env_kwargs=jitter) as e:
             runs.append((e.rollout(9), e.collect_episodes(2, 3)))
-    _assert_identical(runs[0][0], runs[1][0])
-    _assert_identical(runs[0][1], runs[1][1])
+    assert_identical(runs[0][0], runs[1][0])
+    assert_identical(runs[0][1], runs[1][1])
 
 
 @pytest.mark.parametrize("num_stages", [1, 2, 4])
@@ -75,7 +59,7 @@ def test_sync_and_pipelined_are_bitwise_identical(num_stages):
         with _engine(_latency(), mode=mode, num_stages=num_stages) as e:
             out[mode] = (e.rollout(6), e.rollout(3), e.collect_episodes(3, 2))
     for a, b in zip(out["sync"], out["pipelined"], strict=True):
-        _assert_identical(a, b)
+        assert_identical(a, b)
 
 
 def test_tinyvla_stochastic_sync_equals_pipelined():
@@ -86,7 +70,7 @@ def test_tinyvla_stochastic_sync_equals_pipelined():
     for mode in ("sync", "pipelined"):
         with _engine(policy, mode=mode) as e:
             out[mode] = e.rollout(5)
-    _assert_identical(out["sync"], out["pipelined"])
+    assert_identical(out["sync"], out["pipelined"])
     assert out["sync"][schema.SAMPLE_LOG_PROB].shape == (8, 5)
     assert out["sync"][schema.ACTION_TOKENS].shape == (8, 5, 4, 7)
 
@@ -201,7 +185,7 @@ def _failing_env_factory():
 
 
 def test_env_exception_names_worker_env_and_traceback():
-    before = _shm_segments()
+    before = shm_segments()
     e = RolloutEngine(
         _failing_env_factory,
         _latency(),
@@ -231,7 +215,7 @@ def test_env_factory_exception_is_reported():
 
 
 def test_sigkilled_worker_is_detected_within_the_timeout():
-    before = _shm_segments()
+    before = shm_segments()
     e = _engine(_latency(base_ms=50), hang_timeout_s=20, on_worker_failure="raise")
     pids = e.worker_pids()
     e.rollout(1)
@@ -244,7 +228,7 @@ def test_sigkilled_worker_is_detected_within_the_timeout():
 
 
 def test_stuck_env_times_out():
-    before = _shm_segments()
+    before = shm_segments()
     slow = dict(TOY, step_cost_us=3_000_000)
     e = _engine(_latency(), env_kwargs=slow, hang_timeout_s=1.0, on_worker_failure="raise")
     pids = e.worker_pids()
@@ -316,15 +300,15 @@ def _assert_gone(pids, shm_before, within=10.0):
             break
         time.sleep(0.05)
     assert not alive, f"workers still alive: {alive}"
-    assert _shm_segments() <= shm_before, _shm_segments() - shm_before
+    assert shm_segments() <= shm_before, shm_segments() - shm_before
 
 
 def test_close_leaves_nothing_behind():
-    before = _shm_segments()
+    before = shm_segments()
     with _engine(_latency()) as e:
         pids = e.worker_pids()
         e.rollout(2)
-        assert _shm_segments() <= before  # unlinked as soon as the workers attached
+        assert shm_segments() <= before  # unlinked as soon as the workers attached
     _assert_gone(pids, before)
 
 
@@ -349,7 +333,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL, signal.SIGTERM])
 def test_parent_signals_leave_no_workers_or_segments(tmp_path, sig):
-    before = _shm_segments()
+    before = shm_segments()
     script = tmp_path / "run.py"
     script.write_text(_SCRIPT.format(root=ROOT))
     # A shell's background job starts with SIGINT ignored, and Python then installs no

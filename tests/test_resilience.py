@@ -6,8 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import assert_identical
 
 from pipeline import EngineError, EnvError, ObservationError, RolloutEngine, schema
+from pipeline.errors import WorkerStuckError
 from pipeline.policies import LatencyPolicy
 
 TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=7)
@@ -235,3 +237,228 @@ def test_dropped_cuda_engine_unregisters_before_unmapping():
     with _engine("toy", policy) as again:
         assert again._cuda.registered
         again.rollout(1)
+
+
+# -- respawn --------------------------------------------------------------------------------------
+def _crashes_once(marker_dir, how, at_chunk=3, crash_env=1, **kw):
+    """A toy env that fails once, machine-wide: env ``crash_env`` at its ``at_chunk``-th chunk.
+    ``how``: "kill" (SIGKILL itself), "raise" (an exception in step_chunk)."""
+    import signal as sig
+
+    import envs as E
+
+    env = E.make("toy", **kw)
+    step_chunk, chunks = env.step_chunk, [0]
+    marker = os.path.join(marker_dir, "crashed")
+
+    def flaky(actions):
+        chunks[0] += 1
+        # Only the first env of the worker holding env `crash_env` counts chunks that matter.
+        if chunks[0] == at_chunk and env.crash_here and not os.path.exists(marker):
+            open(marker, "w").close()
+            if how == "kill":
+                os.kill(os.getpid(), sig.SIGKILL)
+            raise RuntimeError("the simulator lost its contact cache")
+        return step_chunk(actions)
+
+    env.crash_here = False
+    env.step_chunk = flaky
+    return env
+
+
+def _flaky_factory(marker_dir, how, **kw):
+    import multiprocess
+
+    env = _crashes_once(marker_dir, how, **kw)
+    name = multiprocess.current_process().name
+    first = not getattr(_flaky_factory, "made", False)
+    _flaky_factory.made = True
+    env.crash_here = name.endswith("-1") and first  # worker 1's first env: env 1
+    return env
+
+
+def _rollout_pair(tmp_path, how, **kw):
+    kwargs = dict(TOY, episode_len=9)
+    runs = {}
+    for fault in (False, True):
+        marker_dir = tmp_path / f"fault-{fault}"
+        marker_dir.mkdir()
+        if not fault:
+            (marker_dir / "crashed").touch()  # the fault-free run never crashes
+        env_kwargs = dict(kwargs, marker_dir=str(marker_dir), how=how)
+        with _engine(_flaky_factory, _latency(), num_envs=8, env_kwargs=env_kwargs, **kw) as e:
+            runs[fault] = (e.rollout(10), e.collect_episodes(2, 4), e.stats.restarts, e.failures)
+    return runs
+
+
+@pytest.mark.parametrize("how", ["kill", "raise"])
+def test_failed_worker_is_replaced_and_other_envs_are_bitwise_unchanged(tmp_path, how):
+    runs = _rollout_pair(tmp_path, how)
+    clean, clean_eps, clean_restarts, _ = runs[False]
+    td, eps, restarts, failures = runs[True]
+    assert clean_restarts == 0 and restarts == 1
+    (failure,) = failures
+    assert failure.worker == 1 and failure.env_ids == [1, 3, 5, 7]
+    assert ("SIGKILL" if how == "kill" else "lost its contact cache") in failure.error
+    # Worker 0's envs never noticed: every field of their rows is bitwise the same.
+    healthy = [0, 2, 4, 6]
+    assert_identical(td[healthy], clean[healthy])
+    # The failed worker's envs: the interrupted decisions are masked and flagged aborted...
+    failed = [1, 3, 5, 7]
+    assert td["aborted"][failed].any() and not clean["aborted"].any()
+    assert not (td["mask"] & td["aborted"]).any()
+    assert not td["next", "success"][td["aborted"]].any()
+    # ...and every decision that is kept is the fault-free run's decision of the same
+    # episode at the same step (the retries re-run their episodes from the same seeds).
+    ref = {}
+    for i in failed:
+        for t in range(10):
+            if clean["mask"][i, t]:
+                ref[int(clean["episode_id"][i, t]), int(clean["sample_seed"][i, t])] = (i, t)
+    kept = 0
+    for i in failed:
+        for t in range(10):
+            if td["mask"][i, t]:
+                key = (int(td["episode_id"][i, t]), int(td["sample_seed"][i, t]))
+                if key in ref:
+                    j, u = ref[key]
+                    assert_identical(td[i, t], clean[j, u])
+                    kept += 1
+    assert kept > 0
+    # collect_episodes after the fault: complete groups, identical to the fault-free run.
+    assert (eps["restarts"] == 0).all()
+    assert_identical(eps, clean_eps)
+
+
+def test_episode_groups_come_back_complete_after_a_fault(tmp_path):
+    """A fault inside collect_episodes: the aborted member re-runs with the same reset seed;
+    every episode is bitwise the fault-free one except which env ran it."""
+    eps = {}
+    for fault in (False, True):
+        marker_dir = tmp_path / f"fault-{fault}"
+        marker_dir.mkdir()
+        if not fault:
+            (marker_dir / "crashed").touch()
+        env_kwargs = dict(TOY, episode_len=9, marker_dir=str(marker_dir), how="kill")
+        with _engine(_flaky_factory, _latency(), num_envs=8, env_kwargs=env_kwargs) as e:
+            eps[fault] = e.collect_episodes(3, 4)
+            assert e.stats.restarts == int(fault)
+    clean, got = eps[False], eps[True]
+    assert got["restarts"].sum() >= 1 and (clean["restarts"] == 0).all()
+    assert (got["length"] > 0).all() and got["next", "done"][got["mask"]].any()
+    for key in ("env_id", "restarts"):
+        del got[key], clean[key]
+    assert_identical(got, clean)
+
+
+def _bad_factory(marker_dir, **kw):
+    """Fails at creation in worker 1 the first time only (a transient start-up error)."""
+    import multiprocess
+
+    import envs as E
+
+    marker = os.path.join(marker_dir, "failed")
+    if multiprocess.current_process().name.endswith("-1") and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise OSError("license server unreachable")
+    return E.make("toy", **kw)
+
+
+def test_factory_failing_once_at_start_up_is_replaced(tmp_path):
+    with _engine(_bad_factory, _latency(), env_kwargs=dict(TOY, marker_dir=str(tmp_path))) as e:
+        assert e.rollout(2)["mask"].all()
+        (failure,) = e.failures
+    assert failure.worker == 1 and "license server unreachable" in failure.error
+
+
+def _always_fails(**kw):
+    raise OSError("no such robot")
+
+
+def test_factory_that_always_fails_does_not_loop_forever():
+    with pytest.raises(EnvError, match="no such robot") as info:
+        _engine(_always_fails, _latency(), max_restarts=50)
+    assert any("in a row" in note for note in info.value.__notes__)
+
+
+def _always_crashes(**kw):
+    import envs as E
+
+    env = E.make("toy", **kw)
+
+    def crash(actions):
+        raise RuntimeError("diverged")
+
+    env.step_chunk = crash
+    return env
+
+
+def test_restart_budget_is_finite():
+    e = _engine(_always_crashes, _latency(), max_restarts=2)
+    with pytest.raises(EnvError, match="diverged") as info:
+        e.rollout(4)
+    assert any("budget of 2 is spent" in note for note in info.value.__notes__)
+    assert e.closed
+
+
+# -- the watchdog ---------------------------------------------------------------------------------
+def _sleeps_forever(**kw):
+    import time
+
+    import envs as E
+
+    env = E.make("toy", **kw)
+
+    def stuck(actions):
+        time.sleep(3600)  # the line the watchdog must point at
+
+    env.step_chunk = stuck
+    return env
+
+
+def test_stuck_worker_is_reported_with_its_stack():
+    import inspect
+
+    line = (
+        next(
+            i
+            for i, text in enumerate(inspect.getsource(_sleeps_forever).splitlines())
+            if "time.sleep(3600)" in text
+        )
+        + inspect.getsourcelines(_sleeps_forever)[1]
+    )
+    e = _engine(_sleeps_forever, _latency(), hang_timeout_s=2.0, on_worker_failure="raise")
+    with pytest.raises(WorkerStuckError) as info:
+        e.rollout(2)
+    msg = str(info.value)
+    assert "is stuck: its progress counter stayed at" in msg
+    assert f"test_resilience.py:{line}" in msg, msg  # py-spy's frame of the env
+    assert "--- inference loop stack ---" in msg and "_collect" in msg
+    assert e.closed
+
+
+def _slow_steps(step_sleep_s, **kw):
+    import time
+
+    import envs as E
+
+    env = E.make("toy", **kw)
+    apply = env._apply
+
+    def slow(action):
+        time.sleep(step_sleep_s)
+        return apply(action)
+
+    env._apply = slow
+    return env
+
+
+def test_slow_worker_is_not_stuck():
+    """Chunks far longer than hang_timeout_s, made of steps far shorter: no error."""
+    policy = LatencyPolicy(state_dim=8, chunk_len=10)
+    env_kwargs = dict(TOY, episode_len=50, step_sleep_s=0.2)  # 2 s a chunk, 0.2 s a step
+    with _engine(
+        _slow_steps, policy, env_kwargs=env_kwargs, hang_timeout_s=1.0, on_worker_failure="raise"
+    ) as e:
+        td = e.rollout(1)
+    assert td["mask"].all() and (td["next", "steps_executed"] == 10).all()

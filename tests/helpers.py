@@ -1,0 +1,24 @@
+"""Assertions shared by the test modules."""
+
+import os
+
+import torch
+from tensordict import TensorDict
+
+
+def shm_segments() -> set[str]:
+    """The engine's names in /dev/shm (there should never be any: it uses memfd)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith("vlare_")}
+
+
+def assert_identical(a: TensorDict, b: TensorDict) -> None:
+    """Same keys, shapes, dtypes and bytes (instructions: same strings)."""
+    assert a.batch_size == b.batch_size
+    keys = set(a.keys(include_nested=True, leaves_only=True))
+    assert keys == set(b.keys(include_nested=True, leaves_only=True))
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, torch.Tensor):
+            assert va.dtype == vb.dtype and torch.equal(va, vb), key
+        else:
+            assert va.tolist() == vb.tolist(), key
