@@ -4,6 +4,7 @@
     python bench.py --help          # its flags (workload, policy, modes, sweep, compare, ...)
     python bench.py workloads       # envs and policies alone (no engine)
     python bench.py engine          # engine suite: overlap vs bound, sweeps, transport
+    python bench.py soak            # soak and chaos: RSS, descriptors, /dev/shm, restarts
 
 Every figure is a median over repeated windows after a warm-up, measured in one run, so
 ratios are comparable even on a noisy shared machine.
@@ -16,7 +17,11 @@ import warnings
 
 warnings.filterwarnings("ignore", message="Failed to find system libvulkan")
 
-SUITES = {"workloads": "benchmarks.workloads", "engine": "benchmarks.engine"}
+SUITES = {
+    "workloads": "benchmarks.workloads",
+    "engine": "benchmarks.engine",
+    "soak": "benchmarks.soak",
+}
 
 
 def main(argv: list[str]) -> int:

@@ -450,8 +450,7 @@ class RolloutEngine:
     def _prefetch(self, s: Stage) -> None:
         if s.state is not StageState.STEPPING:
             return
-        self._pool.drain(f"stepping stage {s.index}")
-        if not all(self._pool.inbox[w] for w in s.workers):
+        if not self._pool.ready(s.workers, self._reply(s), f"stepping stage {s.index}"):
             return
         self._await(s)
         self._phase("preprocess")
@@ -588,22 +587,16 @@ class RolloutEngine:
         (rows not reset or stepped were carried into it by the worker)."""
         self._phase("wait_obs")
         self._pool.collect(
-            s.workers, self._accept(s), self.hang_timeout_s, f"{doing} stage {s.index}"
+            s.workers, self._reply(s), self.hang_timeout_s, f"{doing} stage {s.index}"
         )
         self._phase("bookkeeping")
         self._finish_command(s)
 
     @staticmethod
-    def _accept(s: Stage) -> Callable[[int, tuple], None]:
-        def accept(w: int, frame: tuple) -> None:
-            kind, stage, _, seq = frame
-            if kind != P.DONE or stage != s.index or seq != s.seq:
-                raise EngineError(
-                    f"worker {w}: protocol error: got {P.NAMES.get(kind, kind)} for stage "
-                    f"{stage} seq {seq}, expected DONE for stage {s.index} seq {s.seq}"
-                )
-
-        return accept
+    def _reply(s: Stage) -> Callable[[tuple], bool]:
+        """Matches the workers' reply to the stage's last command."""
+        index, seq = s.index, s.seq
+        return lambda frame: frame[1] == index and frame[3] == seq
 
     def _finish_command(self, s: Stage) -> None:
         s.slot = 1 - s.slot
@@ -660,7 +653,7 @@ class RolloutEngine:
         if s.state is StageState.STEPPING:
             if not s.healthy_in:  # the healthy workers' replies to the command in flight
                 healthy = [w for w in s.workers if w not in s.lost]
-                pool.collect(healthy, self._accept(s), self.hang_timeout_s, "recovering")
+                pool.collect(healthy, self._reply(s), self.hang_timeout_s, "recovering")
                 s.healthy_in = True
             target = 1 - s.slot
         else:
@@ -685,7 +678,7 @@ class RolloutEngine:
             a["reset_now"][mine] = 1
             try:
                 pool.send(w, (P.RESET, s.index, target, s.seq), "recovering")
-                pool.collect([w], self._accept(s), self.hang_timeout_s, "recovering")
+                pool.collect([w], self._reply(s), self.hang_timeout_s, "recovering")
             finally:
                 # What was queued after the retried episodes is queued again (the worker
                 # has read the control arrays, or will be replaced and read them again).

@@ -174,7 +174,10 @@ class EpisodePlan:
     def abort(self, env_ids: np.ndarray, episodes: np.ndarray) -> None:
         """A worker failure ended these episodes: each runs again from its reset (same id,
         seeds and row), so its group still comes back complete; ``restarts`` counts it."""
-        rows = (np.asarray(episodes, np.int64) - self.uid0) // 2
+        offset = np.asarray(episodes, np.int64) - self.uid0
+        rows = offset[(offset % 2 == 0) & (offset >= 0) & (offset < 2 * self.E)] // 2
+        # (Others are episodes of an earlier call still held at this call's start: the
+        # reset of every env that begins a call replaces them.)
         self.store.forget(rows)
         np.add.at(self.restarts, rows, 1)
 

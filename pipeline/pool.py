@@ -294,6 +294,8 @@ class WorkerPool:
             raise WorkerDiedError(self.death(w, doing), worker=w) from None
         if frame[0] == P.ERROR:
             raise failure_error(self.conns[w].recv(), self.env_name)
+        if frame[0] != P.DONE:
+            raise EngineError(f"worker {w}: protocol error: got {P.NAMES.get(frame[0], frame)}")
         return frame
 
     def drain(self, doing: str) -> None:
@@ -303,15 +305,21 @@ class WorkerPool:
             if what == "conn":
                 self.inbox[w].append(self.read_frame(w, doing))
 
+    def ready(self, workers: list[int], match: Callable[[tuple], bool], doing: str) -> bool:
+        """Whether each of ``workers`` has a reply that ``match`` accepts (never blocks)."""
+        self.drain(doing)
+        return all(any(match(f) for f in self.inbox[w]) for w in workers)
+
     def collect(
         self,
         workers: list[int],
-        accept: Callable[[int, tuple], None],
+        match: Callable[[tuple], bool],
         hang_timeout: float,
         doing: str,
     ) -> None:
-        """Block (in poll, burning no CPU) until each of ``workers`` has replied once; each
-        reply goes to ``accept(w, frame)``. Replies to later commands stay in the inbox.
+        """Block (in poll, burning no CPU) until each of ``workers`` has sent the reply that
+        ``match`` accepts, and take those replies; replies to other commands (another
+        stage's) stay in the inbox.
 
         The watchdog: a worker whose progress counter has not moved for ``hang_timeout``
         seconds is stuck (:class:`WorkerStuckError`, with its live stack); one whose counter
@@ -324,7 +332,7 @@ class WorkerPool:
         seen = {w: (int(progress[w]), now) for w in workers}
         period_ms = max(1, int(min(1.0, hang_timeout / 4) * 1000))
         while True:
-            need = [w for w in workers if not self.inbox[w]]
+            need = [w for w in workers if not any(match(f) for f in self.inbox[w])]
             if not need:
                 break
             events = self._poller.poll(period_ms)
@@ -347,11 +355,9 @@ class WorkerPool:
             if died is not None:
                 raise WorkerDiedError(self.death(died, doing), worker=died)
         for w in workers:
-            self._accepted(accept, w, self.inbox[w].popleft())
-
-    def _accepted(self, accept: Callable[[int, tuple], None], w: int, frame: tuple) -> None:
-        accept(w, frame)
-        self._consecutive[w] = 0  # it served a command: not a deterministic failure
+            box = self.inbox[w]
+            box.remove(next(f for f in box if match(f)))
+            self._consecutive[w] = 0  # it served a command: not a deterministic failure
 
     def _stuck(self, w: int, count: int, idle_s: float, doing: str) -> WorkerStuckError:
         pid = self.procs[w].pid
@@ -422,6 +428,8 @@ class WorkerPool:
             proc.kill()
         if proc is not None:
             proc.join(5.0)
+            with contextlib.suppress(ValueError):  # still running: its finalizer closes it
+                proc.close()  # releases the sentinel's descriptor now, not at collection
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.close()
