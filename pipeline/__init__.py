@@ -20,12 +20,17 @@ __all__ = [
     "PolicyOutputError",
     "RolloutEngine",
     "WorkerDiedError",
+    "WorkerStuckError",
 ]
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from pipeline import engine
+    if name == "RolloutEngine":
+        from pipeline.engine import RolloutEngine
 
-        return getattr(engine, name)
+        return RolloutEngine
+    if name in __all__:
+        from pipeline import errors
+
+        return getattr(errors, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -33,11 +33,7 @@ from pipeline import schema
 from pipeline.errors import (
     EngineClosedError,
     EngineError,
-    EngineTimeout,
-    EnvError,
-    ObservationError,
     PolicyOutputError,
-    WorkerDiedError,
 )
 from pipeline.layout import Layout
 from pipeline.plans import EpisodeIds, EpisodePlan, Plan, RolloutPlan
@@ -46,17 +42,6 @@ from pipeline.profiler.session import ProfileSession
 from pipeline.profiler.spans import PhaseClock, SpanRing
 from pipeline.stages import Stage, StageBatcher, StageState
 from pipeline.stats import EngineStats
-
-__all__ = [
-    "EngineClosedError",
-    "EngineError",
-    "EngineTimeout",
-    "EnvError",
-    "ObservationError",
-    "PolicyOutputError",
-    "RolloutEngine",
-    "WorkerDiedError",
-]
 
 
 def _release(cuda_path, pool: WorkerPool) -> None:
@@ -633,15 +618,17 @@ class RolloutEngine:
             if not self._pool.can_replace(exc):
                 raise exc
             self._phase("bookkeeping")
-            self._pool.replace(exc.worker, exc, self.start_timeout_s)
-            self.stats.restarts += 1
-            for s in self.stages:
-                s.lost.add(exc.worker)
             try:
+                self._pool.replace(exc.worker, exc, self.start_timeout_s)
+                self.stats.restarts += 1
+                for s in self.stages:
+                    s.lost.add(exc.worker)
                 for s in self.stages:
                     self._resync(s, plan)
                 return
             except EngineError as again:
+                if again is exc:  # not replaced: the budget is spent, or it always fails
+                    raise
                 exc = again
 
     def _resync(self, s: Stage, plan: Plan) -> None:

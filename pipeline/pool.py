@@ -60,6 +60,34 @@ def _worker_environ():
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _without_main(env: Any):
+    """Spawn children without re-running the parent's ``__main__``, unless the env factory
+    lives there. Spawn re-imports the main script in every child so that objects pickled
+    from it resolve; a trainer script imports torch and more at its top, which cost each
+    worker hundreds of MiB for nothing when the env is a registered name or an importable
+    factory."""
+    factory_in_main = not isinstance(env, str) and getattr(env, "__module__", "") == "__main__"
+    if factory_in_main:
+        yield
+        return
+    from multiprocess import spawn
+
+    real = spawn.get_preparation_data
+
+    def prepare(name):
+        data = real(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    spawn.get_preparation_data = prepare
+    try:
+        yield
+    finally:
+        spawn.get_preparation_data = real
+
+
 def _load_sched_getcpu():
     try:
         import ctypes
@@ -153,8 +181,9 @@ class WorkerPool:
         self.shm: SharedBuffers | None = None
         self.spec: EnvSpec | None = None
         # One poll set for the life of the pool: every worker's socket and sentinel. Whatever
-        # frame arrives is read at once into that worker's inbox (replies come in command
-        # order), so the set changes only when a worker is replaced.
+        # frame arrives is read at once into that worker's inbox, where the engine picks the
+        # reply it waits for by stage and sequence number; the set changes only when a
+        # worker is replaced.
         self._poller = select.poll()
         self.inbox: list[deque] = [deque() for _ in range(self.num_workers)]
         self._fd_owner: dict[int, tuple[str, int]] = {}
@@ -202,7 +231,7 @@ class WorkerPool:
         proc = ctx.Process(
             target=worker_main, args=(cfg, child_conn), name=f"rollout-worker-{w}", daemon=True
         )
-        with _worker_environ():
+        with _worker_environ(), _without_main(self.env):
             proc.start()
         child_conn.close()
         self.procs[w], self.conns[w] = proc, parent_conn

@@ -100,12 +100,22 @@ class _Worker:
             return False
         fd, num_envs, chunk_len, num_workers = attach
         spec = next(iter(self.envs.values())).spec
-        layout = Layout(spec, num_envs, chunk_len, num_workers)
-        self.shm = SharedBuffers.attach(layout, fd)
-        a = self.a = self.shm.arrays
-        self.obs_arrays = [(key, a[f"obs/{key}"]) for key in self.shm.layout.obs_keys]
+        self.bind(SharedBuffers.attach(Layout(spec, num_envs, chunk_len, num_workers), fd))
+        for t0, t1, cpu in self.init_spans:  # env creation, timed before the rings existed
+            self.ring.add(PHASE_ID["env_init"], t0, t1, cpu)
+        if self.init_spans:  # then the hand-shake: the rest of start-up
+            self.ring.add(PHASE_ID["env_init"], self.init_spans[-1][1], time.perf_counter_ns(), 0)
+        P.send(self.conn, P.ATTACHED)
+        return True
+
+    def bind(self, shm: SharedBuffers) -> None:
+        """Work on ``shm``: views of the arrays this worker reads and writes."""
+        self.shm = shm
+        a = self.a = shm.arrays
+        self.obs_arrays = [(key, a[f"obs/{key}"]) for key in shm.layout.obs_keys]
         self.obs_fields = [
-            (key, fs.shape, fs.dtype, fs.dtype.kind == "f") for key, fs in spec.obs.items()
+            (key, fs.shape, fs.dtype, fs.dtype.kind == "f")
+            for key, fs in shm.layout.spec.obs.items()
         ]
         self.res, self.actions, self.n_exec = a["results"], a["actions"], a["n_exec"]
         self.reset_now, self.next_seed = a["reset_now"], a["next_seed"]
@@ -118,12 +128,6 @@ class _Worker:
         for env in self.envs.values():
             if hasattr(env, "on_step"):  # ChunkedEnvMixin envs count every control step
                 env.on_step = self._tick
-        for t0, t1, cpu in self.init_spans:  # env creation, timed before the rings existed
-            self.ring.add(PHASE_ID["env_init"], t0, t1, cpu)
-        if self.init_spans:  # then the hand-shake: the rest of start-up
-            self.ring.add(PHASE_ID["env_init"], self.init_spans[-1][1], time.perf_counter_ns(), 0)
-        P.send(self.conn, P.ATTACHED)
-        return True
 
     def _tick(self) -> None:
         self.progress[0] += 1

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import assert_identical, shm_segments
+from helpers import assert_identical, failing_env, shm_segments
 
 import envs
 from pipeline import (
@@ -167,31 +167,15 @@ def test_policy_version_tracks_weight_updates():
 
 
 # -- 3. errors, not hangs ------------------------------------------------------------------------
-def _failing_env_factory():
-    import envs as E
-
-    env = E.make("toy", state_dim=8, cameras=("cam",), image_size=8, episode_len=50)
-    apply = env._apply
-    count = [0]
-
-    def bad(action):
-        count[0] += 1
-        if count[0] > 5:
-            raise ValueError("the gripper fell off")
-        return apply(action)
-
-    env._apply = bad
-    return env
-
-
 def test_env_exception_names_worker_env_and_traceback():
     before = shm_segments()
     e = RolloutEngine(
-        _failing_env_factory,
+        failing_env,
         _latency(),
         num_envs=4,
         num_workers=2,
         num_stages=2,
+        env_kwargs=dict(TOY, episode_len=50),
         on_worker_failure="raise",
     )
     pids = e.worker_pids()

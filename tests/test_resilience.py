@@ -6,10 +6,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import assert_identical
+from helpers import assert_identical, failing_env
 
-from pipeline import EngineError, EnvError, ObservationError, RolloutEngine, schema
-from pipeline.errors import WorkerStuckError
+from pipeline import (
+    EngineError,
+    EnvError,
+    ObservationError,
+    RolloutEngine,
+    WorkerStuckError,
+    schema,
+)
 from pipeline.policies import LatencyPolicy
 
 TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=7)
@@ -93,10 +99,7 @@ def test_bad_observation_is_not_written(tmp_path):
     layout = Layout(env.spec, num_envs=1, chunk_len=4)
     shm = SharedBuffers.create(layout)
     try:
-        w.a = shm.arrays
-        w.obs_arrays = [(k, shm.arrays[f"obs/{k}"]) for k in layout.obs_keys]
-        w.obs_fields = [(k, f.shape, f.dtype, f.dtype.kind == "f") for k, f in env.spec.obs.items()]
-        w.written_text = {}
+        w.bind(shm)
         obs, _ = env.reset(seed=1)
         w._write_obs(0, 0, obs, env.instruction)
         good = shm.arrays["obs/state"][0, 0].copy()
@@ -105,8 +108,7 @@ def test_bad_observation_is_not_written(tmp_path):
             w._write_obs(0, 0, env._observe(), env.instruction)
         np.testing.assert_array_equal(shm.arrays["obs/state"][0, 0], good)
     finally:
-        w.a = w.obs_arrays = None
-        shm.close()
+        w.close()
 
 
 # -- start-up failure (bug: healthy workers were SIGKILLed, never seeing CLOSE) -------------------
@@ -157,25 +159,9 @@ def test_nested_profile_is_refused_and_the_outer_one_survives():
     assert len(report.processes) == 3
 
 
-def _failing_env(**kw):
-    import envs as E
-
-    env = E.make("toy", **kw)
-    apply, count = env._apply, [0]
-
-    def bad(action):
-        count[0] += 1
-        if count[0] > 5:
-            raise ValueError("the gripper fell off")
-        return apply(action)
-
-    env._apply = bad
-    return env
-
-
 def test_engine_error_inside_profile_surfaces_as_itself():
     e = _engine(
-        _failing_env, _latency(), env_kwargs=dict(TOY, episode_len=50), on_worker_failure="raise"
+        failing_env, _latency(), env_kwargs=dict(TOY, episode_len=50), on_worker_failure="raise"
     )
     with pytest.raises(EnvError, match="the gripper fell off"):
         with e.profile() as prof:
@@ -242,7 +228,7 @@ def test_dropped_cuda_engine_unregisters_before_unmapping():
 # -- respawn --------------------------------------------------------------------------------------
 def _crashes_once(marker_dir, how, at_chunk=3, crash_env=1, **kw):
     """A toy env that fails once, machine-wide: env ``crash_env`` at its ``at_chunk``-th chunk.
-    ``how``: "kill" (SIGKILL itself), "raise" (an exception in step_chunk)."""
+    ``how``: "kill" (SIGKILL itself), "segfault", "raise" (an exception in step_chunk)."""
     import signal as sig
 
     import envs as E
@@ -256,8 +242,12 @@ def _crashes_once(marker_dir, how, at_chunk=3, crash_env=1, **kw):
         # Only the first env of the worker holding env `crash_env` counts chunks that matter.
         if chunks[0] == at_chunk and env.crash_here and not os.path.exists(marker):
             open(marker, "w").close()
-            if how == "kill":
+            if how == "kill":  # what the OOM killer does
                 os.kill(os.getpid(), sig.SIGKILL)
+            if how == "segfault":  # a real one: a read of address 0
+                import ctypes
+
+                ctypes.string_at(0)
             raise RuntimeError("the simulator lost its contact cache")
         return step_chunk(actions)
 
@@ -291,7 +281,7 @@ def _rollout_pair(tmp_path, how, **kw):
     return runs
 
 
-@pytest.mark.parametrize("how", ["kill", "raise"])
+@pytest.mark.parametrize("how", ["kill", "segfault", "raise"])
 def test_failed_worker_is_replaced_and_other_envs_are_bitwise_unchanged(tmp_path, how):
     runs = _rollout_pair(tmp_path, how)
     clean, clean_eps, clean_restarts, _ = runs[False]
@@ -299,7 +289,8 @@ def test_failed_worker_is_replaced_and_other_envs_are_bitwise_unchanged(tmp_path
     assert clean_restarts == 0 and restarts == 1
     (failure,) = failures
     assert failure.worker == 1 and failure.env_ids == [1, 3, 5, 7]
-    assert ("SIGKILL" if how == "kill" else "lost its contact cache") in failure.error
+    expect = {"kill": "SIGKILL", "segfault": "SIGSEGV", "raise": "lost its contact cache"}
+    assert expect[how] in failure.error
     # Worker 0's envs never noticed: every field of their rows is bitwise the same.
     healthy = [0, 2, 4, 6]
     assert_identical(td[healthy], clean[healthy])
