@@ -1,0 +1,42 @@
+"""steps(): engine outputs as one row per decision, ready for a PPO/GRPO loss."""
+
+import torch
+
+import envs
+from pipeline import RolloutEngine, schema
+from pipeline.policies import TinyVLA
+from pipeline.views import steps
+
+TOY = dict(state_dim=8, cameras=("cam",), image_size=16, episode_len=9)
+
+
+def test_steps_of_episodes_and_rollouts():
+    spec = envs.make("toy", **TOY).spec
+    torch.manual_seed(0)
+    policy = TinyVLA.from_spec(spec, chunk_len=4).eval()
+    with RolloutEngine(
+        "toy", policy, num_envs=4, num_workers=2, num_stages=2, env_kwargs=TOY, seed=1
+    ) as e:
+        eps = e.collect_episodes(num_groups=2, group_size=2)
+        td = e.rollout(3)
+    batch = steps(eps)
+    assert batch.batch_size == (int(eps["length"].sum()),)
+    rows, ts = eps["mask"].nonzero().unbind(1)
+    assert torch.equal(batch["row"], rows)
+    texts = eps[schema.INSTRUCTION].tolist()
+    for j, (r, t) in enumerate(zip(rows.tolist(), ts.tolist(), strict=True)):
+        assert torch.equal(batch["observation", "state"][j], eps["observation", "state"][r, t])
+        assert torch.equal(batch[schema.ACTION_TOKENS][j], eps[schema.ACTION_TOKENS][r, t])
+        assert torch.equal(batch["next", "reward"][j], eps["next", "reward"][r, t])
+        for key in ("success", "group_id", "length", "env_steps", "restarts"):
+            assert batch[key][j] == eps[key][r], key  # per-episode fields, on every step
+        assert batch[schema.INSTRUCTION][j] == texts[r][t]
+    assert batch["observation", "image", "cam"].shape[1:] == (3, 16, 16)
+    # The loss recipe: the policy's log-prob of the recorded tokens is the recorded
+    # behaviour log-prob (same weights), so the ratio starts at 1.
+    with torch.no_grad():
+        new = policy.log_prob(batch, batch[schema.ACTION_TOKENS])
+    torch.testing.assert_close(new, batch[schema.SAMPLE_LOG_PROB], rtol=1e-4, atol=1e-3)
+    flat = steps(td)
+    assert flat.batch_size == (int(td["mask"].sum()),)
+    assert torch.equal(flat["env_id"], flat["row"])  # rollout rows are envs
