@@ -76,8 +76,13 @@ class RolloutEngine:
     ``gc.freeze()`` once at start-up, so the per-turn path does not pay for full garbage
     collections over torch's objects; it affects the whole process.
 
-    Errors raise an :class:`EngineError` subclass and close the engine; nothing is left
-    running, and the shared memory (an anonymous memfd) is gone with the last process.
+    Faults: with ``on_worker_failure="restart"`` (default) a worker that dies, whose env
+    raises, whose factory fails, or whose progress counter stands still for
+    ``hang_timeout_s`` is replaced, up to ``max_restarts`` times over the engine's life; its
+    running episodes end as ``aborted`` and re-run with the same seeds, and every other env
+    is unaffected (see ``engine.failures``). ``"raise"`` raises instead. Errors not recovered
+    raise an :class:`EngineError` subclass and close the engine; nothing is left running,
+    and the shared memory (an anonymous memfd) is gone with the last process.
     """
 
     def __init__(

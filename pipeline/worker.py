@@ -1,10 +1,13 @@
 """The env worker process: one explicit state machine around a pipe and shared memory.
 
 States: STARTING (limit threads, create envs) -> HELLO (send the spec) -> ATTACHED (map the
-shared memory) -> RUNNING (serve RESET/STEP in order) -> CLOSED. Any env exception is sent
-back as a :class:`~pipeline.protocol.WorkerFailure` and the worker exits. The worker also
-exits when its parent dies: the kernel kills it (``PR_SET_PDEATHSIG``) and, as a second line,
-its command pipe reaches EOF.
+shared memory received over the pipe) -> RUNNING (serve RESET/STEP in order) -> CLOSED; a
+CLOSE in place of ATTACH (start-up abandoned) goes straight to CLOSED. Any env exception, and
+any observation that breaks the spec, is sent back as a
+:class:`~pipeline.protocol.WorkerFailure` and the worker exits. While RUNNING it counts its
+progress (control steps, resets, chunks) in shared memory for the parent's watchdog. The
+worker also exits when its parent dies: the kernel kills it (``PR_SET_PDEATHSIG``) and, as a
+second line, its command pipe reaches EOF.
 
 This module must not import torch: workers only step physics, and importing torch would cost
 every worker start-up time and memory for nothing.
