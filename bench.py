@@ -5,6 +5,7 @@
     python bench.py workloads       # envs and policies alone (no engine)
     python bench.py engine          # engine suite: overlap vs bound, sweeps, transport
     python bench.py soak            # soak and chaos: RSS, descriptors, /dev/shm, restarts
+    python bench.py embedding       # worker RSS when embedded in a trainer-shaped script
 
 Every figure is a median over repeated windows after a warm-up, measured in one run, so
 ratios are comparable even on a noisy shared machine.
@@ -21,6 +22,7 @@ SUITES = {
     "workloads": "benchmarks.workloads",
     "engine": "benchmarks.engine",
     "soak": "benchmarks.soak",
+    "embedding": "benchmarks.embedding",
 }
 
 

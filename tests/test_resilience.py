@@ -226,22 +226,26 @@ def test_dropped_cuda_engine_unregisters_before_unmapping():
 
 
 # -- respawn --------------------------------------------------------------------------------------
-def _crashes_once(marker_dir, how, at_chunk=3, crash_env=1, **kw):
-    """A toy env that fails once, machine-wide: env ``crash_env`` at its ``at_chunk``-th chunk.
-    ``how``: "kill" (SIGKILL itself), "segfault", "raise" (an exception in step_chunk)."""
+def _crashes(marker_dir, how, crashes=1, at_chunk=3, **kw):
+    """A toy env that fails ``crashes`` times machine-wide (counted by marker files): worker
+    1's first env, at its ``at_chunk``-th chunk. ``how``: "kill" (SIGKILL itself),
+    "segfault", "raise" (an exception in step_chunk)."""
     import signal as sig
+
+    import multiprocess
 
     import envs as E
 
     env = E.make("toy", **kw)
     step_chunk, chunks = env.step_chunk, [0]
-    marker = os.path.join(marker_dir, "crashed")
 
     def flaky(actions):
         chunks[0] += 1
-        # Only the first env of the worker holding env `crash_env` counts chunks that matter.
-        if chunks[0] == at_chunk and env.crash_here and not os.path.exists(marker):
-            open(marker, "w").close()
+        # The name is read now: a spare is renamed when it takes worker 1's place.
+        here = env.first and multiprocess.current_process().name.endswith("-1")
+        done = len(os.listdir(marker_dir))
+        if chunks[0] == at_chunk and here and done < crashes:
+            open(os.path.join(marker_dir, f"crashed-{done}"), "w").close()
             if how == "kill":  # what the OOM killer does
                 os.kill(os.getpid(), sig.SIGKILL)
             if how == "segfault":  # a real one: a read of address 0
@@ -251,44 +255,39 @@ def _crashes_once(marker_dir, how, at_chunk=3, crash_env=1, **kw):
             raise RuntimeError("the simulator lost its contact cache")
         return step_chunk(actions)
 
-    env.crash_here = False
     env.step_chunk = flaky
     return env
 
 
-def _flaky_factory(marker_dir, how, **kw):
-    import multiprocess
-
-    env = _crashes_once(marker_dir, how, **kw)
-    name = multiprocess.current_process().name
-    first = not getattr(_flaky_factory, "made", False)
+def _flaky_factory(marker_dir, how, crashes=1, **kw):
+    env = _crashes(marker_dir, how, crashes, **kw)
+    env.first = not getattr(_flaky_factory, "made", False)  # the process's first env: env 1
     _flaky_factory.made = True
-    env.crash_here = name.endswith("-1") and first  # worker 1's first env: env 1
     return env
 
 
-def _rollout_pair(tmp_path, how, **kw):
+def _rollout_pair(tmp_path, how, crashes):
     kwargs = dict(TOY, episode_len=9)
     runs = {}
     for fault in (False, True):
         marker_dir = tmp_path / f"fault-{fault}"
         marker_dir.mkdir()
-        if not fault:
-            (marker_dir / "crashed").touch()  # the fault-free run never crashes
-        env_kwargs = dict(kwargs, marker_dir=str(marker_dir), how=how)
-        with _engine(_flaky_factory, _latency(), num_envs=8, env_kwargs=env_kwargs, **kw) as e:
+        env_kwargs = dict(kwargs, marker_dir=str(marker_dir), how=how, crashes=crashes * fault)
+        with _engine(_flaky_factory, _latency(), num_envs=8, env_kwargs=env_kwargs) as e:
             runs[fault] = (e.rollout(10), e.collect_episodes(2, 4), e.stats.restarts, e.failures)
     return runs
 
 
-@pytest.mark.parametrize("how", ["kill", "segfault", "raise"])
-def test_failed_worker_is_replaced_and_other_envs_are_bitwise_unchanged(tmp_path, how):
-    runs = _rollout_pair(tmp_path, how)
+@pytest.mark.parametrize(
+    "how,crashes", [("kill", 1), ("segfault", 1), ("raise", 1), ("kill", 2)]
+)  # two replacements in one engine
+def test_failed_worker_is_replaced_and_other_envs_are_bitwise_unchanged(tmp_path, how, crashes):
+    runs = _rollout_pair(tmp_path, how, crashes)
     clean, clean_eps, clean_restarts, _ = runs[False]
     td, eps, restarts, failures = runs[True]
-    assert clean_restarts == 0 and restarts == 1
-    (failure,) = failures
-    assert failure.worker == 1 and failure.env_ids == [1, 3, 5, 7]
+    assert clean_restarts == 0 and restarts == crashes and len(failures) == crashes
+    failure = failures[0]
+    assert all(f.worker == 1 and f.env_ids == [1, 3, 5, 7] for f in failures)
     expect = {"kill": "SIGKILL", "segfault": "SIGSEGV", "raise": "lost its contact cache"}
     assert expect[how] in failure.error
     # Worker 0's envs never noticed: every field of their rows is bitwise the same.
@@ -328,9 +327,9 @@ def test_episode_groups_come_back_complete_after_a_fault(tmp_path):
     for fault in (False, True):
         marker_dir = tmp_path / f"fault-{fault}"
         marker_dir.mkdir()
-        if not fault:
-            (marker_dir / "crashed").touch()
-        env_kwargs = dict(TOY, episode_len=9, marker_dir=str(marker_dir), how="kill")
+        env_kwargs = dict(
+            TOY, episode_len=9, marker_dir=str(marker_dir), how="kill", crashes=int(fault)
+        )
         with _engine(_flaky_factory, _latency(), num_envs=8, env_kwargs=env_kwargs) as e:
             eps[fault] = e.collect_episodes(3, 4)
             assert e.stats.restarts == int(fault)
