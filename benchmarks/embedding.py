@@ -1,11 +1,18 @@
-"""The engine embedded in a trainer-shaped script: what its workers cost.
+"""The engine embedded in a trainer-shaped script: what its workers cost, and its threads.
 
-    python bench.py embedding
+    python bench.py embedding [--only rss|threads] [--windows N]
 
-A trainer script imports torch (and more) at its top. Spawned workers used to re-run that
-script, so each held torch's memory. This runs such a script in a fresh interpreter three
-ways and prints each worker's RSS: a registered env name, a factory importable from a
+Memory. A trainer script imports torch (and more) at its top. Spawned workers used to re-run
+that script, so each held torch's memory. This runs such a script in a fresh interpreter
+three ways and prints each worker's RSS: a registered env name, a factory importable from a
 module, and a factory defined in the script itself (which must re-run it to unpickle).
+
+Threads. A trainer runs with torch's default intra-op threads (one per core). This process
+does not change them, so it runs as a trainer does, and compares in one run, with windows
+interleaved, the engine leaving torch's threads alone (``inference_threads=None``) against
+its default (``"auto"``): sync and pipelined throughput and the pipelined speed-up. Setup as
+measured in issue 9: toy env, 2.5 ms steps, chunk 4, 8 envs, 2 workers, ``LatencyPolicy``
+5 ms per item.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 _SCRIPT = textwrap.dedent(
     """
@@ -68,13 +76,63 @@ def toy_factory():
     return envs.make("toy", state_dim=16)
 
 
+def threads(windows: int) -> None:
+    import numpy as np
+    import torch
+
+    from pipeline import RolloutEngine
+    from pipeline.policies import LatencyPolicy
+
+    print(f"torch intra-op threads in this process: {torch.get_num_threads()} (default)")
+    engines = {}
+    for threads_opt in (None, "auto"):
+        for mode, stages in (("sync", 1), ("pipelined", 2)):
+            policy = LatencyPolicy(state_dim=16, chunk_len=4, per_item_ms=5)
+            engines[threads_opt, mode] = RolloutEngine(
+                "toy",
+                policy,
+                num_envs=8,
+                num_workers=2,
+                num_stages=stages,
+                mode=mode,
+                env_kwargs={"step_cost_us": 2500},
+                inference_threads=threads_opt,
+            )
+    rates: dict = {k: [] for k in engines}
+    try:
+        for e in engines.values():
+            e.rollout(4)  # warm-up
+        decisions = 10
+        for _ in range(windows):
+            for k, e in engines.items():
+                t0 = time.perf_counter()
+                e.rollout(decisions)
+                rates[k].append(e.num_envs * decisions / (time.perf_counter() - t0))
+    finally:
+        for e in engines.values():
+            e.close()
+    med = {k: float(np.median(v)) for k, v in rates.items()}
+    print(f"decisions/s, medians of {windows} interleaved windows of 10 decisions per env:")
+    print(f"  {'inference_threads':<24}{'sync':>8}{'pipelined':>11}{'speed-up':>10}")
+    for opt in (None, "auto"):
+        sync, pipe = med[opt, "sync"], med[opt, "pipelined"]
+        label = "None (torch default)" if opt is None else f"{opt!r} (engine default)"
+        print(f"  {label:<24}{sync:8.1f}{pipe:11.1f}{pipe / sync:9.2f}x", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="bench.py embedding",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.parse_args(argv)
+    ap.add_argument("--only", choices=("rss", "threads"))
+    ap.add_argument("--windows", type=int, default=7)
+    args = ap.parse_args(argv)
+    if args.only != "rss":
+        threads(args.windows)
+    if args.only == "threads":
+        return 0
     print("worker RSS with a trainer-shaped main script (imports torch at its top):")
     for how, label in (
         ("name", "registered env name ('toy')"),

@@ -272,6 +272,40 @@ def test_bad_config_is_rejected():
         _engine(_latency(), mode="async")
     with pytest.raises(ValueError, match="policy's parameters are on cpu"):
         _engine(_latency(), device="meta")
+    with pytest.raises(ValueError, match="inference_threads"):
+        _engine(_latency(), inference_threads=0)
+
+
+class _ThreadsSeen(LatencyPolicy):
+    """Records torch's intra-op thread count at every policy call."""
+
+    seen: list
+
+    def forward(self, td):
+        self.seen.append(torch.get_num_threads())
+        return super().forward(td)
+
+
+@pytest.mark.parametrize("option, expected", [("auto", 1), (1, 1), (None, 3)])
+def test_inference_threads_apply_during_a_call_and_are_restored(option, expected):
+    # 'auto' on this CPU: the cores not used by the 2 workers, at least 1; None leaves
+    # the caller's setting (3 here) alone.
+    policy = _ThreadsSeen(state_dim=TOY["state_dim"], chunk_len=4)
+    policy.seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with _engine(policy, inference_threads=option) as e:
+            if option == "auto":
+                cores = len(os.sched_getaffinity(0))
+                expected = max(1, cores - 2)
+            e.rollout(2)
+            assert torch.get_num_threads() == 3
+            e.collect_episodes(1, 2)
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert policy.seen and set(policy.seen) == {expected}
 
 
 # -- 4. clean lifecycle --------------------------------------------------------------------------
