@@ -60,7 +60,8 @@ class Dest:
 
     def __init__(self, rows: np.ndarray, ts: np.ndarray, src: np.ndarray, stage_len: int) -> None:
         self.rows, self.ts, self.src, self.n = rows, ts, src, len(src)
-        contiguous = self.n == stage_len and self.n > 0 and rows[-1] - rows[0] == self.n - 1
+        # Every row must follow the one before: rows [17, 16, 19, 20] span 17..20 too.
+        contiguous = self.n == stage_len and self.n > 0 and bool((np.diff(rows) == 1).all())
         self.block = (int(rows[0]), int(ts[0])) if contiguous and (ts == ts[0]).all() else None
 
     @classmethod
