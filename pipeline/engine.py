@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,7 @@ from pipeline.errors import (
     PolicyOutputError,
 )
 from pipeline.layout import Layout
+from pipeline.overlap import RolloutFuture, WeightSync
 from pipeline.plans import EpisodeIds, EpisodePlan, Plan, RolloutPlan
 from pipeline.pool import WorkerPool
 from pipeline.profiler.session import ProfileSession
@@ -59,6 +62,13 @@ def _host(t: torch.Tensor) -> np.ndarray:
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.float()
     return t.cpu().numpy()
+
+
+_ASYNC_THREAD = "rollout-async"
+
+
+def _in_async_thread() -> bool:
+    return threading.current_thread().name.startswith(_ASYNC_THREAD)
 
 
 def _inference_threads(
@@ -134,6 +144,7 @@ class RolloutEngine:
         pin_workers: bool = False,
         freeze_gc: bool = True,
         inference_threads: int | str | None = "auto",
+        max_staleness: int | None = None,
         profile: bool = False,
     ) -> None:
         self._closed = True  # until start-up completes
@@ -163,6 +174,9 @@ class RolloutEngine:
             )
         if max_restarts < 0:
             raise ValueError(f"max_restarts={max_restarts} must be >= 0")
+        if max_staleness is not None and max_staleness < 0:
+            raise ValueError(f"max_staleness={max_staleness} must be >= 0 (or None)")
+        self.max_staleness = max_staleness
         self.env_name = env if isinstance(env, str) else getattr(env, "__name__", repr(env))
         self.policy, self.mode, self.seed = policy, mode, int(seed)
         self.num_envs, self.num_workers, self.num_stages = num_envs, num_workers, num_stages
@@ -179,6 +193,9 @@ class RolloutEngine:
             )
         self.policy_version = 0
         self._param_versions = self._fingerprint()
+        self._weights = WeightSync(policy)
+        self._executor: ThreadPoolExecutor | None = None  # runs collect_episodes_async
+        self._in_flight: Future | None = None
         self.stages = [
             Stage(g, g * per_stage, (g + 1) * per_stage, list(range(num_workers)))
             for g in range(num_stages)
@@ -248,7 +265,16 @@ class RolloutEngine:
         return self._closed
 
     def close(self) -> None:
-        """Stop the workers and release shared memory. Safe to call more than once."""
+        """Stop the workers and release shared memory. Safe to call more than once.
+
+        A call running in the background (``collect_episodes_async``) is finished first."""
+        if getattr(self, "_executor", None) is not None:
+            if threading.current_thread().name.startswith(_ASYNC_THREAD):
+                # an error in the background call closes the engine from that thread
+                self._executor.shutdown(wait=False)
+            else:
+                self._executor.shutdown(wait=True)
+            self._executor = None
         if self.profiler is not None and self.profiler.running:
             self.profiler.stop()  # read the workers' spans while the memory is still mapped
         self._closed = True
@@ -365,13 +391,20 @@ class RolloutEngine:
         """
         if num_decisions < 1:
             raise ValueError("num_decisions must be >= 1")
-        self._check_open()
+        self._check_idle()
         plan = RolloutPlan(
             self.layout, self.a, self._ids, self.seed, self.num_stages, num_decisions
         )
         return self._call(plan)
 
-    def collect_episodes(self, num_groups: int, group_size: int) -> TensorDict:
+    def collect_episodes(
+        self,
+        num_groups: int,
+        group_size: int,
+        reset_seeds: Sequence[int] | None = None,
+        *,
+        _threads: bool = True,
+    ) -> TensorDict:
         """Run ``num_groups * group_size`` complete episodes, GRPO style.
 
         Members of a group share the reset seed (the same initial state) and have their own
@@ -379,12 +412,26 @@ class RolloutEngine:
         TensorDict ``[E]`` (episodes, group-major) whose trajectory fields are ``[E, T, ...]``
         padded to the longest, with ``mask`` ``[E, T]`` and per-episode ``success``,
         ``length`` (decisions), ``env_steps`` and ``group_id``.
+
+        Group reset seeds are derived from the engine seed and the call count, unless
+        ``reset_seeds`` gives one per group (a fixed, held-out evaluation set).
+
+        Example:
+            >>> eps = engine.collect_episodes(num_groups=4, group_size=8)
+            >>> held_out = engine.collect_episodes(16, 1, reset_seeds=range(10**6, 10**6 + 16))
         """
         if num_groups < 1 or group_size < 1:
             raise ValueError("num_groups and group_size must be >= 1")
+        if reset_seeds is not None:
+            reset_seeds = np.asarray(list(reset_seeds), np.int64)
+            if reset_seeds.shape != (num_groups,) or (reset_seeds < 0).any():
+                raise ValueError(
+                    f"reset_seeds: need {num_groups} non-negative seeds (one per group), got "
+                    f"{reset_seeds.tolist()}"
+                )
         if not self.auto_reset:
             raise EngineError("collect_episodes needs auto_reset=True")
-        self._check_open()
+        self._check_idle()
         plan = EpisodePlan(
             self.layout,
             self.a,
@@ -394,15 +441,86 @@ class RolloutEngine:
             self.exec_len,
             num_groups,
             group_size,
+            reset_seeds,
         )
-        return self._call(plan)
+        return self._call(plan, set_threads=_threads)
 
-    def _call(self, plan: Plan) -> TensorDict:
+    # -- training overlapped with rollouts ------------------------------------------------------
+    def update_weights(self, source: torch.nn.Module | Mapping[str, torch.Tensor], version: int):
+        """Hand the rollout policy new weights, recorded as ``policy_version`` ``version``.
+
+        The weights are copied when this is called (the trainer may step its optimizer right
+        after) and loaded into the engine's policy between calls, never during one: a call
+        running in the background finishes with the weights it started with. Give the
+        engine its own copy of the policy when training overlaps rollouts.
+
+        Example:
+            >>> engine = RolloutEngine("toy", copy.deepcopy(policy), num_envs=8)
+            >>> fut = engine.collect_episodes_async(4, 8)
+            >>> loss.backward(); opt.step()              # on the trainer's policy
+            >>> engine.update_weights(policy, version=1)  # used from the next call on
+        """
+        self._check_open()
+        self._weights.stage(source, version)
+        if self._in_flight is None or self._in_flight.done():
+            self._apply_weights()
+
+    def _apply_weights(self) -> None:
+        version = self._weights.apply()
+        if version is not None:
+            self.set_policy_version(version)
+
+    def collect_episodes_async(
+        self, num_groups: int, group_size: int, reset_seeds: Sequence[int] | None = None
+    ) -> RolloutFuture:
+        """``collect_episodes`` in a background thread; returns a future of its TensorDict.
+
+        One call runs at a time: take the previous future's ``result()`` first. With
+        ``max_staleness=N`` a result whose ``policy_version`` is more than ``N`` versions
+        behind the newest ``update_weights`` is dropped and collected again, with the newest
+        weights, when taken (``engine.stats.stale_dropped`` counts the dropped episodes). The
+        background call leaves torch's thread count alone (it is process-wide and the
+        trainer's).
+
+        Example:
+            >>> fut = engine.collect_episodes_async(num_groups=8, group_size=8)
+            >>> train_on(previous_batch)           # overlaps the rollout
+            >>> batch = fut.result()
+        """
+        self._check_idle()
+        self._apply_weights()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=_ASYNC_THREAD)
+        job = lambda: self.collect_episodes(num_groups, group_size, reset_seeds, _threads=False)
+        self._in_flight = self._executor.submit(job)
+        self.stats.async_calls += 1
+        return RolloutFuture(
+            self._in_flight,
+            latest_version=lambda: self._weights.latest,
+            max_staleness=self.max_staleness,
+            recollect=lambda: self.collect_episodes(num_groups, group_size, reset_seeds),
+            on_drop=self._count_stale,
+        )
+
+    def _count_stale(self, episodes: int) -> None:
+        self.stats.stale_dropped += episodes
+
+    def _check_idle(self) -> None:
+        self._check_open()
+        f = self._in_flight
+        if f is not None and not f.done() and not _in_async_thread():
+            raise EngineError(
+                "a collect_episodes_async call is still running: take its result() first"
+            )
+
+    def _call(self, plan: Plan, set_threads: bool = True) -> TensorDict:
+        if not _in_async_thread():
+            self._apply_weights()
         self._refresh_policy_version()
         self._phase("bookkeeping")
         self._batcher.new_call()
         threads = torch.get_num_threads()
-        if self.inference_threads is not None:
+        if set_threads and self.inference_threads is not None:
             torch.set_num_threads(self.inference_threads)
         try:
             self._begin(plan)
@@ -421,7 +539,8 @@ class RolloutEngine:
             self.close()  # a half-finished pipeline cannot be resumed safely
             raise
         finally:
-            torch.set_num_threads(threads)
+            if set_threads:
+                torch.set_num_threads(threads)
             self._calls += 1
             self._phase("outside")
 

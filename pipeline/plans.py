@@ -134,11 +134,13 @@ class EpisodePlan:
         exec_len: int,
         num_groups: int,
         group_size: int,
+        group_seeds: np.ndarray | None = None,
     ) -> None:
         self.a, self.seed = arrays, seed
         self.E = num_groups * group_size
         self.group_size = group_size
-        group_seeds = derive(seed, GROUP, call, np.arange(num_groups))
+        if group_seeds is None:
+            group_seeds = derive(seed, GROUP, call, np.arange(num_groups))
         self.seeds = np.repeat(group_seeds, group_size)
         self.uid0 = ids.take(self.E)
         self.queue = 0  # next episode index to hand out

@@ -35,6 +35,8 @@ class EngineStats:
     turn_env_ns: deque = field(default_factory=deque)
     record_ns: int = 0  # copying decisions into the trajectory store
     restarts: int = 0  # workers replaced (``engine.failures`` says why)
+    async_calls: int = 0  # collect_episodes_async calls started
+    stale_dropped: int = 0  # episodes dropped as older than max_staleness, collected again
     worker_env_ns: np.ndarray = None
     worker_write_ns: np.ndarray = None
     # Per stage turn: (turn ns, policy ns, the stage's result records); folded into the
@@ -46,7 +48,7 @@ class EngineStats:
 
     def reset(self) -> None:
         self.decisions = self.env_steps = self.policy_ns = 0
-        self.record_ns = self.restarts = 0
+        self.record_ns = self.restarts = self.async_calls = self.stale_dropped = 0
         self.turn_ns, self.turn_policy_ns, self.turn_env_ns = (
             deque(maxlen=TURN_SAMPLES) for _ in range(3)
         )

@@ -1,0 +1,121 @@
+"""Training overlapped with rollouts: weight snapshots and the future of a running call.
+
+While a trainer updates on batch k, the engine collects batch k+1 in a background thread
+with the weights of the version it started with. Two rules keep that honest:
+
+- The rollout policy never reads a tensor an optimizer step is halfway through writing:
+  ``update_weights`` copies the trainer's weights *when it is called* into a snapshot, and
+  the snapshot is loaded into the rollout policy only between calls.
+- Data older than ``max_staleness`` versions is dropped and collected again with the current
+  weights when the trainer takes it, and the drop is counted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+
+class WeightSync:
+    """The newest weights handed over by the trainer, waiting for a safe point.
+
+    Example:
+        >>> sync = WeightSync(rollout_policy)
+        >>> sync.stage(trainer_policy, version=3)   # snapshot now; trainer may step again
+        >>> sync.apply()                             # between calls: load it; returns 3
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        self.policy = policy
+        self.latest: int | None = None  # the newest version handed over, applied or not
+        self._pending: tuple[dict[str, torch.Tensor], int] | None = None
+        self._lock = threading.Lock()
+
+    def stage(self, source: nn.Module | Mapping[str, torch.Tensor], version: int) -> None:
+        state = source.state_dict() if isinstance(source, nn.Module) else source
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"update_weights needs a module or a state dict, got {type(source).__name__}"
+            )
+        own = self.policy.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"update_weights: the state dict does not fit the rollout policy "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        # Copy now, onto the rollout policy's device: the trainer's tensors are its own
+        # again as soon as this returns.
+        snapshot = {
+            k: v.detach().to(own[k].device, own[k].dtype, copy=True) for k, v in state.items()
+        }
+        with self._lock:
+            if self.latest is not None and version < self.latest:
+                raise ValueError(f"update_weights: version {version} < {self.latest}, given before")
+            self._pending = (snapshot, int(version))
+            self.latest = int(version)
+
+    def apply(self) -> int | None:
+        """Load the pending snapshot, if any; returns its version (None when nothing waited)."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        snapshot, version = pending
+        with torch.no_grad():
+            self.policy.load_state_dict(snapshot)
+        return version
+
+
+class RolloutFuture:
+    """The result of ``collect_episodes_async``: a ``concurrent.futures`` future that, when
+    taken, drops data more than ``max_staleness`` versions old and collects it again.
+
+    Example:
+        >>> fut = engine.collect_episodes_async(num_groups=8, group_size=8)
+        >>> ...                                    # train on the previous batch meanwhile
+        >>> eps = fut.result()                     # TensorDict [64], as collect_episodes
+    """
+
+    def __init__(
+        self,
+        inner: Future,
+        latest_version: Callable[[], int | None],
+        max_staleness: int | None,
+        recollect: Callable[[], TensorDict],
+        on_drop: Callable[[int], None],
+    ) -> None:
+        self._inner = inner
+        self._latest = latest_version
+        self._max_staleness = max_staleness
+        self._recollect = recollect
+        self._on_drop = on_drop
+
+    def done(self) -> bool:
+        return self._inner.done()
+
+    def result(self, timeout: float | None = None) -> TensorDict:
+        td = self._inner.result(timeout)
+        while self._max_staleness is not None and self._stale(td):
+            self._on_drop(td.batch_size[0])
+            td = self._recollect()
+        return td
+
+    def _stale(self, td: TensorDict) -> bool:
+        latest = self._latest()
+        if latest is None:
+            return False
+        return latest - produced_by(td) > self._max_staleness
+
+
+def produced_by(td: TensorDict) -> int:
+    """The oldest ``policy_version`` among the decisions of an engine output (padding
+    entries carry -1 and are not decisions)."""
+    versions = td.get("policy_version")[td.get("mask")]
+    return int(versions.min()) if versions.numel() else -1
