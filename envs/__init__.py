@@ -18,9 +18,12 @@ import numpy as np
 
 from envs.spec import ChunkResult, Env, EnvSpec, FieldSpec
 
-__all__ = ["ChunkResult", "Env", "EnvSpec", "FieldSpec", "expert", "make", "names"]
+__all__ = [
+    "ChunkResult", "Env", "EnvSpec", "FieldSpec", "expert", "expert_model", "make", "names"
+]
 
 _TABLETOP = ("tabletop/pick-place", "tabletop/push", "tabletop/reach")
+_EXPERTS = [*_TABLETOP, "toy"]
 
 
 def names() -> list[str]:
@@ -42,9 +45,29 @@ def make(name: str, **kwargs: Any) -> Env:
 
 
 def expert(name: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The scripted expert of a task: ``state [S] or [B, S] -> action [7] or [B, 7]``."""
+    """The scripted expert of a task: ``state [S] or [B, S] -> action [7] or [B, 7]``.
+
+    ``toy``'s expert solves ``task="reach"`` (the other toy task ignores actions)."""
+    if name == "toy":
+        from envs.toy import reach_expert
+
+        return reach_expert
     if name not in _TABLETOP:
-        raise ValueError(f"no scripted expert for {name!r}; experts exist for {list(_TABLETOP)}")
+        raise ValueError(f"no scripted expert for {name!r}; experts exist for {_EXPERTS}")
     from envs.tabletop.experts import EXPERTS, batched
 
     return batched(EXPERTS[name.split("/", 1)[1]])
+
+
+def expert_model(name: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The expert's idealised one-step model, ``(state [S], action [7]) -> state [S]``, with
+    which it plans a chunk open loop."""
+    if name == "toy":
+        from envs.toy import reach_model
+
+        return reach_model
+    if name not in _TABLETOP:
+        raise ValueError(f"no expert model for {name!r}; experts exist for {_EXPERTS}")
+    from envs.tabletop.experts import predict_state
+
+    return predict_state

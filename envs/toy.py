@@ -17,6 +17,7 @@ import numpy as np
 
 from envs.spec import ChunkedEnvMixin, EnvSpec, FieldSpec
 
+REACH_STEP, REACH_RADIUS, REACH_GOAL = 0.1, 0.15, 0.6  # task="reach": move, hit, goal box
 _JITTER = random.Random()  # deliberately unseeded: timing noise only, never results
 
 
@@ -34,10 +35,15 @@ def burn_cpu(us: float) -> None:
 class ToyEnv(ChunkedEnvMixin):
     """Deterministic synthetic dynamics with configurable cost, shapes and episode length.
 
-    ``state[0]`` is the step index within the episode, ``state[1]`` the reset seed modulo
-    2**16, ``state[2]`` a running sum of the actions; the rest evolves with the actions.
-    Episodes terminate with success at a seeded step for odd seeds, else truncate at
-    ``episode_len``.
+    ``task="timer"`` (default): ``state[0]`` is the step index within the episode,
+    ``state[1]`` the reset seed modulo 2**16, ``state[2]`` a running sum of the actions; the
+    rest evolves with the actions. Episodes terminate with success at a seeded step for odd
+    seeds, else truncate at ``episode_len``: success ignores the actions.
+
+    ``task="reach"``: success depends on the actions, so a policy can learn it in seconds.
+    A point starts at the origin and moves by ``REACH_STEP * action[:2]`` per step; the
+    episode succeeds when it comes within ``REACH_RADIUS`` of a seeded goal. ``state`` is
+    ``[t / episode_len, point (2), goal (2), 0...]``.
 
     Example:
         >>> env = ToyEnv(state_dim=8, cameras=("head",), image_size=16, step_cost_us=200)
@@ -55,9 +61,14 @@ class ToyEnv(ChunkedEnvMixin):
         episode_len: int = 20,
         step_cost_us: float = 0.0,
         step_jitter_us: float = 0.0,
+        task: str = "timer",
     ) -> None:
-        if state_dim < 4:
-            raise ValueError(f"toy: state_dim={state_dim} must be >= 4")
+        if task not in ("timer", "reach"):
+            raise ValueError(f"toy: task={task!r}: choose 'timer' or 'reach'")
+        if state_dim < 5:
+            raise ValueError(f"toy: state_dim={state_dim} must be >= 5")
+        if task == "reach" and action_dim < 2:
+            raise ValueError("toy: task='reach' needs action_dim >= 2")
         if action_dim < 1 or episode_len < 1 or image_size < 1:
             raise ValueError("toy: action_dim, episode_len and image_size must be >= 1")
         if step_cost_us < 0 or step_jitter_us < 0:
@@ -66,7 +77,7 @@ class ToyEnv(ChunkedEnvMixin):
         for cam in cameras:
             obs[f"image/{cam}"] = FieldSpec((image_size, image_size, 3), np.uint8)
         self.spec = EnvSpec("toy", obs, action_dim=action_dim, max_steps=episode_len)
-        self.cameras = tuple(cameras)
+        self.cameras, self.task = tuple(cameras), task
         self.step_cost_us = float(step_cost_us)
         self.step_jitter_us = float(step_jitter_us)
         self.instruction = ""
@@ -87,7 +98,9 @@ class ToyEnv(ChunkedEnvMixin):
         half = max(1, self.spec.max_steps // 2)
         self._success_step = int(rng.integers(half, self.spec.max_steps + 1)) if seed % 2 else -1
         self._success = False
-        self.instruction = f"toy task {seed % 97}"
+        self._point = np.zeros(2)
+        self._goal = rng.uniform(-REACH_GOAL, REACH_GOAL, 2)
+        self.instruction = "reach the goal" if self.task == "reach" else f"toy task {seed % 97}"
         return self._observe(), {"seed": self._seed, **self._info()}
 
     def _apply(self, a: np.ndarray) -> tuple[float, bool, bool]:
@@ -98,7 +111,13 @@ class ToyEnv(ChunkedEnvMixin):
         self._t += 1
         self._asum += float(a.sum())
         reward = float(self._x[0])
-        self._success = self._t == self._success_step
+        if self.task == "reach":
+            self._point = self._point + REACH_STEP * a[:2].astype(np.float64)
+            distance = float(np.linalg.norm(self._point - self._goal))
+            reward = -distance
+            self._success = distance < REACH_RADIUS
+        else:
+            self._success = self._t == self._success_step
         truncated = not self._success and self._t >= self.spec.max_steps
         return reward, self._success, truncated
 
@@ -106,8 +125,12 @@ class ToyEnv(ChunkedEnvMixin):
         return {"success": self._success, "elapsed_steps": self._t}
 
     def _observe(self) -> dict[str, np.ndarray]:
-        head = [self._t, self._seed % 65536, self._asum]
-        obs = {"state": np.concatenate([head, self._x]).astype(np.float32)}
+        if self.task == "reach":
+            state = np.zeros(self.spec.state_dim, np.float32)
+            state[:5] = [self._t / self.spec.max_steps, *self._point, *self._goal]
+        else:
+            state = np.concatenate([[self._t, self._seed % 65536, self._asum], self._x])
+        obs = {"state": state.astype(np.float32)}
         key = (self._seed * 31 + self._t * 7 + int(self._asum * 1000)) % 251
         for i, cam in enumerate(self.cameras):
             obs[f"image/{cam}"] = ((self._ramp + key + 17 * i) % 251).astype(np.uint8)
@@ -115,3 +138,19 @@ class ToyEnv(ChunkedEnvMixin):
 
     def close(self) -> None:
         self._x = None
+
+
+def reach_expert(state: np.ndarray) -> np.ndarray:
+    """The ``task="reach"`` expert: full speed towards the goal, ``[S]`` or ``[B, S]`` ->
+    ``[7]`` or ``[B, 7]`` (action_dim 7)."""
+    s = np.asarray(state, np.float64)
+    a = np.zeros((*s.shape[:-1], 7), np.float32)
+    a[..., :2] = np.clip((s[..., 3:5] - s[..., 1:3]) / REACH_STEP, -1.0, 1.0)
+    return a
+
+
+def reach_model(state: np.ndarray, action: np.ndarray) -> np.ndarray:
+    """Where ``task="reach"``'s state goes under ``action`` (one state, exact but for t)."""
+    s = np.array(state, np.float64)
+    s[1:3] += REACH_STEP * np.clip(action[:2], -1.0, 1.0)
+    return s

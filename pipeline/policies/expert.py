@@ -29,9 +29,7 @@ class ExpertPolicy(nn.Module):
             raise ValueError("chunk_len must be >= 1")
         self.task, self.chunk_len, self.action_dim = task, chunk_len, 7
         self._expert = envs.expert(task)
-        from envs.tabletop.experts import predict_state
-
-        self._predict = predict_state
+        self._predict = envs.expert_model(task)
 
     @torch.no_grad()
     def forward(self, td: TensorDictBase) -> TensorDictBase:

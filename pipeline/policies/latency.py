@@ -8,6 +8,7 @@ utilisation be". Its outputs depend only on the inputs and the seeds.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 
@@ -20,8 +21,42 @@ from pipeline.policies.sampling import row_normal
 from pipeline.profiler.spans import mark
 
 
+class SimulatedDevice:
+    """One simulated accelerator: inference and training steps on it run one at a time.
+
+    A deep copy of a policy stays on the same device (as ``copy.deepcopy`` of a CUDA module
+    does); give a copy its own ``SimulatedDevice()`` to model a second GPU.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._free_at = 0
+
+    def __deepcopy__(self, memo) -> SimulatedDevice:
+        return self
+
+    def hold(self, seconds: float, since_ns: int) -> tuple[int, int]:
+        """Occupy the device for ``seconds``, holding no CPU; returns the busy interval.
+
+        The period starts at ``since_ns`` (the call's start: its host work overlaps the
+        modelled device time) when the device was free by then, else when it frees up.
+        """
+        with self.lock:
+            start = since_ns if self._free_at <= since_ns else time.perf_counter_ns()
+            end = start + int(seconds * 1e9)
+            remaining = (end - time.perf_counter_ns()) / 1e9
+            if remaining > 0:
+                time.sleep(remaining)
+            end = max(end, time.perf_counter_ns())
+            self._free_at = end
+            return start, end
+
+
 class LatencyPolicy(nn.Module):
     """Simulated device latency with a cheap, deterministic, state-dependent output.
+
+    Its inference and its simulated ``train_step`` share one :class:`SimulatedDevice`, so
+    overlapping them costs what it would on one GPU.
 
     Example:
         >>> policy = LatencyPolicy(state_dim=16, chunk_len=8, base_ms=5, per_item_ms=2)
@@ -39,10 +74,14 @@ class LatencyPolicy(nn.Module):
         deterministic: bool = False,
         noise_scale: float = 0.3,
         seed: int = 0,
+        train_base_ms: float = 0.0,
+        train_per_item_ms: float = 0.0,
     ) -> None:
         super().__init__()
-        if base_ms < 0 or per_item_ms < 0:
-            raise ValueError("base_ms and per_item_ms must be >= 0")
+        if min(base_ms, per_item_ms, train_base_ms, train_per_item_ms) < 0:
+            raise ValueError("base_ms, per_item_ms and the train_* latencies must be >= 0")
+        self.train_base_ms, self.train_per_item_ms = float(train_base_ms), float(train_per_item_ms)
+        self.device_sim = SimulatedDevice()
         self.state_dim, self.action_dim, self.chunk_len = state_dim, action_dim, chunk_len
         self.base_ms, self.per_item_ms = float(base_ms), float(per_item_ms)
         self.deterministic, self.noise_scale = deterministic, noise_scale
@@ -52,6 +91,7 @@ class LatencyPolicy(nn.Module):
         )
         # The modelled device-busy periods, on the host's perf_counter_ns clock.
         self.device_intervals: deque[tuple[int, int]] = deque(maxlen=100_000)
+        self.train_intervals: deque[tuple[int, int]] = deque(maxlen=100_000)  # train_step's
 
     def latency_s(self, batch_size: int) -> float:
         return (self.base_ms + self.per_item_ms * batch_size) / 1000.0
@@ -74,10 +114,19 @@ class LatencyPolicy(nn.Module):
             shape = (self.chunk_len, self.action_dim)
             x = x + self.noise_scale * row_normal(seeds.reshape(-1).cpu(), shape, state.device)
         td.set(schema.ACTION_CHUNK, torch.tanh(x))
-        end = start + int(self.latency_s(b) * 1e9)
-        remaining = (end - time.perf_counter_ns()) / 1e9
         mark("inference")  # the modelled device time
-        if remaining > 0:
-            time.sleep(remaining)
-        self.device_intervals.append((start, max(end, time.perf_counter_ns())))
+        self.device_intervals.append(self.device_sim.hold(self.latency_s(b), start))
         return td
+
+    def train_step(self, batch_size: int) -> None:
+        """A simulated optimizer step: ``train_base_ms + train_per_item_ms * batch_size`` on
+        the device (no CPU held), then an in-place weight update, as an optimizer makes.
+
+        Example:
+            >>> policy = LatencyPolicy(state_dim=16, train_base_ms=20, train_per_item_ms=0.1)
+            >>> policy.train_step(batch_size=512)   # ~71 ms on the simulated device
+        """
+        seconds = (self.train_base_ms + self.train_per_item_ms * batch_size) / 1000.0
+        self.train_intervals.append(self.device_sim.hold(seconds, time.perf_counter_ns()))
+        with torch.no_grad():
+            self.weight.mul_(0.999)

@@ -178,11 +178,16 @@ class TinyVLA(nn.Module):
         q = self.norm(fused[:, -self.chunk_len :])
         return self.token_head(q).view(b, self.chunk_len, self.action_dim, NUM_BINS)
 
-    def log_prob(self, td: TensorDictBase, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-row log-probability ``[B]`` of ``tokens`` under the sampling distribution
-        (``softmax(logits / temperature)``): what a PPO/GRPO loss differentiates."""
+    def token_log_probs(self, td: TensorDictBase, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probabilities ``[B, H, A]`` of ``tokens`` under the sampling
+        distribution (``softmax(logits / temperature)``), for token-level PPO/GRPO."""
         logp = torch.log_softmax(self.action_logits(td).float() / self.temperature, dim=-1)
-        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(dim=(1, 2))
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    def log_prob(self, td: TensorDictBase, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-row log-probability ``[B]`` of ``tokens`` (the chunk's tokens summed): what
+        the engine records as ``sample_log_prob``."""
+        return self.token_log_probs(td, tokens).sum(dim=(1, 2))
 
     def _seeds(self, td: TensorDictBase) -> torch.Tensor:
         seeds = td.get(schema.SAMPLE_SEED, None)
