@@ -5,7 +5,8 @@
     python bench.py workloads       # envs and policies alone (no engine)
     python bench.py engine          # engine suite: overlap vs bound, sweeps, transport
     python bench.py soak            # soak and chaos: RSS, descriptors, /dev/shm, restarts
-    python bench.py embedding       # worker RSS when embedded in a trainer-shaped script
+    python bench.py embedding       # worker RSS and threads when embedded in a trainer script
+    python bench.py training        # GRPO demo; synchronous vs overlapped training
 
 Every figure is a median over repeated windows after a warm-up, measured in one run, so
 ratios are comparable even on a noisy shared machine.
@@ -23,6 +24,7 @@ SUITES = {
     "engine": "benchmarks.engine",
     "soak": "benchmarks.soak",
     "embedding": "benchmarks.embedding",
+    "training": "benchmarks.training",
 }
 
 

@@ -426,3 +426,17 @@ def test_engine_runs_sapien_pick_place_with_the_expert():
     assert images[0, 0].permute(1, 2, 0).numpy().tobytes() == obs["image/head"].tobytes()
     assert eps[schema.INSTRUCTION][0][0] == env.instruction
     assert td.batch_size == (4, 3) and td["mask"].all()
+
+
+def test_stage_rows_land_in_their_own_episode_rows_in_any_order():
+    # A stage's envs hold episodes in any order; rows [17, 16, 19, 20] span 17..20 like a
+    # block but are not one (this once wrote episode 16's decision into row 18).
+    from pipeline.recorder import Dest
+
+    rows = np.array([17, 16, 19, 20])
+    dest = Dest(rows, np.zeros(4, np.int64), np.arange(4), stage_len=4)
+    dst = np.full((24, 2), -1)
+    dest.put(dst, np.array([170, 160, 190, 200]))
+    assert dst[rows, 0].tolist() == [170, 160, 190, 200] and (dst[18] == -1).all()
+    block = Dest(np.array([4, 5, 6, 7]), np.ones(4, np.int64), np.arange(4), stage_len=4)
+    assert block.block == (4, 1)

@@ -143,6 +143,34 @@ def test_latency_policy_output_and_determinism():
     assert end - start >= 4e6  # modelled 1 + 3 x 1 ms
 
 
+def test_simulated_device_runs_inference_and_training_one_at_a_time():
+    import copy
+    import threading
+
+    from pipeline.policies.latency import SimulatedDevice
+
+    env, td = _batch("toy", n=2, cameras=())
+    p = LatencyPolicy(state_dim=env.spec.state_dim, chunk_len=4, base_ms=30, train_base_ms=30)
+    rollout = copy.deepcopy(p)
+    assert rollout.device_sim is p.device_sim  # a copy stays on the same device
+
+    def infer():
+        for _ in range(3):
+            rollout(td.clone())
+
+    thread = threading.Thread(target=infer)
+    thread.start()
+    for _ in range(3):
+        p.train_step(batch_size=8)
+    thread.join()
+    spans = sorted([*rollout.device_intervals, *p.train_intervals])
+    assert len(spans) == 6
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+    assert all(end - start >= 30e6 for start, end in spans)
+    rollout.device_sim = SimulatedDevice()  # a second GPU: no longer shared
+    assert rollout.device_sim is not p.device_sim
+
+
 def test_latency_policy_timing_model():
     """Benchmark-style check: median measured latency tracks base + per_item * B."""
     env, td = _batch("toy", n=8, cameras=())

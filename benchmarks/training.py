@@ -1,0 +1,151 @@
+"""The reference GRPO trainer on the engine: the learning demonstration and overlap.
+
+    python bench.py training --part demo        # tabletop/reach, 1 camera: warm start + GRPO
+    python bench.py training --part overlap     # synchronous vs overlapped, simulated GPU
+    python bench.py training --part overlap-cpu # the same with TinyVLA on this CPU (toy reach)
+
+``demo`` runs ``python -m trainer``'s defaults for ``--minutes`` of GRPO and prints held-out
+success before and after, with the curve written to ``--out``.
+
+``overlap`` measures time per iteration, synchronous against overlapped, in one run:
+``LatencyPolicy`` holds a simulated device for inference and for a simulated training step,
+and the env workers burn real CPU. Three set-ups: synchronous; overlapped with rollout
+inference and training on *one* device (they queue for it); overlapped with the rollout on
+its own device (a second GPU). ``overlap-cpu`` runs the real trainer (TinyVLA, toy reach)
+both ways, where training, inference and the workers share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import time
+
+from pipeline import RolloutEngine
+from pipeline.policies import LatencyPolicy
+from pipeline.policies.latency import SimulatedDevice
+from trainer.loop import TrainConfig, run_iterations, toy_reach_config, train
+
+TOY_REACH = {"task": "reach", "state_dim": 8, "episode_len": 32, "step_cost_us": 1000}
+
+
+def overlap_simulated(iterations: int) -> None:
+    cfg = toy_reach_config(
+        env_kwargs=TOY_REACH,
+        chunk_len=8,
+        num_envs=16,
+        groups=8,
+        group_size=4,
+        max_refills=0,  # equal work per iteration: no refills
+        iterations=iterations,
+    )
+    rows = cfg.groups * cfg.group_size * 4  # 32 episodes x 4 decisions
+    print(
+        f"toy reach, 1 ms CPU per step, chunk 8, 16 envs, 2 workers, 2 stages; {cfg.groups}x"
+        f"{cfg.group_size} episodes per iteration; LatencyPolicy inference 10 ms + 1 ms/item, "
+        f"training step 40 ms + 0.5 ms x {rows} rows = {40 + 0.5 * rows:.0f} ms"
+    )
+    results = {}
+    for name, overlap, own_device in (
+        ("synchronous", False, False),
+        ("overlapped, one device", True, False),
+        ("overlapped, two devices", True, True),
+    ):
+        policy = LatencyPolicy(
+            state_dim=8, chunk_len=8, base_ms=10, per_item_ms=1, train_base_ms=40,
+            train_per_item_ms=0.5,
+        )
+        rollout = copy.deepcopy(policy) if overlap else policy
+        if own_device:
+            rollout.device_sim = SimulatedDevice()
+        run_cfg = dataclasses.replace(cfg, overlap=overlap)
+        with RolloutEngine(
+            "toy", rollout, num_envs=16, num_workers=2, num_stages=2, env_kwargs=TOY_REACH
+        ) as engine:
+            engine.collect_episodes(cfg.groups, cfg.group_size)  # warm-up
+            t0 = time.perf_counter()
+            step = policy.train_step
+            recs = run_iterations(engine, policy, lambda batch, s=step: s(rows) or {}, run_cfg)
+            wall = time.perf_counter() - t0
+        per_it = [b["wall_s"] - a["wall_s"] for a, b in zip(recs, recs[1:], strict=False)]
+        results[name] = statistics.median(per_it)
+        wait = 1000 * statistics.median(r["rollout_s"] for r in recs)
+        trained = 1000 * statistics.median(r["train_s"] for r in recs)
+        print(
+            f"  {name:<26} {1000 * results[name]:7.0f} ms/iteration (median of {len(per_it)}),"
+            f" rollout wait {wait:5.0f} ms, train {trained:4.0f} ms; {wall:.1f} s",
+            flush=True,
+        )
+    base = results["synchronous"]
+    for name, v in results.items():
+        print(f"  {name:<26} {base / v:5.2f}x iterations/s of synchronous")
+
+
+def overlap_cpu(iterations: int) -> None:
+    print(
+        "TinyVLA-tiny GRPO on toy reach (1 ms CPU per step), 8 envs, 2 workers; inference, "
+        "training and the workers share this machine's cores"
+    )
+    for overlap in (False, True):
+        cfg = toy_reach_config(
+            env_kwargs=TOY_REACH,
+            iterations=iterations,
+            eval_every=max(1, iterations // 4),
+            overlap=overlap,
+        )
+        curve = train(cfg, log=lambda m: None)
+        its = curve["iterations"]
+        per_it = [b["wall_s"] - a["wall_s"] for a, b in zip(its, its[1:], strict=False)]
+        evals = ", ".join(
+            f"{e['greedy']:.2f}/{e['sampled']:.2f}@{e['wall_s']:.0f}s" for e in curve["evals"]
+        )
+        print(
+            f"  {'overlapped' if overlap else 'synchronous':<12} "
+            f"{1000 * statistics.median(per_it):6.0f} ms/iteration (median), "
+            f"held-out success greedy/sampled at training wall time: {evals}",
+            flush=True,
+        )
+
+
+def demo(minutes: float, out: str) -> None:
+    cfg = TrainConfig(minutes=minutes, out=out)
+    t0 = time.perf_counter()
+    curve = train(cfg, log=lambda m: print(f"[{time.perf_counter() - t0:6.0f} s] {m}", flush=True))
+    first, last = curve["evals"][0], curve["evals"][-1]
+    its = curve["iterations"]
+    print(
+        f"after {len(its)} iterations ({last['wall_s'] / 60:.1f} min of GRPO, "
+        f"{last['env_steps']} env steps):"
+    )
+    for metric in ("greedy", "sampled"):
+        best = max(curve["evals"], key=lambda e, m=metric: e[m])
+        print(
+            f"  held-out success, {metric}: warm start {first[metric]:.2f} -> "
+            f"{last[metric]:.2f} ({100 * (last[metric] - first[metric]):+.0f} points; best "
+            f"{best[metric]:.2f} at iteration {best['iteration']})"
+        )
+    for key in ("rollout_s", "train_s", "sync_s"):
+        print(f"  median {key}: {statistics.median(r[key] for r in its):.2f}")
+    print(f"curve: {out}/curve.json, {out}/curve.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="bench.py training",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--part", choices=("demo", "overlap", "overlap-cpu"), default="overlap")
+    ap.add_argument("--minutes", type=float, default=25.0)
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--out", default="bench_results/grpo")
+    args = ap.parse_args(argv)
+    if args.part == "demo":
+        demo(args.minutes, args.out)
+    elif args.part == "overlap":
+        overlap_simulated(args.iterations)
+    else:
+        overlap_cpu(args.iterations)
+    return 0

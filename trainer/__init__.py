@@ -1,0 +1,41 @@
+"""A reference GRPO trainer on the rollout engine: a CLI (``python -m trainer``) and the
+small API it is built from, to copy into a trainer of your own.
+
+Example:
+    >>> from trainer import TrainConfig, train
+    >>> curve = train(TrainConfig(env="toy", env_kwargs={"task": "reach"}, bc_demos=0))
+"""
+
+from trainer.bc import action_tokens, behaviour_clone, collect_demos
+from trainer.grpo import (
+    add_proximal_log_probs,
+    dynamic_sample,
+    evaluate,
+    group_advantages,
+    grpo_loss,
+)
+from trainer.loop import (
+    TrainConfig,
+    load_checkpoint,
+    run_iterations,
+    save_checkpoint,
+    toy_reach_config,
+    train,
+)
+
+__all__ = [
+    "TrainConfig",
+    "add_proximal_log_probs",
+    "action_tokens",
+    "behaviour_clone",
+    "collect_demos",
+    "dynamic_sample",
+    "evaluate",
+    "group_advantages",
+    "grpo_loss",
+    "load_checkpoint",
+    "run_iterations",
+    "save_checkpoint",
+    "toy_reach_config",
+    "train",
+]

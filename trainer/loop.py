@@ -1,0 +1,328 @@
+"""The reference GRPO trainer: warm start, then GRPO iterations, synchronous or overlapped.
+
+    python -m trainer --env tabletop/reach --minutes 25 --out runs/reach
+
+Synchronous: collect a batch, train on it, repeat (the engine's policy *is* the trainer's).
+Overlapped: while the trainer updates on batch k, the engine collects batch k+1 in the
+background with the weights of version k (its own copy of the policy); ``update_weights``
+hands over version k+1 for the batch after. The clipped ratio against the recorded
+behaviour log-probs corrects for that one version of lag (decoupled PPO).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tensordict import TensorDict
+
+import envs
+from pipeline import RolloutEngine
+from pipeline.policies import TinyVLA
+from trainer.bc import behaviour_clone, collect_demos
+from trainer.grpo import add_proximal_log_probs, dynamic_sample, evaluate, grpo_loss
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved with its curve and checkpoints."""
+
+    env: str = "tabletop/reach"
+    env_kwargs: dict = field(default_factory=lambda: {"cameras": ["head"], "image_size": 64})
+    chunk_len: int = 8
+    temperature: float = 1.0
+    num_envs: int = 16
+    num_workers: int = 2
+    num_stages: int = 2
+    groups: int = 8  # informative groups per batch
+    group_size: int = 8
+    max_refills: int = 3
+    iterations: int = 1000
+    minutes: float | None = None  # stop after this much training wall time
+    lr: float = 1e-4
+    clip: float = 0.2
+    epochs: int = 1
+    minibatch: int = 128
+    overlap: bool = False
+    max_staleness: int = 1
+    eval_every: int = 10
+    eval_episodes: int = 64
+    eval_seed: int = 10**9  # held-out reset seeds: eval_seed, eval_seed + 1, ...
+    bc_demos: int = 128  # expert episodes for the warm start (0: none)
+    bc_steps: int = 300
+    bc_lr: float = 1e-3
+    warm_start: str | None = None  # a checkpoint to start from instead of cloning
+    seed: int = 0
+    out: str | None = None
+
+
+def toy_reach_config(**overrides) -> TrainConfig:
+    """A run small enough to learn in well under a minute on 2 cores: ``toy`` with
+    ``task="reach"`` (success depends on the actions), a weak warm start, 8 envs.
+
+    Example:
+        >>> curve = train(toy_reach_config(iterations=20))
+    """
+    base = TrainConfig(
+        env="toy",
+        env_kwargs={"task": "reach", "state_dim": 8, "episode_len": 20},
+        chunk_len=4,
+        num_envs=8,
+        groups=4,
+        group_size=8,
+        iterations=20,
+        eval_every=100,  # before and after only
+        eval_episodes=48,
+        bc_demos=32,
+        bc_steps=40,
+        lr=1e-3,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def save_checkpoint(path: str, policy: TinyVLA, meta: dict) -> None:
+    """Weights plus what rebuilds the policy (:func:`load_checkpoint`)."""
+    arch = {
+        "state_dim": policy.state_dim,
+        "action_dim": policy.action_dim,
+        "cameras": list(policy.cameras),
+        "chunk_len": policy.chunk_len,
+        "head": policy.head,
+        "size": policy.size,
+        "temperature": policy.temperature,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"arch": arch, "state_dict": policy.state_dict(), "meta": meta}, path)
+
+
+def load_checkpoint(path: str) -> tuple[TinyVLA, dict]:
+    """Example:
+    >>> policy, meta = load_checkpoint("runs/reach/warm_start.pt")
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    arch = dict(ckpt["arch"], cameras=tuple(ckpt["arch"]["cameras"]))
+    policy = TinyVLA(**arch)
+    policy.load_state_dict(ckpt["state_dict"])
+    return policy.eval(), ckpt["meta"]
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def grpo_update(
+    policy: torch.nn.Module, opt, cfg: TrainConfig
+) -> Callable[[TensorDict | None], dict]:
+    """The trainer's half of an iteration: epochs of minibatch steps on the clipped loss."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def update(batch: TensorDict | None) -> dict:
+        if batch is None:  # dynamic sampling found no informative group before its cap
+            return {}
+        add_proximal_log_probs(policy, batch)
+        policy.train()
+        infos = []
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(batch), generator=gen)
+            for lo in range(0, len(batch), cfg.minibatch):
+                loss, info = grpo_loss(policy, batch[order[lo : lo + cfg.minibatch]], cfg.clip)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                opt.step()
+                infos.append(dict(info, loss=float(loss.detach())))
+        policy.eval()
+        return {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos else {}
+
+    return update
+
+
+def run_iterations(
+    engine: RolloutEngine,
+    policy: torch.nn.Module,
+    update: Callable[[TensorDict | None], dict],
+    cfg: TrainConfig,
+    on_eval: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """GRPO iterations, synchronous or overlapped (``cfg.overlap``); one record per
+    iteration with its time split (rollout wait, train, weight sync) and sampling report.
+
+    ``engine.policy`` must be ``policy`` itself when synchronous and a copy when
+    overlapped. ``on_eval(i)`` runs when iteration ``i`` is due for evaluation, while the
+    engine is idle and holds the weights of version ``i``.
+    """
+    records: list[dict] = []
+    collect = lambda: engine.collect_episodes(cfg.groups, cfg.group_size)
+    version = engine.policy_version
+    start = time.perf_counter()
+    env_steps = 0
+    future = engine.collect_episodes_async(cfg.groups, cfg.group_size) if cfg.overlap else None
+    for it in range(cfg.iterations):
+        t0 = time.perf_counter()
+        first = future.result() if future is not None else collect()
+        t_wait = time.perf_counter() - t0
+        eval_s = 0.0
+        if on_eval is not None and it % cfg.eval_every == 0:
+            e0 = time.perf_counter()
+            on_eval(it)
+            eval_s = time.perf_counter() - e0
+        t1 = time.perf_counter()
+        batch, report = dynamic_sample(
+            first, collect, cfg.groups, cfg.group_size, cfg.max_refills
+        )
+        t_refill = time.perf_counter() - t1
+        last = it == cfg.iterations - 1 or _out_of_time(cfg, start, records)
+        if future is not None and not last:
+            future = engine.collect_episodes_async(cfg.groups, cfg.group_size)
+        t2 = time.perf_counter()
+        info = update(batch)
+        t_train = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        version += 1
+        if cfg.overlap:
+            engine.update_weights(policy, version)
+        else:
+            engine.set_policy_version(version)  # the engine's policy is the trainer's
+        t_sync = time.perf_counter() - t3
+        env_steps += report.env_steps
+        records.append(
+            {
+                "iteration": it,
+                "env_steps": env_steps,
+                "wall_s": time.perf_counter() - start - sum(r["eval_s"] for r in records) - eval_s,
+                "eval_s": eval_s,
+                "rollout_s": t_wait + t_refill,
+                "train_s": t_train,
+                "sync_s": t_sync,
+                "train_success": report.successes / max(1, report.episodes),
+                "calls": report.calls,
+                "groups_kept": report.groups_kept,
+                "dropped_all_success": report.dropped_all_success,
+                "dropped_all_fail": report.dropped_all_fail,
+                "capped": report.capped,
+                "behaviour_versions": report.versions,
+                "version": version,
+                **info,
+            }
+        )
+        if last:
+            break
+    return records
+
+
+def _out_of_time(cfg: TrainConfig, start: float, records: list[dict]) -> bool:
+    if cfg.minutes is None:
+        return False
+    spent = time.perf_counter() - start - sum(r["eval_s"] for r in records)
+    return spent >= cfg.minutes * 60
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Warm start (or load), then GRPO; writes ``curve.json``, ``curve.png`` and
+    checkpoints into ``cfg.out`` when given. Returns the curve.
+
+    Example:
+        >>> curve = train(TrainConfig(env="toy", env_kwargs={"task": "reach"}, iterations=20))
+        >>> curve["evals"][-1]["success"] > curve["evals"][0]["success"]
+    """
+    torch.manual_seed(cfg.seed)
+    env_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.env_kwargs.items()}
+    spec = envs.make(cfg.env, **env_kwargs).spec
+    curve: dict = {"config": asdict(cfg), "warm_start": {}, "iterations": [], "evals": []}
+    t0 = time.perf_counter()
+    if cfg.warm_start:
+        policy, meta = load_checkpoint(cfg.warm_start)
+        curve["warm_start"] = {"from": cfg.warm_start, **meta}
+    else:
+        policy = TinyVLA.from_spec(spec, chunk_len=cfg.chunk_len, temperature=cfg.temperature)
+        if cfg.bc_demos:
+            demos, expert_rate = collect_demos(
+                cfg.env, env_kwargs, cfg.bc_demos, cfg.chunk_len, seed=cfg.seed + 12345
+            )
+            losses = behaviour_clone(policy, demos, cfg.bc_steps, lr=cfg.bc_lr, seed=cfg.seed)
+            curve["warm_start"] = {
+                "demos": cfg.bc_demos,
+                "demo_steps": len(demos),
+                "expert_success": expert_rate,
+                "bc_steps": cfg.bc_steps,
+                "bc_loss_first_last": [losses[0], losses[-1]],
+                "seconds": time.perf_counter() - t0,
+            }
+            log(f"warm start: {len(demos)} demo decisions, BC loss {losses[0]:.2f} -> "
+                f"{losses[-1]:.2f} in {time.perf_counter() - t0:.0f} s")
+            if cfg.out:
+                save_checkpoint(os.path.join(cfg.out, "warm_start.pt"), policy, curve["warm_start"])
+    policy.eval()
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    rollout_policy = copy.deepcopy(policy) if cfg.overlap else policy
+    eval_seeds = list(range(cfg.eval_seed, cfg.eval_seed + cfg.eval_episodes))
+    with RolloutEngine(
+        cfg.env,
+        rollout_policy,
+        num_envs=cfg.num_envs,
+        num_workers=cfg.num_workers,
+        num_stages=cfg.num_stages,
+        env_kwargs=env_kwargs,
+        seed=cfg.seed,
+        max_staleness=cfg.max_staleness if cfg.overlap else None,
+    ) as engine:
+        def on_eval(it: int) -> None:
+            rates = evaluate(engine, eval_seeds)
+            curve["evals"].append({"iteration": it, "success": rates["greedy"], **rates})
+            log(f"eval @ iteration {it}: held-out success greedy {rates['greedy']:.2f}, "
+                f"sampled {rates['sampled']:.2f}")
+
+        records = run_iterations(engine, policy, grpo_update(policy, opt, cfg), cfg, on_eval)
+        on_eval(len(records))
+        curve["stale_dropped"] = engine.stats.stale_dropped
+    curve["iterations"] = records
+    _attach_progress(curve)
+    log(f"after {len(records)} iterations")
+    if cfg.out:
+        save_checkpoint(os.path.join(cfg.out, "final.pt"), policy, {"iterations": len(records)})
+        write_curve(curve, cfg.out)
+    return curve
+
+
+def _attach_progress(curve: dict) -> None:
+    """Give each eval the env steps and training wall time reached when it ran (an eval at
+    iteration i ran before that iteration's rollout was counted)."""
+    its = curve["iterations"]
+    for ev in curve["evals"]:
+        done = its[: ev["iteration"]]
+        ev["env_steps"] = done[-1]["env_steps"] if done else 0
+        ev["wall_s"] = done[-1]["wall_s"] if done else 0.0
+
+
+def write_curve(curve: dict, out: str) -> None:
+    """``curve.json`` and ``curve.png``: held-out success against env steps and wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "curve.json"), "w") as f:
+        json.dump(curve, f, indent=1)
+    evals, its = curve["evals"], curve["iterations"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "env_steps", "env steps"), (axes[1], "wall_s", "wall s")):
+        for metric, style in (("greedy", "o-"), ("sampled", "s--")):
+            ax.plot([e[key] for e in evals], [e[metric] for e in evals], style,
+                    label=f"held-out, {metric}")
+        ax.plot([r[key] for r in its], [r["train_success"] for r in its], alpha=0.4,
+                label="training batches")
+        ax.set_xlabel(label)
+        ax.set_ylabel("success rate")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    cfg = curve["config"]
+    fig.suptitle(f"GRPO on {cfg['env']} ({'overlapped' if cfg['overlap'] else 'synchronous'})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curve.png"), dpi=100)
+    plt.close(fig)
