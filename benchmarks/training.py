@@ -31,7 +31,7 @@ from trainer.loop import TrainConfig, run_iterations, toy_reach_config, train
 TOY_REACH = {"task": "reach", "state_dim": 8, "episode_len": 32, "step_cost_us": 1000}
 
 
-def overlap_simulated(iterations: int) -> None:
+def overlap_simulated(iterations: int, train_per_item_ms: float) -> None:
     cfg = toy_reach_config(
         env_kwargs=TOY_REACH,
         chunk_len=8,
@@ -45,7 +45,8 @@ def overlap_simulated(iterations: int) -> None:
     print(
         f"toy reach, 1 ms CPU per step, chunk 8, 16 envs, 2 workers, 2 stages; {cfg.groups}x"
         f"{cfg.group_size} episodes per iteration; LatencyPolicy inference 10 ms + 1 ms/item, "
-        f"training step 40 ms + 0.5 ms x {rows} rows = {40 + 0.5 * rows:.0f} ms"
+        f"training step 40 ms + {train_per_item_ms} ms x {rows} rows = "
+        f"{40 + train_per_item_ms * rows:.0f} ms"
     )
     results = {}
     for name, overlap, own_device in (
@@ -55,7 +56,7 @@ def overlap_simulated(iterations: int) -> None:
     ):
         policy = LatencyPolicy(
             state_dim=8, chunk_len=8, base_ms=10, per_item_ms=1, train_base_ms=40,
-            train_per_item_ms=0.5,
+            train_per_item_ms=train_per_item_ms,
         )
         rollout = copy.deepcopy(policy) if overlap else policy
         if own_device:
@@ -141,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=25.0)
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--out", default="bench_results/grpo")
+    ap.add_argument(
+        "--train-per-item-ms", type=float, action="append",
+        help="overlap: simulated training cost per decision row (repeatable; default 0.5 and 3)",
+    )
     args = ap.parse_args(argv)
     if args.part == "demo":
         demo(args.minutes, args.out)
     elif args.part == "overlap":
-        overlap_simulated(args.iterations)
+        for per_item in args.train_per_item_ms or [0.5, 3.0]:
+            overlap_simulated(args.iterations, per_item)
     else:
         overlap_cpu(args.iterations)
     return 0

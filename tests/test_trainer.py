@@ -63,8 +63,10 @@ def test_grpo_learns_toy_reach(tmp_path, overlap):
     assert (tmp_path / "curve.json").exists() and (tmp_path / "curve.png").exists()
     its = curve["iterations"]
     assert all(r["rollout_s"] >= 0 and r["train_s"] > 0 for r in its)
-    if overlap:  # batch k+1 was collected with the weights of version k
-        assert [r["behaviour_versions"][0] for r in its[1:]] == [r["version"] - 1 for r in its[1:]]
+    # Batch k is collected with the weights of version k (synchronous) or k - 1 (overlapped:
+    # it ran while the trainer made update k).
+    lag = 1 if overlap else 0
+    assert [r["behaviour_versions"][0] for r in its[1:]] == [r["iteration"] - lag for r in its[1:]]
 
 
 def _latency():

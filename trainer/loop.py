@@ -82,6 +82,7 @@ def toy_reach_config(**overrides) -> TrainConfig:
         bc_demos=32,
         bc_steps=40,
         lr=1e-3,
+        epochs=2,
     )
     return dataclasses.replace(base, **overrides)
 
