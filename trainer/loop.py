@@ -224,7 +224,8 @@ def _out_of_time(cfg: TrainConfig, start: float, records: list[dict]) -> bool:
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     """Warm start (or load), then GRPO; writes ``curve.json``, ``curve.png`` and
-    checkpoints into ``cfg.out`` when given. Returns the curve.
+    checkpoints into ``cfg.out`` when given (``warm_start.pt``, ``final.pt``, and
+    ``best.pt``: the best greedy held-out success so far). Returns the curve.
 
     Example:
         >>> curve = train(TrainConfig(env="toy", env_kwargs={"task": "reach"}, iterations=20))
@@ -273,7 +274,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     ) as engine:
         def on_eval(it: int) -> None:
             rates = evaluate(engine, eval_seeds)
+            best = max((e["success"] for e in curve["evals"]), default=-1.0)
             curve["evals"].append({"iteration": it, "success": rates["greedy"], **rates})
+            if cfg.out and rates["greedy"] > best:  # the weights the engine just evaluated
+                save_checkpoint(os.path.join(cfg.out, "best.pt"), engine.policy, rates)
             log(f"eval @ iteration {it}: held-out success greedy {rates['greedy']:.2f}, "
                 f"sampled {rates['sampled']:.2f}")
 
