@@ -402,8 +402,6 @@ class RolloutEngine:
         num_groups: int,
         group_size: int,
         reset_seeds: Sequence[int] | None = None,
-        *,
-        _threads: bool = True,
     ) -> TensorDict:
         """Run ``num_groups * group_size`` complete episodes, GRPO style.
 
@@ -443,7 +441,7 @@ class RolloutEngine:
             group_size,
             reset_seeds,
         )
-        return self._call(plan, set_threads=_threads)
+        return self._call(plan)
 
     # -- training overlapped with rollouts ------------------------------------------------------
     def update_weights(self, source: torch.nn.Module | Mapping[str, torch.Tensor], version: int):
@@ -491,7 +489,7 @@ class RolloutEngine:
         self._apply_weights()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix=_ASYNC_THREAD)
-        job = lambda: self.collect_episodes(num_groups, group_size, reset_seeds, _threads=False)
+        job = lambda: self.collect_episodes(num_groups, group_size, reset_seeds)
         self._in_flight = self._executor.submit(job)
         self.stats.async_calls += 1
         return RolloutFuture(
@@ -513,14 +511,17 @@ class RolloutEngine:
                 "a collect_episodes_async call is still running: take its result() first"
             )
 
-    def _call(self, plan: Plan, set_threads: bool = True) -> TensorDict:
-        if not _in_async_thread():
+    def _call(self, plan: Plan) -> TensorDict:
+        # A background call (collect_episodes_async) runs with the weights it was started
+        # with, and leaves torch's process-wide thread count to the trainer.
+        foreground = not _in_async_thread()
+        if foreground:
             self._apply_weights()
         self._refresh_policy_version()
         self._phase("bookkeeping")
         self._batcher.new_call()
         threads = torch.get_num_threads()
-        if set_threads and self.inference_threads is not None:
+        if foreground and self.inference_threads is not None:
             torch.set_num_threads(self.inference_threads)
         try:
             self._begin(plan)
@@ -539,7 +540,7 @@ class RolloutEngine:
             self.close()  # a half-finished pipeline cannot be resumed safely
             raise
         finally:
-            if set_threads:
+            if foreground:
                 torch.set_num_threads(threads)
             self._calls += 1
             self._phase("outside")
