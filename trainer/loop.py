@@ -176,7 +176,8 @@ def run_iterations(
             first, collect, cfg.groups, cfg.group_size, cfg.max_refills
         )
         t_refill = time.perf_counter() - t1
-        last = it == cfg.iterations - 1 or _out_of_time(cfg, start, records)
+        spent = _training_wall(start, records, eval_s)
+        last = it == cfg.iterations - 1 or (cfg.minutes is not None and spent >= cfg.minutes * 60)
         if future is not None and not last:
             future = engine.collect_episodes_async(cfg.groups, cfg.group_size)
         t2 = time.perf_counter()
@@ -194,7 +195,7 @@ def run_iterations(
             {
                 "iteration": it,
                 "env_steps": env_steps,
-                "wall_s": time.perf_counter() - start - sum(r["eval_s"] for r in records) - eval_s,
+                "wall_s": _training_wall(start, records, eval_s),
                 "eval_s": eval_s,
                 "rollout_s": t_wait + t_refill,
                 "train_s": t_train,
@@ -215,11 +216,9 @@ def run_iterations(
     return records
 
 
-def _out_of_time(cfg: TrainConfig, start: float, records: list[dict]) -> bool:
-    if cfg.minutes is None:
-        return False
-    spent = time.perf_counter() - start - sum(r["eval_s"] for r in records)
-    return spent >= cfg.minutes * 60
+def _training_wall(start: float, records: list[dict], eval_s: float) -> float:
+    """Seconds since ``start`` less the time spent evaluating (not training time)."""
+    return time.perf_counter() - start - sum(r["eval_s"] for r in records) - eval_s
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
