@@ -55,7 +55,11 @@ def overlap_simulated(iterations: int, train_per_item_ms: float) -> None:
         ("overlapped, two devices", True, True),
     ):
         policy = LatencyPolicy(
-            state_dim=8, chunk_len=8, base_ms=10, per_item_ms=1, train_base_ms=40,
+            state_dim=8,
+            chunk_len=8,
+            base_ms=10,
+            per_item_ms=1,
+            train_base_ms=40,
             train_per_item_ms=train_per_item_ms,
         )
         rollout = copy.deepcopy(policy) if overlap else policy
@@ -68,7 +72,8 @@ def overlap_simulated(iterations: int, train_per_item_ms: float) -> None:
             engine.collect_episodes(cfg.groups, cfg.group_size)  # warm-up
             t0 = time.perf_counter()
             step = policy.train_step
-            recs = run_iterations(engine, policy, lambda batch, s=step: s(rows) or {}, run_cfg)
+            update = lambda batch, progress, s=step: s(rows) or {}  # noqa: E731
+            recs = run_iterations(engine, policy, update, run_cfg)
             wall = time.perf_counter() - t0
         per_it = [b["wall_s"] - a["wall_s"] for a, b in zip(recs, recs[1:], strict=False)]
         results[name] = statistics.median(per_it)
@@ -143,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--out", default="bench_results/grpo")
     ap.add_argument(
-        "--train-per-item-ms", type=float, action="append",
+        "--train-per-item-ms",
+        type=float,
+        action="append",
         help="overlap: simulated training cost per decision row (repeatable; default 0.5 and 3)",
     )
     args = ap.parse_args(argv)

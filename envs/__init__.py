@@ -18,9 +18,7 @@ import numpy as np
 
 from envs.spec import ChunkResult, Env, EnvSpec, FieldSpec
 
-__all__ = [
-    "ChunkResult", "Env", "EnvSpec", "FieldSpec", "expert", "expert_model", "make", "names"
-]
+__all__ = ["ChunkResult", "Env", "EnvSpec", "FieldSpec", "expert", "expert_model", "make", "names"]
 
 _TABLETOP = ("tabletop/pick-place", "tabletop/push", "tabletop/reach")
 _EXPERTS = [*_TABLETOP, "toy"]

@@ -11,8 +11,10 @@ import torch
 from pipeline import RolloutEngine
 from pipeline.policies import ExpertPolicy, LatencyPolicy, TinyVLA
 from trainer import (
+    TrainConfig,
     dynamic_sample,
     group_advantages,
+    learning_rate,
     load_checkpoint,
     save_checkpoint,
     toy_reach_config,
@@ -38,6 +40,16 @@ def test_dynamic_sampling_stops_at_the_refill_cap_when_every_group_succeeds():
     assert batch is None and report.capped
     assert report.calls == 4 and report.groups_kept == 0
     assert report.dropped_all_success == 8 and report.successes == report.episodes == 16
+
+
+def test_cosine_learning_rate_falls_from_lr_to_a_tenth_and_a_bad_schedule_is_named():
+    cfg = TrainConfig(lr=1e-3, lr_schedule="cosine")
+    rates = [learning_rate(cfg, p / 10) for p in range(11)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert learning_rate(TrainConfig(lr=1e-3, lr_schedule="constant"), 0.9) == 1e-3
+    with pytest.raises(ValueError, match="lr_schedule.*'linear'"):
+        learning_rate(TrainConfig(lr_schedule="linear"), 0.5)
 
 
 def test_checkpoint_round_trip(tmp_path):

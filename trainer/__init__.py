@@ -16,6 +16,7 @@ from trainer.grpo import (
 )
 from trainer.loop import (
     TrainConfig,
+    learning_rate,
     load_checkpoint,
     run_iterations,
     save_checkpoint,
@@ -33,6 +34,7 @@ __all__ = [
     "evaluate",
     "group_advantages",
     "grpo_loss",
+    "learning_rate",
     "load_checkpoint",
     "run_iterations",
     "save_checkpoint",

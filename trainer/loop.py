@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -46,16 +47,17 @@ class TrainConfig:
     iterations: int = 1000
     minutes: float | None = None  # stop after this much training wall time
     lr: float = 1e-4
+    lr_schedule: str = "cosine"  # "constant", or cosine from lr to lr/10 over the run's budget
     clip: float = 0.2
     epochs: int = 1
     minibatch: int = 128
     overlap: bool = False
     max_staleness: int = 1
     eval_every: int = 10
-    eval_episodes: int = 64
+    eval_episodes: int = 128
     eval_seed: int = 10**9  # held-out reset seeds: eval_seed, eval_seed + 1, ...
     bc_demos: int = 128  # expert episodes for the warm start (0: none)
-    bc_steps: int = 300
+    bc_steps: int = 200
     bc_lr: float = 1e-3
     warm_start: str | None = None  # a checkpoint to start from instead of cloning
     seed: int = 0
@@ -82,6 +84,7 @@ def toy_reach_config(**overrides) -> TrainConfig:
         bc_demos=32,
         bc_steps=40,
         lr=1e-3,
+        lr_schedule="constant",
         epochs=2,
     )
     return dataclasses.replace(base, **overrides)
@@ -121,9 +124,12 @@ def grpo_update(
     """The trainer's half of an iteration: epochs of minibatch steps on the clipped loss."""
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    def update(batch: TensorDict | None) -> dict:
+    def update(batch: TensorDict | None, progress: float) -> dict:
+        lr = learning_rate(cfg, progress)
+        for group in opt.param_groups:
+            group["lr"] = lr
         if batch is None:  # dynamic sampling found no informative group before its cap
-            return {}
+            return {"lr": lr}
         add_proximal_log_probs(policy, batch)
         policy.train()
         infos = []
@@ -137,21 +143,34 @@ def grpo_update(
                 opt.step()
                 infos.append(dict(info, loss=float(loss.detach())))
         policy.eval()
-        return {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos else {}
+        means = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos else {}
+        return {**means, "lr": lr}
 
     return update
+
+
+def learning_rate(cfg: TrainConfig, progress: float) -> float:
+    """The step size at ``progress`` (0 to 1) through the run's budget. A decaying step
+    keeps the end of a run at its best rather than wherever the last noisy update left it."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
 
 
 def run_iterations(
     engine: RolloutEngine,
     policy: torch.nn.Module,
-    update: Callable[[TensorDict | None], dict],
+    update: Callable[[TensorDict | None, float], dict],
     cfg: TrainConfig,
     on_eval: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """GRPO iterations, synchronous or overlapped (``cfg.overlap``); one record per
     iteration with its time split (rollout wait, train, weight sync) and sampling report.
 
+    ``update(batch, progress)`` trains on a batch; ``progress`` is the fraction of the
+    budget (iterations, or ``cfg.minutes``, whichever ends first) used so far.
     ``engine.policy`` must be ``policy`` itself when synchronous and a copy when
     overlapped. ``on_eval(i)`` runs when iteration ``i`` is due for evaluation, while the
     engine is idle and holds the weights of version ``i``.
@@ -172,16 +191,17 @@ def run_iterations(
             on_eval(it)
             eval_s = time.perf_counter() - e0
         t1 = time.perf_counter()
-        batch, report = dynamic_sample(
-            first, collect, cfg.groups, cfg.group_size, cfg.max_refills
-        )
+        batch, report = dynamic_sample(first, collect, cfg.groups, cfg.group_size, cfg.max_refills)
         t_refill = time.perf_counter() - t1
         spent = _training_wall(start, records, eval_s)
         last = it == cfg.iterations - 1 or (cfg.minutes is not None and spent >= cfg.minutes * 60)
         if future is not None and not last:
             future = engine.collect_episodes_async(cfg.groups, cfg.group_size)
+        progress = it / cfg.iterations
+        if cfg.minutes is not None:
+            progress = max(progress, spent / (cfg.minutes * 60))
         t2 = time.perf_counter()
-        info = update(batch)
+        info = update(batch, progress)
         t_train = time.perf_counter() - t2
         t3 = time.perf_counter()
         version += 1
@@ -253,8 +273,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                 "bc_loss_first_last": [losses[0], losses[-1]],
                 "seconds": time.perf_counter() - t0,
             }
-            log(f"warm start: {len(demos)} demo decisions, BC loss {losses[0]:.2f} -> "
-                f"{losses[-1]:.2f} in {time.perf_counter() - t0:.0f} s")
+            log(
+                f"warm start: {len(demos)} demo decisions, BC loss {losses[0]:.2f} -> "
+                f"{losses[-1]:.2f} in {time.perf_counter() - t0:.0f} s"
+            )
             if cfg.out:
                 save_checkpoint(os.path.join(cfg.out, "warm_start.pt"), policy, curve["warm_start"])
     policy.eval()
@@ -271,14 +293,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         seed=cfg.seed,
         max_staleness=cfg.max_staleness if cfg.overlap else None,
     ) as engine:
+
         def on_eval(it: int) -> None:
             rates = evaluate(engine, eval_seeds)
             best = max((e["success"] for e in curve["evals"]), default=-1.0)
             curve["evals"].append({"iteration": it, "success": rates["greedy"], **rates})
             if cfg.out and rates["greedy"] > best:  # the weights the engine just evaluated
                 save_checkpoint(os.path.join(cfg.out, "best.pt"), engine.policy, rates)
-            log(f"eval @ iteration {it}: held-out success greedy {rates['greedy']:.2f}, "
-                f"sampled {rates['sampled']:.2f}")
+            log(
+                f"eval @ iteration {it}: held-out success greedy {rates['greedy']:.2f}, "
+                f"sampled {rates['sampled']:.2f}"
+            )
 
         records = run_iterations(engine, policy, grpo_update(policy, opt, cfg), cfg, on_eval)
         on_eval(len(records))
@@ -316,10 +341,18 @@ def write_curve(curve: dict, out: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in ((axes[0], "env_steps", "env steps"), (axes[1], "wall_s", "wall s")):
         for metric, style in (("greedy", "o-"), ("sampled", "s--")):
-            ax.plot([e[key] for e in evals], [e[metric] for e in evals], style,
-                    label=f"held-out, {metric}")
-        ax.plot([r[key] for r in its], [r["train_success"] for r in its], alpha=0.4,
-                label="training batches")
+            ax.plot(
+                [e[key] for e in evals],
+                [e[metric] for e in evals],
+                style,
+                label=f"held-out, {metric}",
+            )
+        ax.plot(
+            [r[key] for r in its],
+            [r["train_success"] for r in its],
+            alpha=0.4,
+            label="training batches",
+        )
         ax.set_xlabel(label)
         ax.set_ylabel("success rate")
         ax.set_ylim(-0.02, 1.02)
