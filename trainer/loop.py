@@ -57,7 +57,7 @@ class TrainConfig:
     eval_episodes: int = 128
     eval_seed: int = 10**9  # held-out reset seeds: eval_seed, eval_seed + 1, ...
     bc_demos: int = 128  # expert episodes for the warm start (0: none)
-    bc_steps: int = 200
+    bc_steps: int = 300
     bc_lr: float = 1e-3
     warm_start: str | None = None  # a checkpoint to start from instead of cloning
     seed: int = 0
