@@ -4,6 +4,7 @@
     python bench.py --help          # its flags (workload, policy, modes, sweep, compare, ...)
     python bench.py workloads       # envs and policies alone (no engine)
     python bench.py engine          # engine suite: overlap vs bound, sweeps, transport
+    python bench.py scheduler       # dynamic batching vs fixed stages vs lock-step, by step CV
     python bench.py soak            # soak and chaos: RSS, descriptors, /dev/shm, restarts
     python bench.py embedding       # worker RSS and threads when embedded in a trainer script
     python bench.py training        # GRPO demo; synchronous vs overlapped training
@@ -22,6 +23,7 @@ warnings.filterwarnings("ignore", message="Failed to find system libvulkan")
 SUITES = {
     "workloads": "benchmarks.workloads",
     "engine": "benchmarks.engine",
+    "scheduler": "benchmarks.scheduler",
     "soak": "benchmarks.soak",
     "embedding": "benchmarks.embedding",
     "training": "benchmarks.training",

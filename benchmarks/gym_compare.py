@@ -62,7 +62,7 @@ def _batch(obs: dict, instructions, seeds: np.ndarray, device) -> TensorDict:
     return td.to(device)
 
 
-def run_gymnasium(args, spec, policy, device) -> dict:
+def run_gymnasium(args, spec, policy, device, quiet: bool = False) -> dict:
     import json
 
     from gymnasium.vector import AsyncVectorEnv
@@ -70,7 +70,8 @@ def run_gymnasium(args, spec, policy, device) -> dict:
     kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
     n = args.num_envs
     label = "gymnasium AsyncVectorEnv"
-    print(f"  {label}: starting {n} processes (one per env)", flush=True)
+    say = (lambda *a, **k: None) if quiet else print
+    say(f"  {label}: starting {n} processes (one per env)", flush=True)
     vec = AsyncVectorEnv(
         [lambda: ChunkedGymEnv(args.env, kwargs, args.chunk) for _ in range(n)],
         shared_memory=True,
@@ -109,7 +110,7 @@ def run_gymnasium(args, spec, policy, device) -> dict:
                     "env_steps_per_s": steps / wall,
                 }
             )
-            print(
+            say(
                 f"  {label}: window {w + 1}/{args.windows}: "
                 f"{windows[-1]['decisions_per_s']:.1f} decisions/s",
                 flush=True,

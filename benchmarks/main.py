@@ -257,7 +257,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="default: bench_results/<timestamp>/")
     ap.add_argument("--sweep", default=None, help="stages=1,2,3,4 or num_envs=8,16,32")
     ap.add_argument("--compare", choices=("gymnasium",), default=None)
+    ap.add_argument(
+        "--transport",
+        action="store_true",
+        help="instead: what moving observations costs (zero-cost env; benchmarks/transport.py)",
+    )
     args = ap.parse_args(argv)
+    if args.transport:
+        from benchmarks import transport
+
+        if args.compare == "gymnasium":
+            _need_gymnasium()
+        results = transport.run(args.compare == "gymnasium")
+        os.makedirs("bench_results", exist_ok=True)
+        with open(os.path.join("bench_results", "transport.json"), "w") as f:
+            json.dump(results, f, indent=1, default=float)
+        return 0
     out_dir = args.out or os.path.join(
         "bench_results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     )
@@ -281,12 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             policy = make_policy(args.policy, spec, args.chunk, device)
             rows.append(run_mode(args, spec, policy, mode, stages, label, out_dir))
         if args.compare == "gymnasium":
-            try:
-                import gymnasium  # noqa: F401
-            except ImportError:
-                raise SystemExit(
-                    "--compare gymnasium needs Gymnasium: pip install -e '.[gymnasium]'"
-                ) from None
+            _need_gymnasium()
             from benchmarks.gym_compare import run_gymnasium
 
             rows.append(
@@ -304,6 +314,15 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, f, indent=1, default=float)
     _say(f"\nwrote {out_dir}/results.json" + ("" if args.sweep else f", {out_dir}/report.html"))
     return 0
+
+
+def _need_gymnasium() -> None:
+    try:
+        import gymnasium  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "--compare gymnasium needs Gymnasium: pip install -e '.[gymnasium]'"
+        ) from None
 
 
 def _write_index(out_dir: str, rows: list[dict]) -> None:

@@ -3,8 +3,8 @@
 Its observations are a pure function of the reset seed and the actions taken, so a test can
 replay any trajectory and check that every byte landed where it belongs. Its step cost is real
 CPU work (a busy loop measured on the thread's CPU clock), not sleep, so it loads the cores the
-way physics does; ``step_jitter_us`` adds unseeded extra work so that timing varies while the
-results stay seeded.
+way physics does; ``step_jitter_us`` and ``step_cost_cv`` add unseeded variation so that timing
+varies while the results stay seeded.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class ToyEnv(ChunkedEnvMixin):
     episode succeeds when it comes within ``REACH_RADIUS`` of a seeded goal. ``state`` is
     ``[t / episode_len, point (2), goal (2), 0...]``.
 
+    ``static_images=True`` returns the same frames every step (made once): an env whose
+    rendering is free, to measure what moving frames costs and nothing else.
+
     Example:
         >>> env = ToyEnv(state_dim=8, cameras=("head",), image_size=16, step_cost_us=200)
         >>> obs, info = env.reset(seed=3)
@@ -61,7 +64,9 @@ class ToyEnv(ChunkedEnvMixin):
         episode_len: int = 20,
         step_cost_us: float = 0.0,
         step_jitter_us: float = 0.0,
+        step_cost_cv: float = 0.0,
         task: str = "timer",
+        static_images: bool = False,
     ) -> None:
         if task not in ("timer", "reach"):
             raise ValueError(f"toy: task={task!r}: choose 'timer' or 'reach'")
@@ -71,8 +76,8 @@ class ToyEnv(ChunkedEnvMixin):
             raise ValueError("toy: task='reach' needs action_dim >= 2")
         if action_dim < 1 or episode_len < 1 or image_size < 1:
             raise ValueError("toy: action_dim, episode_len and image_size must be >= 1")
-        if step_cost_us < 0 or step_jitter_us < 0:
-            raise ValueError("toy: step_cost_us and step_jitter_us must be >= 0")
+        if step_cost_us < 0 or step_jitter_us < 0 or step_cost_cv < 0:
+            raise ValueError("toy: step_cost_us, step_jitter_us and step_cost_cv must be >= 0")
         obs = {"state": FieldSpec((state_dim,), np.float32)}
         for cam in cameras:
             obs[f"image/{cam}"] = FieldSpec((image_size, image_size, 3), np.uint8)
@@ -80,11 +85,20 @@ class ToyEnv(ChunkedEnvMixin):
         self.cameras, self.task = tuple(cameras), task
         self.step_cost_us = float(step_cost_us)
         self.step_jitter_us = float(step_jitter_us)
+        self.step_cost_cv = float(step_cost_cv)
+        self._cost_factor = 1.0
         self.instruction = ""
         self._ramp = (np.arange(image_size * image_size * 3, dtype=np.int64) % 251).reshape(
             image_size, image_size, 3
         )
         self._mix = np.random.default_rng(12345).normal(size=(action_dim, state_dim - 3)) * 0.5
+        # static_images: the same frames every step, made once (an env whose render is free:
+        # what moving frames costs, and nothing else).
+        self._static = (
+            {f"image/{cam}": ((self._ramp + 17 * i) % 251).astype(np.uint8)
+             for i, cam in enumerate(cameras)}
+            if static_images else None
+        )  # fmt: skip
         self._x: np.ndarray | None = None
 
     def reset(self, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -106,7 +120,7 @@ class ToyEnv(ChunkedEnvMixin):
     def _apply(self, a: np.ndarray) -> tuple[float, bool, bool]:
         if self._x is None:
             raise RuntimeError("toy: call reset() before step()")
-        burn_cpu(self.step_cost_us + (_JITTER.random() * self.step_jitter_us))
+        burn_cpu(self.step_cost_us * self._cost_factor + _JITTER.random() * self.step_jitter_us)
         self._x = np.tanh(0.9 * self._x + a.astype(np.float64) @ self._mix)
         self._t += 1
         self._asum += float(a.sum())
@@ -121,6 +135,15 @@ class ToyEnv(ChunkedEnvMixin):
         truncated = not self._success and self._t >= self.spec.max_steps
         return reward, self._success, truncated
 
+    def step_chunk(self, actions: np.ndarray):
+        """A chunk whose steps share one cost draw (``step_cost_cv``): contact-rich stretches
+        of physics are slow for many steps in a row. Independent draws per step would
+        average out over a chunk (the CV of a chunk's cost would fall by sqrt(steps))."""
+        if self.step_cost_cv > 0:
+            k = 1.0 / self.step_cost_cv**2  # gamma with mean 1 and the requested CV
+            self._cost_factor = _JITTER.gammavariate(k, 1.0 / k)
+        return super().step_chunk(actions)
+
     def _info(self) -> dict[str, Any]:
         return {"success": self._success, "elapsed_steps": self._t}
 
@@ -131,6 +154,8 @@ class ToyEnv(ChunkedEnvMixin):
         else:
             state = np.concatenate([[self._t, self._seed % 65536, self._asum], self._x])
         obs = {"state": state.astype(np.float32)}
+        if self._static is not None:
+            return {**obs, **self._static}
         key = (self._seed * 31 + self._t * 7 + int(self._asum * 1000)) % 251
         for i, cam in enumerate(self.cameras):
             obs[f"image/{cam}"] = ((self._ramp + key + 17 * i) % 251).astype(np.uint8)

@@ -5,7 +5,9 @@ holds envs of every stage. In ``mode="pipelined"`` the loop infers for stage g w
 workers step the other stages; in ``mode="sync"`` each stage is inferred, stepped and awaited
 in turn (with ``num_stages=1`` that is the SimpleVLA-RL lock-step baseline). Both modes make
 the same decisions in the same order for every stage, and every seed is derived from ids, so
-their trajectories are bitwise identical.
+their trajectories are bitwise identical. ``schedule="dynamic"`` makes every env a stage of
+its own and infers for whichever are ready (:mod:`pipeline.dynamic`); a batch-invariant
+policy then gives the same trajectories too, in whatever batches.
 
 A stage turn: batch the stage's observations straight from shared memory, run the policy,
 validate its output, write the action chunks into shared memory, send one 16-byte STEP frame
@@ -33,6 +35,7 @@ from tensordict import TensorDict
 
 from pipeline import protocol as P
 from pipeline import schema
+from pipeline.dynamic import WAIT_FOR_REPLY, Batching
 from pipeline.errors import (
     EngineClosedError,
     EngineError,
@@ -44,7 +47,8 @@ from pipeline.plans import EpisodeIds, EpisodePlan, Plan, RolloutPlan
 from pipeline.pool import WorkerPool
 from pipeline.profiler.session import ProfileSession
 from pipeline.profiler.spans import PhaseClock, SpanRing
-from pipeline.stages import Stage, StageBatcher, StageState
+from pipeline.recorder import BufferPool
+from pipeline.stages import Stage, StageBatcher, StageState, fixed_stages
 from pipeline.stats import EngineStats
 
 
@@ -129,8 +133,12 @@ class RolloutEngine:
         *,
         num_envs: int,
         num_workers: int = 2,
-        num_stages: int = 2,
+        num_stages: int | None = None,
         mode: str = "pipelined",
+        schedule: str = "stages",
+        min_batch: int | None = None,
+        max_batch: int | None = None,
+        max_wait_us: float | None = None,
         seed: int = 0,
         env_kwargs: dict | None = None,
         device: str | torch.device = "auto",
@@ -150,16 +158,32 @@ class RolloutEngine:
         self._closed = True  # until start-up completes
         if mode not in ("sync", "pipelined"):
             raise ValueError(f"mode={mode!r}: choose 'sync' or 'pipelined'")
-        if num_envs < 1 or num_workers < 1 or num_stages < 1:
-            raise ValueError("num_envs, num_workers and num_stages must be >= 1")
-        if num_envs % num_stages:
-            raise ValueError(f"num_envs={num_envs} must divide into num_stages={num_stages} groups")
-        per_stage = num_envs // num_stages
-        if num_workers > per_stage:
-            raise ValueError(
-                f"num_workers={num_workers} > envs per stage ({per_stage}): every worker must "
-                "hold envs of every stage"
-            )
+        if num_envs < 1 or num_workers < 1:
+            raise ValueError("num_envs and num_workers must be >= 1")
+        if num_workers > num_envs:
+            raise ValueError(f"num_workers={num_workers} > num_envs={num_envs}")
+        self._env_worker = np.arange(num_envs) % num_workers
+        if schedule == "stages":
+            num_stages = 2 if num_stages is None else num_stages
+            if (min_batch, max_batch, max_wait_us) != (None, None, None):
+                raise ValueError("min_batch, max_batch and max_wait_us apply to schedule='dynamic'")
+            self.stages = fixed_stages(num_envs, num_workers, num_stages)
+            self.batching = None
+        elif schedule == "dynamic":
+            if mode != "pipelined":
+                raise ValueError(
+                    "schedule='dynamic' runs pipelined; mode='sync' (with stages) is its reference"
+                )
+            if num_stages is not None:
+                raise ValueError("num_stages applies to schedule='stages' (dynamic has none)")
+            self.batching = Batching.check(num_envs, min_batch, max_batch, max_wait_us)
+            # One single-env stage per env: each has its own slot, sequence and command, so
+            # it is ready the moment its worker finishes it, whatever the other envs do.
+            self.stages = [Stage(i, i, i + 1, [int(self._env_worker[i])]) for i in range(num_envs)]
+            num_stages = num_envs
+        else:
+            raise ValueError(f"schedule={schedule!r}: choose 'stages' or 'dynamic'")
+        self.schedule = schedule
         chunk_len = chunk_len if chunk_len is not None else getattr(policy, "chunk_len", None)
         if chunk_len is None or chunk_len < 1:
             raise ValueError("chunk_len: pass it, or give the policy a 'chunk_len' attribute")
@@ -196,12 +220,8 @@ class RolloutEngine:
         self._weights = WeightSync(policy)
         self._executor: ThreadPoolExecutor | None = None  # runs collect_episodes_async
         self._in_flight: Future | None = None
-        self.stages = [
-            Stage(g, g * per_stage, (g + 1) * per_stage, list(range(num_workers)))
-            for g in range(num_stages)
-        ]
-        self._env_worker = np.arange(num_envs) % num_workers
         self._ids = EpisodeIds(num_envs)  # episode ids are unique over the engine's life
+        self._buffers = BufferPool()  # trajectory memory, reused once a result is dropped
         self._calls = 0
         self._started = np.zeros(num_envs, bool)  # env has run at least one episode
         self.stats = EngineStats(num_workers)
@@ -214,7 +234,7 @@ class RolloutEngine:
             env,
             env_kwargs or {},
             env_ids=[np.flatnonzero(self._env_worker == w).tolist() for w in range(num_workers)],
-            env_stage=[i // per_stage for i in range(num_envs)],
+            env_stage=[s.index for s in self.stages for _ in range(s.size)],
             auto_reset=auto_reset,
             env_name=self.env_name,
             pin_workers=pin_workers,
@@ -230,7 +250,10 @@ class RolloutEngine:
         self.a = self._pool.shm.arrays
         self.a["n_exec"][:] = self.exec_len
         self._actions = torch.from_numpy(self.a["actions"])
-        self._batcher = StageBatcher(self.layout, self.a, self.stages, self.seed)
+        self._batcher = StageBatcher(
+            self.layout, self.a, self.stages, self.seed, pin_memory=self.device.type == "cuda"
+        )
+        self._action_staging: torch.Tensor | None = None  # dynamic batches' chunks, on CUDA
         if self.device.type == "cuda":
             from pipeline.cuda import CudaPath
 
@@ -352,6 +375,7 @@ class RolloutEngine:
             "num_envs": self.num_envs,
             "num_workers": self.num_workers,
             "num_stages": self.num_stages,
+            "schedule": self.schedule,
             "chunk_len": self.chunk_len,
             "exec_len": self.exec_len,
             "device": str(self.device),
@@ -393,7 +417,13 @@ class RolloutEngine:
             raise ValueError("num_decisions must be >= 1")
         self._check_idle()
         plan = RolloutPlan(
-            self.layout, self.a, self._ids, self.seed, self.num_stages, num_decisions
+            self.layout,
+            self.a,
+            self._ids,
+            self.seed,
+            len(self.stages),
+            num_decisions,
+            self._buffers,
         )
         return self._call(plan)
 
@@ -440,6 +470,7 @@ class RolloutEngine:
             num_groups,
             group_size,
             reset_seeds,
+            self._buffers,
         )
         return self._call(plan)
 
@@ -548,7 +579,9 @@ class RolloutEngine:
     def _begin(self, plan: Plan) -> None:
         """Queue each stage's first episodes and reset the envs that start one: all of them
         for ``collect_episodes``; for ``rollout``, those that never ran or whose episode ended
-        with no auto-reset (the others carry on with their episodes)."""
+        with no auto-reset (the others carry on with their episodes). Every stage's RESET
+        goes out before any reply is awaited, so the workers reset in parallel."""
+        resetting = []
         for s in self.stages:
             s.prepared, s.state = None, StageState.READY  # nothing built ahead survives a call
             if plan.restart_all:
@@ -557,20 +590,33 @@ class RolloutEngine:
                 fresh = ~self._started[s.lo : s.hi] | (self.a["parked"][s.slot, s.lo : s.hi] == 1)
             for i in s.env_ids[fresh]:
                 plan.next_episode(int(i))
-            try:
-                self._reset_stage(s, fresh)
-            except EngineError as exc:
-                self._recover(exc, plan)  # completes this stage's reset
+            if fresh.any():
+                self.a["reset_now"][s.lo : s.hi] = fresh
+                resetting.append(s)
             self._started[s.lo : s.hi] = True
+        failed = self._command(resetting, P.RESET)
+        if failed is not None:
+            self._recover(failed, plan)  # completes the resets of the replaced worker's envs
+        for s in resetting:
+            while s.state is StageState.STEPPING:
+                try:
+                    self._collect(s, "resetting")
+                except EngineError as exc:
+                    self._recover(exc, plan)
+        now = time.perf_counter_ns()
+        for s in self.stages:
+            s.ready_ns = now
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self, plan: Plan) -> None:
         stages = self.stages
+        if self.batching is not None:
+            return self._loop_dynamic(plan)
         if self.mode == "sync":
             while any(plan.wants(s) for s in stages):
                 for s in stages:
                     if plan.wants(s):
-                        self._dispatch(s, self._infer(s), plan)
+                        self._dispatch([s], self._infer([s]), plan)
                         self._await(s)
             return
         while True:
@@ -580,15 +626,59 @@ class RolloutEngine:
                     self._await(s)
                 if not plan.wants(s):
                     continue
-                out = self._infer(s)
+                out = self._infer([s])
                 # While this stage's policy call runs (asynchronously on CUDA), collect the
                 # next stage if its workers are done and build its batch, so that its
                 # host-to-device copy overlaps this stage's compute.
                 self._prefetch(stages[(g + 1) % len(stages)])
-                self._dispatch(s, out, plan)
+                self._dispatch([s], out, plan)
                 progressed = True
             if not progressed and not any(s.state is StageState.STEPPING for s in stages):
                 return
+
+    def _loop_dynamic(self, plan: Plan) -> None:
+        """First-ready batching (:mod:`pipeline.dynamic`): every stage is one env; infer for
+        the envs that are ready, longest-waiting first, as the batching rule allows."""
+        rule, cells = self.batching, self.stages
+        while True:
+            self._harvest(0)
+            ready = [c for c in cells if c.state is StageState.READY and plan.wants(c)]
+            busy = any(c.state is StageState.STEPPING for c in cells)
+            if not ready and not busy:
+                return
+            oldest = min((c.ready_ns for c in ready), default=0)
+            wait = rule.wait_ns(len(ready), oldest, time.perf_counter_ns(), busy)
+            if wait is not None:
+                self._harvest(wait)
+                continue
+            ready.sort(key=lambda c: c.ready_ns)
+            batch = ready[: rule.max_batch]
+            self._dispatch(batch, self._infer(batch), plan)
+
+    def _harvest(self, wait_ns: int) -> None:
+        """Take every reply that is in; with none in, wait up to ``wait_ns`` for one
+        (``dynamic.WAIT_FOR_REPLY``: as long as it takes, under the watchdog). Each env
+        whose reply came is READY from now."""
+        busy = sorted({c.workers[0] for c in self.stages if c.state is StageState.STEPPING})
+        if not busy:
+            return
+        if wait_ns:
+            self._phase("wait_obs")
+        timeout = None if wait_ns == WAIT_FOR_REPLY else wait_ns / 1e9
+        self._pool.wait_any(busy, timeout, self.hang_timeout_s, "stepping")
+        now = time.perf_counter_ns()
+        for w in busy:
+            for frame in self._pool.take_replies(w):
+                c = self.stages[frame[1]]
+                if c.state is not StageState.STEPPING or frame[3] != c.seq:
+                    raise EngineError(  # an engine bug, not the worker's: not "recovered"
+                        f"worker {w}: reply {frame} matches no command in flight (env {c.lo}, "
+                        f"seq {c.seq}, {c.state.value})"
+                    )
+                self._finish_command(c)
+                c.last_turn = (now - c.turn_t0, c.turn_policy_ns)
+                c.ready_ns = now
+        self._phase("bookkeeping")
 
     def _prefetch(self, s: Stage) -> None:
         if s.state is not StageState.STEPPING:
@@ -597,22 +687,28 @@ class RolloutEngine:
             return
         self._await(s)
         self._phase("preprocess")
-        s.prepared = self._prepare(s)
+        s.prepared = self._prepare([s])
         s.state = StageState.PREPARED
 
-    def _prepare(self, s: Stage) -> tuple:
-        """The stage's policy batch (on the device; on CUDA the copy is queued on the side
-        stream and not waited for here)."""
-        td = self._batcher.batch(s)
+    def _prepare(self, stages: list[Stage]) -> tuple:
+        """The policy batch of one stage (zero-copy views) or of several (a gather), on the
+        device; on CUDA the copy is queued on the side stream and not waited for here."""
+        if len(stages) == 1:
+            td = self._batcher.batch(stages[0])
+        else:
+            td = self._batcher.gather(stages)
         if self._cuda is None:
             return td, None
         return self._cuda.to_device(td, self._running_profiler())
 
-    def _infer(self, s: Stage):
-        """Start a stage turn: its batch, then the policy call."""
-        s.turn_t0 = time.perf_counter_ns()
+    def _infer(self, stages: list[Stage]):
+        """Start a turn of one stage, or of a dynamic batch of them: the batch, then the
+        policy call."""
+        t0 = time.perf_counter_ns()
         self._phase("preprocess")
-        td, copied = s.prepared if s.state is StageState.PREPARED else self._prepare(s)
+        s = stages[0]
+        prepared = len(stages) == 1 and s.state is StageState.PREPARED
+        td, copied = s.prepared if prepared else self._prepare(stages)
         s.prepared = None
         if copied is not None:
             self._cuda.wait(copied)
@@ -621,35 +717,47 @@ class RolloutEngine:
         gpu = profiler.cuda_mark() if profiler else None
         t_policy = time.perf_counter_ns()
         out = self.policy(td)
-        s.turn_policy_ns = time.perf_counter_ns() - t_policy
+        policy_ns = time.perf_counter_ns() - t_policy
         if gpu is not None:
             profiler.cuda_interval("inference", gpu, profiler.cuda_mark())
+        for x in stages:
+            x.turn_t0, x.turn_policy_ns = t0, policy_ns
+        self.stats.batch_sizes.append(len(td))
         return out
 
-    def _dispatch(self, s: Stage, out, plan: Plan) -> None:
-        """End a stage turn: validate and send the actions, then record while the workers
-        step."""
+    def _dispatch(self, stages: list[Stage], out, plan: Plan) -> None:
+        """End a turn: validate and send the actions, then record while the workers step."""
         self._phase("dispatch")
-        self.stats.policy_ns += s.turn_policy_ns
-        outputs = self._take_outputs(s, out)
-        self._queue_episodes(s, plan)
-        failed = self._command(s, P.STEP)
+        self.stats.policy_ns += stages[0].turn_policy_ns
+        outputs = self._take_outputs(stages, out)
+        for s in stages:
+            self._queue_episodes(s, plan)
+        failed = self._command(stages, P.STEP)
         self._phase("record")
-        self._record_results(s, plan)  # the previous decision's results, while workers step
         t_record = time.perf_counter_ns()
-        s.pending = plan.record(s, outputs)
+        row = 0
+        for s in stages:
+            self._record_results(s, plan)  # the previous decision's, while workers step
+            mine = (
+                outputs
+                if len(stages) == 1
+                else {key: value[row : row + s.size] for key, value in outputs.items()}
+            )
+            s.pending = plan.record(s, mine)
+            row += s.size
         self.stats.record_ns += time.perf_counter_ns() - t_record
         self._phase("bookkeeping")
         if failed is not None:  # raised only now: the decision is recorded like any other
             raise failed
 
-    def _take_outputs(self, s: Stage, out) -> dict[object, np.ndarray]:
-        """Validate the policy's output and land the action chunk in shared memory.
+    def _take_outputs(self, stages: list[Stage], out) -> dict[object, np.ndarray]:
+        """Validate the policy's output and land the action chunks in shared memory.
 
-        The workers read the chunk only after the STEP frame, which is sent only if every
-        check passes: a bad output never reaches the physics. Returns host arrays to record.
+        The workers read a chunk only after its STEP frame, which is sent only if every
+        check passes: a bad output never reaches the physics. Returns host arrays to record
+        (rows in the order of ``stages``).
         """
-        batch = s.size
+        batch = sum(s.size for s in stages)
         if not hasattr(out, "get"):
             raise PolicyOutputError(f"policy returned {type(out).__name__}, not a TensorDict")
         chunk = out.get(schema.ACTION_CHUNK, None)
@@ -661,12 +769,24 @@ class RolloutEngine:
         if not chunk.dtype.is_floating_point:
             raise PolicyOutputError(f"action chunk has dtype {chunk.dtype}, expected a float dtype")
         # torch's copy converts any float dtype (bfloat16 included) into the float32 slots.
-        host = self._actions[s.lo : s.hi]
-        if self._cuda is not None and chunk.is_cuda:
-            self._cuda.to_host(host, chunk)
-        else:
-            host.copy_(chunk.detach())
-        actions = self.a["actions"][s.lo : s.hi]
+        if len(stages) == 1:
+            rows = slice(stages[0].lo, stages[0].hi)
+            host = self._actions[rows]
+            if self._cuda is not None and chunk.is_cuda:
+                self._cuda.to_host(host, chunk)
+            else:
+                host.copy_(chunk.detach())
+        else:  # a dynamic batch: rows from anywhere, one scatter
+            rows = np.fromiter((s.lo for s in stages), np.int64, len(stages))
+            if self._cuda is not None and chunk.is_cuda:
+                if self._action_staging is None:
+                    self._action_staging = torch.empty_like(self._actions, pin_memory=True)
+                staged = self._action_staging[:batch]
+                self._cuda.to_host(staged, chunk)
+            else:
+                staged = chunk.detach().to(torch.float32)
+            self._actions.index_copy_(0, torch.from_numpy(rows), staged)
+        actions = self.a["actions"][rows]
         if not np.isfinite(actions).all():
             raise PolicyOutputError(
                 "action chunk contains NaN or inf; nothing was sent to the envs"
@@ -689,28 +809,22 @@ class RolloutEngine:
         return outputs
 
     # -- commands and replies ----------------------------------------------------------------
-    def _reset_stage(self, s: Stage, mask: np.ndarray) -> None:
-        """Restart the stage's envs where ``mask`` is set (with their queued ``next_seed``);
-        the others carry over untouched. Waits for the workers."""
-        if not mask.any():
-            return
-        self.a["reset_now"][s.lo : s.hi] = mask
-        failed = self._command(s, P.RESET)
-        if failed is not None:
-            raise failed
-        self._collect(s, "resetting")
-
-    def _command(self, s: Stage, kind: int) -> EngineError | None:
-        """Send STEP or RESET to every worker of the stage, into its next slot. A worker that
-        is gone does not stop the others from getting theirs (a recovery relies on every
-        healthy worker having the command); its error is returned."""
-        s.seq += 1
-        s.state, s.in_flight = StageState.STEPPING, kind
-        doing = f"{P.NAMES[kind].lower()} stage {s.index}"
+    def _command(self, stages: list[Stage], kind: int) -> EngineError | None:
+        """Send STEP or RESET for each stage to every worker of it, into the stage's next
+        slot: one write per worker, however many stages. A worker that is gone does not stop
+        the others from getting theirs (a recovery relies on every healthy worker having
+        its commands); its error is returned."""
+        frames: dict[int, list[tuple]] = {}
+        for s in stages:
+            s.seq += 1
+            s.state, s.in_flight = StageState.STEPPING, kind
+            for w in s.workers:
+                frames.setdefault(w, []).append((kind, s.index, 1 - s.slot, s.seq))
+        doing = f"{P.NAMES[kind].lower()} stage {stages[0].index}" if stages else ""
         failed = None
-        for w in self._pool.wake_order(s.workers):
+        for w in self._pool.wake_order(list(frames)):
             try:
-                self._pool.send(w, (kind, s.index, 1 - s.slot, s.seq), doing)
+                self._pool.send(w, frames[w], doing)
             except EngineError as exc:
                 failed = failed or exc
         return failed
@@ -780,7 +894,8 @@ class RolloutEngine:
                 self._pool.replace(exc.worker, exc, self.start_timeout_s)
                 self.stats.restarts += 1
                 for s in self.stages:
-                    s.lost.add(exc.worker)
+                    if exc.worker in s.workers:
+                        s.lost.add(exc.worker)
                 for s in self.stages:
                     self._resync(s, plan)
                 return
@@ -822,7 +937,7 @@ class RolloutEngine:
             )
             a["reset_now"][mine] = 1
             try:
-                pool.send(w, (P.RESET, s.index, target, s.seq), "recovering")
+                pool.send(w, [(P.RESET, s.index, target, s.seq)], "recovering")
                 pool.collect([w], self._reply(s), self.hang_timeout_s, "recovering")
             finally:
                 # What was queued after the retried episodes is queued again (the worker

@@ -21,7 +21,7 @@ from tensordict import NonTensorData, TensorDict
 from pipeline import schema
 from pipeline.errors import EngineError
 from pipeline.layout import Layout
-from pipeline.recorder import Dest, TrajectoryStore
+from pipeline.recorder import BufferPool, Dest, TrajectoryStore
 from pipeline.seeding import GROUP, RESET, derive
 from pipeline.stages import Stage
 
@@ -88,10 +88,11 @@ class RolloutPlan:
         seed: int,
         num_stages: int,
         num_decisions: int,
+        pool: BufferPool | None = None,
     ) -> None:
         self.a, self.ids, self.seed, self.T = arrays, ids, seed, num_decisions
         self.made = np.zeros(num_stages, np.int64)
-        self.store = TrajectoryStore(layout, arrays, layout.num_envs, num_decisions)
+        self.store = TrajectoryStore(layout, arrays, layout.num_envs, num_decisions, pool)
 
     def next_episode(self, i: int) -> None:
         """Queue a fresh episode (a new id and reset seed) for env ``i``."""
@@ -135,6 +136,7 @@ class EpisodePlan:
         num_groups: int,
         group_size: int,
         group_seeds: np.ndarray | None = None,
+        pool: BufferPool | None = None,
     ) -> None:
         self.a, self.seed = arrays, seed
         self.E = num_groups * group_size
@@ -146,7 +148,7 @@ class EpisodePlan:
         self.queue = 0  # next episode index to hand out
         self.restarts = np.zeros(self.E, np.int64)  # aborted attempts per episode
         self.max_t = math.ceil(layout.spec.max_steps / exec_len) + 1
-        self.store = TrajectoryStore(layout, arrays, self.E, self.max_t)
+        self.store = TrajectoryStore(layout, arrays, self.E, self.max_t, pool)
 
     def next_episode(self, i: int) -> None:
         """Queue the next episode of the group-major queue for env ``i``; -1 parks it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import signal
@@ -147,7 +148,7 @@ class WorkerPool:
         >>> pool = WorkerPool("toy", {}, env_ids=[[0, 2], [1, 3]], env_stage=[0, 1, 0, 1],
         ...                   auto_reset=True, env_name="toy")
         >>> spec = pool.start(lambda spec: Layout(spec, 4, 8, 2), start_timeout_s=60)
-        >>> pool.send(0, (P.RESET, 0, 1, 1), "resetting")
+        >>> pool.send(0, [(P.RESET, 0, 1, 1)], "resetting")
         >>> pool.close()
     """
 
@@ -186,6 +187,9 @@ class WorkerPool:
         # worker is replaced.
         self._poller = select.poll()
         self.inbox: list[deque] = [deque() for _ in range(self.num_workers)]
+        # wait_any's watchdog, kept across waits: per worker, its progress count and when it
+        # last changed (or the worker last replied).
+        self._watch: dict[int, tuple[int, float]] = {}
         self._fd_owner: dict[int, tuple[str, int]] = {}
 
     # -- start-up ----------------------------------------------------------------------------
@@ -302,9 +306,13 @@ class WorkerPool:
                 how = f"signal {signal.Signals(-code).name}"
         return f"worker {w} (pid {proc.pid}) died ({how}) while {doing}"
 
-    def send(self, w: int, frame: tuple, doing: str) -> None:
+    def send(self, w: int, frames: list[tuple], doing: str) -> None:
+        """Send ``(kind, stage, slot, seq)`` frames to worker ``w``, in one write."""
         try:
-            P.send(self.conns[w], *frame)
+            if len(frames) == 1:
+                P.send(self.conns[w], *frames[0])
+            else:
+                P.send_many(self.conns[w], frames)
         except OSError:  # BrokenPipeError: the worker is gone
             raise WorkerDiedError(self.death(w, doing), worker=w) from None
 
@@ -328,11 +336,17 @@ class WorkerPool:
         return frame
 
     def drain(self, doing: str) -> None:
-        """Read every reply already waiting into the inboxes (never blocks)."""
-        for fd, _ in self._poller.poll(0):
-            what, w = self._fd_owner[fd]
-            if what == "conn":
-                self.inbox[w].append(self.read_frame(w, doing))
+        """Read every reply already waiting into the inboxes (never blocks); a worker may
+        have several waiting (one per env of a dynamic batch)."""
+        while True:
+            read = False
+            for fd, _ in self._poller.poll(0):
+                what, w = self._fd_owner[fd]
+                if what == "conn":
+                    self.inbox[w].append(self.read_frame(w, doing))
+                    read = True
+            if not read:
+                return
 
     def ready(self, workers: list[int], match: Callable[[tuple], bool], doing: str) -> bool:
         """Whether each of ``workers`` has a reply that ``match`` accepts (never blocks)."""
@@ -365,28 +379,86 @@ class WorkerPool:
             if not need:
                 break
             events = self._poller.poll(period_ms)
-            if not events:
-                now = time.monotonic()
-                for w in need:
-                    count, since = seen[w]
-                    if int(progress[w]) != count:
-                        seen[w] = (int(progress[w]), now)
-                    elif now - since >= hang_timeout:
-                        raise self._stuck(w, count, now - since, doing)
-                continue
-            died = None
-            for fd, _ in events:
-                what, w = self._fd_owner[fd]
-                if what == "sentinel":
-                    died = w  # read any reply it sent before dying first
-                else:
-                    self.inbox[w].append(self.read_frame(w, doing))
-            if died is not None:
-                raise WorkerDiedError(self.death(died, doing), worker=died)
+            if events:
+                self._read_events(events, doing)
+            else:
+                self._watchdog(need, seen, hang_timeout, doing)
         for w in workers:
             box = self.inbox[w]
             box.remove(next(f for f in box if match(f)))
             self._consecutive[w] = 0  # it served a command: not a deterministic failure
+
+    def wait_any(
+        self, workers: list[int], timeout: float | None, hang_timeout: float, doing: str
+    ) -> None:
+        """Read every reply already in; if none of ``workers`` has one, block (in poll,
+        burning no CPU) until one arrives or ``timeout`` seconds pass (``None``: no limit).
+
+        The watchdog is :meth:`collect`'s, kept across calls, so a worker that stands still
+        is found even while the others keep replying and every single wait is short.
+        """
+        self.drain(doing)
+        progress = self.shm.arrays["progress"]
+        now = time.monotonic()
+        watch = self._watch
+        for w in list(watch):
+            if w not in workers:
+                del watch[w]
+        for w in workers:
+            if self.inbox[w] or w not in watch:  # it replied, or it just got work
+                watch[w] = (int(progress[w]), now)
+        self._watchdog(workers, watch, hang_timeout, doing)
+        if timeout == 0 or any(self.inbox[w] for w in workers):
+            return
+        deadline = None if timeout is None else now + timeout
+        period = min(1.0, hang_timeout / 4)
+        while not any(self.inbox[w] for w in workers):
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            wait = period if deadline is None else min(period, deadline - now)
+            events = self._poller.poll(max(0, math.ceil(wait * 1000)))
+            if events:
+                self._read_events(events, doing)
+            else:
+                self._watchdog(workers, watch, hang_timeout, doing)
+        now = time.monotonic()
+        for w in workers:
+            if self.inbox[w]:
+                watch[w] = (int(progress[w]), now)
+
+    def _read_events(self, events: list, doing: str) -> None:
+        """Read the frame behind each readable socket into its worker's inbox; a fired
+        sentinel (a dead worker) raises, after any reply it sent before dying is read."""
+        died = None
+        for fd, _ in events:
+            what, w = self._fd_owner[fd]
+            if what == "sentinel":
+                died = w
+            else:
+                self.inbox[w].append(self.read_frame(w, doing))
+        if died is not None:
+            raise WorkerDiedError(self.death(died, doing), worker=died)
+
+    def _watchdog(self, workers: list[int], seen: dict, hang_timeout: float, doing: str) -> None:
+        """Note which workers' progress counters moved (``seen``: count and since when);
+        raise for one that stood still for ``hang_timeout`` seconds."""
+        progress, now = self.shm.arrays["progress"], time.monotonic()
+        for w in workers:
+            count, since = seen[w]
+            if int(progress[w]) != count:
+                seen[w] = (int(progress[w]), now)
+            elif now - since >= hang_timeout:
+                raise self._stuck(w, count, now - since, doing)
+
+    def take_replies(self, w: int) -> list[tuple]:
+        """Every reply of worker ``w`` in its inbox, oldest first (and the inbox emptied)."""
+        box = self.inbox[w]
+        frames = list(box)
+        box.clear()
+        if frames:
+            self._consecutive[w] = 0  # it served a command: not a deterministic failure
+        return frames
 
     def _stuck(self, w: int, count: int, idle_s: float, doing: str) -> WorkerStuckError:
         pid = self.procs[w].pid
@@ -464,6 +536,7 @@ class WorkerPool:
                 conn.close()
         self.procs[w] = self.conns[w] = None
         self.inbox[w].clear()
+        self._watch.pop(w, None)
 
     def worker_rings_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         a = self.shm.arrays

@@ -2,7 +2,9 @@
 
 Every message starts with one fixed 16-byte frame written straight to the socket's file
 descriptor (no length header): the data itself (observations, actions, results) lives in
-shared memory, and a frame only says which stage and which slot. Pipes give blocking waits
+shared memory, and a frame only says which stage and which slot. Several frames for one
+worker may go in one write (``send_many``: a dynamic batch's envs); each is still answered
+on its own, in order. Pipes give blocking waits
 that cost no CPU while idle, and the parent can wait on every worker's pipe and process
 sentinel at once, so a dead worker is noticed immediately.
 
@@ -35,7 +37,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-FRAME = struct.Struct("<BBHIq")  # kind, stage, slot, reserved, seq
+FRAME = struct.Struct("<BBHIq")  # kind, slot, reserved, stage, seq (one stage per env: 32 bits)
 
 RESET, STEP, CLOSE, ATTACH = 1, 2, 3, 4
 DONE, ERROR, HELLO, ATTACHED = 10, 11, 12, 13
@@ -52,13 +54,22 @@ NAMES = {
 
 
 def unpack(frame: bytes) -> tuple[int, int, int, int]:
-    kind, stage, slot, _, seq = FRAME.unpack(frame)
+    kind, slot, _, stage, seq = FRAME.unpack(frame)
     return kind, stage, slot, seq
 
 
 def send(conn, kind: int, stage: int = 0, slot: int = 0, seq: int = 0) -> None:
     """Write one frame on ``conn``'s descriptor (16 bytes: a single atomic write)."""
-    os.write(conn.fileno(), FRAME.pack(kind, stage, slot, 0, seq))
+    os.write(conn.fileno(), FRAME.pack(kind, slot, 0, stage, seq))
+
+
+def send_many(conn, frames: list[tuple[int, int, int, int]]) -> None:
+    """Write several ``(kind, stage, slot, seq)`` frames with one system call: the worker
+    reads them one at a time, in order, as if each had been sent alone."""
+    data = b"".join(FRAME.pack(kind, slot, 0, stage, seq) for kind, stage, slot, seq in frames)
+    view, fd = memoryview(data), conn.fileno()
+    while view:  # a socket may take a long write in parts
+        view = view[os.write(fd, view) :]
 
 
 def recv(conn) -> tuple[int, int, int, int]:

@@ -15,6 +15,7 @@ without copying.
 from __future__ import annotations
 
 import mmap
+import sys
 
 import numpy as np
 import torch
@@ -39,14 +40,53 @@ _POPULATE_BYTES = 1 << 20
 
 
 def _alloc(shape: tuple, dtype) -> np.ndarray:
-    """Zeroed memory. Large buffers are mapped with MAP_POPULATE: the kernel provides every
-    page up front, instead of one page fault per 4 KiB on the recording hot path."""
+    """Zeroed memory, as an array that is its own views' base. Large buffers are mapped with
+    MAP_POPULATE: the kernel provides every page up front, instead of one page fault per
+    4 KiB on the recording hot path."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < _POPULATE_BYTES or not hasattr(mmap, "MAP_POPULATE"):
         return np.zeros(shape, dtype)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
-    return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype).reshape(shape)
+    return np.ndarray(shape, dtype, buffer=mmap.mmap(-1, nbytes, flags=flags))
+
+
+class BufferPool:
+    """Trajectory buffers reused from call to call, so recording writes into memory that is
+    already mapped and cache-warm instead of fresh pages every call.
+
+    A buffer is handed out again only when nothing outside the pool references it: every
+    tensor and view of a returned TensorDict holds a reference to its buffer, so a result
+    the caller still holds (or any part of it) is never overwritten; a new buffer is
+    allocated instead. The pool keeps at most ``keep`` buffers per shape and dtype, so a
+    caller that keeps every result (a replay buffer) costs no more than without a pool.
+
+    Example:
+        >>> pool = BufferPool()
+        >>> a = pool.take((16, 8, 64, 64, 3), np.uint8)
+        >>> del a                                  # the caller dropped it...
+        >>> b = pool.take((16, 8, 64, 64, 3), np.uint8)   # ...so the same memory comes back
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._buffers: dict[tuple, list[np.ndarray]] = {}
+        self.reused = self.allocated = 0  # counters, for tests and benches
+
+    def take(self, shape: tuple, dtype) -> np.ndarray:
+        """A ``shape``/``dtype`` buffer nobody else references (contents undefined)."""
+        dtype = np.dtype(dtype)
+        pooled = self._buffers.setdefault((tuple(shape), dtype.str), [])
+        for buf in pooled:
+            # References: the pool's list, this loop's variable, getrefcount's argument.
+            if sys.getrefcount(buf) <= 3:
+                self.reused += 1
+                return buf
+        buf = _alloc(shape, dtype)
+        self.allocated += 1
+        if len(pooled) < self.keep:
+            pooled.append(buf)
+        return buf
 
 
 class Dest:
@@ -95,17 +135,26 @@ class TrajectoryStore:
     """
 
     def __init__(
-        self, layout: Layout, arrays: dict[str, np.ndarray], rows: int, max_t: int
+        self,
+        layout: Layout,
+        arrays: dict[str, np.ndarray],
+        rows: int,
+        max_t: int,
+        pool: BufferPool | None = None,
     ) -> None:
         self.layout, self.layout_arrays, self.rows, self.max_t = layout, arrays, rows, max_t
+        self.pool = pool if pool is not None else BufferPool(keep=0)
         spec = layout.spec
         shape = (rows, max_t)
-        self.obs = {k: _alloc(shape + fs.shape, fs.dtype) for k, fs in spec.obs.items()}
+        # Observations, outputs and results need no clearing: every entry is either written
+        # by this call or zeroed as invalid in to_tensordict.
+        self.obs = {k: self.pool.take(shape + fs.shape, fs.dtype) for k, fs in spec.obs.items()}
         # The record that came with each observation. Entries never written stay "parked"
         # (no decision), and so do rows the caller recorded while their env was parked.
-        self.seen = np.zeros(shape, RESULT_DTYPE)
+        self.seen = self.pool.take(shape, RESULT_DTYPE)
+        self.seen.fill(0)
         self.seen["parked"] = 1
-        self.results = np.zeros(shape, RESULT_DTYPE)  # each decision's outcome
+        self.results = self.pool.take(shape, RESULT_DTYPE)  # each decision's outcome
         self.aborted = np.zeros(shape, bool)  # decisions of episodes a worker failure ended
         self._seen_raw, self._results_raw = raw_records(self.seen), raw_records(self.results)
         self.outputs: dict[tuple | str, np.ndarray] = {}
@@ -113,7 +162,8 @@ class TrajectoryStore:
     def _output_buffer(self, key, value: np.ndarray) -> np.ndarray:
         buf = self.outputs.get(key)
         if buf is None:
-            buf = self.outputs[key] = _alloc((self.rows, self.max_t, *value.shape[1:]), value.dtype)
+            shape = (self.rows, self.max_t, *value.shape[1:])
+            buf = self.outputs[key] = self.pool.take(shape, value.dtype)
         return buf
 
     def record_decision(self, dest: Dest, slot: int, lo: int, hi: int, outputs: dict) -> None:

@@ -3,7 +3,8 @@
 The envs are split into fixed groups, the stages. A stage's envs are contiguous rows of the
 shared arrays, so its batch is a block of zero-copy views per field. :class:`StageBatcher`
 turns a stage's current slot into the policy's TensorDict: observations, sample seeds and
-instructions.
+instructions; or, for dynamic batching (single-env stages, each in its own slot), gathers
+any set of stages into one batch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict
 
 from pipeline import schema
-from pipeline.layout import SLOTS, Layout
+from pipeline.layout import Layout
 from pipeline.recorder import Dest
 from pipeline.seeding import sample_seeds
 
@@ -52,6 +53,7 @@ class Stage:
         self.aborts: list[tuple[np.ndarray, np.ndarray]] = []
         self.turn_t0 = self.turn_policy_ns = 0  # the turn in progress
         self.last_turn = (0, 0)  # (turn ns, policy ns) of the last turn whose results are in
+        self.ready_ns = 0  # when it last became READY (dynamic batching: longest-waiting first)
 
     @property
     def size(self) -> int:
@@ -59,6 +61,23 @@ class Stage:
 
     def __repr__(self) -> str:
         return f"Stage({self.index}, envs {self.lo}..{self.hi - 1}, {self.state.value})"
+
+
+def fixed_stages(num_envs: int, num_workers: int, num_stages: int) -> list[Stage]:
+    """``num_stages`` contiguous groups of envs; every worker holds envs of every stage (env
+    ``i`` lives on worker ``i % num_workers``), so each stage keeps every worker busy."""
+    if num_stages < 1:
+        raise ValueError(f"num_stages={num_stages} must be >= 1")
+    if num_envs % num_stages:
+        raise ValueError(f"num_envs={num_envs} must divide into num_stages={num_stages} groups")
+    per_stage = num_envs // num_stages
+    if num_workers > per_stage:
+        raise ValueError(
+            f"num_workers={num_workers} > envs per stage ({per_stage}): every worker must "
+            "hold envs of every stage"
+        )
+    workers = list(range(num_workers))
+    return [Stage(g, g * per_stage, (g + 1) * per_stage, workers) for g in range(num_stages)]
 
 
 class StageBatcher:
@@ -70,32 +89,45 @@ class StageBatcher:
     """
 
     def __init__(
-        self, layout: Layout, arrays: dict[str, np.ndarray], stages: list[Stage], seed: int
+        self,
+        layout: Layout,
+        arrays: dict[str, np.ndarray],
+        stages: list[Stage],
+        seed: int,
+        pin_memory: bool = False,
     ) -> None:
-        self.a, self.seed = arrays, seed
-        n = layout.num_envs
+        self.a, self.seed, self.layout, self.pin_memory = arrays, seed, layout, pin_memory
+        n = self.num_envs = layout.num_envs
+        self._gathered: dict[str, torch.Tensor] | None = None  # gather()'s reused buffers
         self._seed_base = np.zeros(n, np.int64)  # sample_seeds(seed, episode, 0) cache
         self._seed_episode = np.full(n, -2, np.int64)
         self._instruction_cache: dict[int, NonTensorStack] = {}  # per stage, until a reset
         self.episode_text: dict[int, NonTensorData] = {}  # this call's episodes' instructions
-        self._sources = self._make_sources(layout, arrays, stages)
+        # Per (stage, slot), the observation TensorDict of zero-copy views a stage batch is
+        # made of, built on first use; each turn only wraps it with seeds and instructions.
+        self._sources: dict[tuple[int, int], TensorDict] = {}
 
     @staticmethod
-    def _make_sources(layout, arrays, stages) -> dict[tuple[int, int], TensorDict]:
-        """Per (stage, slot), the observation TensorDict of zero-copy views a policy batch
-        is made of. Built once: each turn only wraps it with the seeds and instructions."""
-        sources = {}
-        for s in stages:
-            for slot in range(SLOTS):
-                obs = TensorDict({}, batch_size=[s.size])
-                for key in layout.obs_keys:
-                    x = torch.from_numpy(arrays[f"obs/{key}"][slot, s.lo : s.hi])
-                    if key.startswith("image/"):
-                        obs.set(("image", key.split("/", 1)[1]), x.permute(0, 3, 1, 2))
-                    else:
-                        obs.set(key, x)
-                sources[s.index, slot] = obs
-        return sources
+    def _observation(fields: dict[str, torch.Tensor], b: int) -> TensorDict:
+        """Observation tensors ``[b, ...]`` by spec key, in the canonical layout (images as
+        ``[b, C, H, W]`` views of the ``[b, H, W, C]`` memory)."""
+        obs = TensorDict({}, batch_size=[b])
+        for key, x in fields.items():
+            if key.startswith("image/"):
+                obs.set(("image", key.split("/", 1)[1]), x.permute(0, 3, 1, 2))
+            else:
+                obs.set(key, x)
+        return obs
+
+    def _source(self, s: Stage) -> TensorDict:
+        obs = self._sources.get((s.index, s.slot))
+        if obs is None:
+            views = {
+                key: torch.from_numpy(self.a[f"obs/{key}"][s.slot, s.lo : s.hi])
+                for key in self.layout.obs_keys
+            }
+            obs = self._sources[s.index, s.slot] = self._observation(views, s.size)
+        return obs
 
     def new_call(self) -> None:
         """Forget instructions: each call returns the texts of its own episodes."""
@@ -105,7 +137,7 @@ class StageBatcher:
     def batch(self, s: Stage) -> TensorDict:
         # Every value is already checked (shared views of the right shapes), so skip the
         # constructor's validation, which costs more than the rest of the turn's bookkeeping.
-        obs = self._sources[s.index, s.slot]
+        obs = self._source(s)
         source = {
             # a shallow copy, so a policy that adds observation keys cannot alter the cache
             schema.OBSERVATION: obs._new_unsafe(dict(obs._tensordict), obs.batch_size),
@@ -114,32 +146,76 @@ class StageBatcher:
         }
         return TensorDict._new_unsafe(source, batch_size=obs.batch_size)
 
+    def gather(self, stages: list[Stage]) -> TensorDict:
+        """One batch of the current observations of any stages (dynamic batching's envs,
+        each in its own slot): one ``index_select`` per field into reused buffers (pinned on
+        CUDA), since rows from anywhere cannot be a single view. The next gather rewrites
+        the buffers; on CUDA their host-to-device copy is over by then, because the loop
+        waits for the batch's action chunk, which the device computes after that copy.
+
+        Example:
+            >>> td = batcher.gather([stages[5], stages[2]])   # rows: env 5, env 2
+        """
+        b = len(stages)
+        envs = np.fromiter((s.lo for s in stages), np.int64, b)
+        slots = np.fromiter((s.slot for s in stages), np.int64, b)
+        rows = torch.from_numpy(slots * self.num_envs + envs)
+        if self._gathered is None:
+            self._gathered = {
+                key: torch.empty(
+                    (self.num_envs, *fs.shape),
+                    dtype=torch.from_numpy(np.zeros(0, fs.dtype)).dtype,
+                    pin_memory=self.pin_memory,
+                )
+                for key, fs in self.layout.spec.obs.items()
+            }
+        fields = {
+            # from [slots * envs, ...] views of the shared arrays
+            key: torch.index_select(
+                torch.from_numpy(self.a[f"obs/{key}"]).flatten(0, 1), 0, rows, out=out[:b]
+            )
+            for key, out in self._gathered.items()
+        }
+        obs = self._observation(fields, b)
+        texts = [self._text(int(slot), int(env)) for slot, env in zip(slots, envs, strict=True)]
+        source = {
+            schema.OBSERVATION: obs,
+            schema.SAMPLE_SEED: torch.from_numpy(self._seeds_at(slots, envs)),
+            schema.INSTRUCTION: NonTensorStack(*texts),
+        }
+        return TensorDict._new_unsafe(source, batch_size=obs.batch_size)
+
     def _sample_seeds(self, s: Stage) -> np.ndarray:
-        """One seed per (episode, decision) (``seeding.sample_seeds``), with the per-episode
-        bases cached."""
-        lo, hi = s.lo, s.hi
-        episode = self.a["episode_id"][s.slot, lo:hi]
-        stale = episode != self._seed_episode[lo:hi]
+        return self._seeds_at(s.slot, s.env_ids)
+
+    def _seeds_at(self, slots: int | np.ndarray, envs: np.ndarray) -> np.ndarray:
+        """One seed per (episode, decision) (``seeding.sample_seeds``) for the observations
+        in ``[slots, envs]``, with the per-episode bases cached."""
+        episode = self.a["episode_id"][slots, envs]
+        stale = episode != self._seed_episode[envs]
         if stale.any():
-            self._seed_base[lo:hi][stale] = sample_seeds(self.seed, episode[stale], 0)
-            self._seed_episode[lo:hi][stale] = episode[stale]
-        return self._seed_base[lo:hi] + self.a["t"][s.slot, lo:hi]
+            self._seed_base[envs[stale]] = sample_seeds(self.seed, episode[stale], 0)
+            self._seed_episode[envs[stale]] = episode[stale]
+        return self._seed_base[envs] + self.a["t"][slots, envs]
+
+    def _text(self, slot: int, env: int) -> NonTensorData:
+        """The instruction of the episode in ``[slot, env]``, decoded once per episode (and
+        kept for the trajectory store)."""
+        episode = int(self.a["episode_id"][slot, env])
+        item = self.episode_text.get(episode)
+        if item is None:
+            n = self.a["instruction_len"][slot, env]
+            text = bytes(self.a["instruction"][slot, env, :n]).decode("utf-8", "replace")
+            item = self.episode_text[episode] = NonTensorData(text)
+        return item
 
     def _instructions(self, s: Stage) -> NonTensorStack:
         """The stage's instructions as the batch's NonTensorStack. An instruction changes only
         when an episode starts (``is_init``), so the stack is cached per stage until then.
         Each episode's text is also kept for the trajectory store."""
-        a, lo, hi = self.a, s.lo, s.hi
         cached = self._instruction_cache.get(s.index)
-        if cached is not None and not a["is_init"][s.slot, lo:hi].any():
+        if cached is not None and not self.a["is_init"][s.slot, s.lo : s.hi].any():
             return cached
-        raw, n = a["instruction"][s.slot, lo:hi], a["instruction_len"][s.slot, lo:hi]
-        items = []
-        for i, episode in enumerate(a["episode_id"][s.slot, lo:hi].tolist()):
-            item = self.episode_text.get(episode)
-            if item is None:
-                text = bytes(raw[i, : n[i]]).decode("utf-8", "replace")
-                item = self.episode_text[episode] = NonTensorData(text)
-            items.append(item)
+        items = [self._text(s.slot, env) for env in range(s.lo, s.hi)]
         stack = self._instruction_cache[s.index] = NonTensorStack(*items)
         return stack

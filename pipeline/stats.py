@@ -33,6 +33,7 @@ class EngineStats:
     turn_ns: deque = field(default_factory=deque)
     turn_policy_ns: deque = field(default_factory=deque)
     turn_env_ns: deque = field(default_factory=deque)
+    batch_sizes: deque = field(default_factory=deque)  # rows of each policy call
     record_ns: int = 0  # copying decisions into the trajectory store
     restarts: int = 0  # workers replaced (``engine.failures`` says why)
     async_calls: int = 0  # collect_episodes_async calls started
@@ -49,8 +50,8 @@ class EngineStats:
     def reset(self) -> None:
         self.decisions = self.env_steps = self.policy_ns = 0
         self.record_ns = self.restarts = self.async_calls = self.stale_dropped = 0
-        self.turn_ns, self.turn_policy_ns, self.turn_env_ns = (
-            deque(maxlen=TURN_SAMPLES) for _ in range(3)
+        self.turn_ns, self.turn_policy_ns, self.turn_env_ns, self.batch_sizes = (
+            deque(maxlen=TURN_SAMPLES) for _ in range(4)
         )
         self.worker_env_ns = np.zeros(self.num_workers, np.int64)
         self.worker_write_ns = np.zeros(self.num_workers, np.int64)

@@ -105,7 +105,10 @@ class LatencyPolicy(nn.Module):
             raise ValueError(
                 f"state has {state.shape[-1]} dims, LatencyPolicy expects {self.state_dim}"
             )
-        x = (state @ self.weight.to(state.device)).view(b, self.chunk_len, self.action_dim)
+        # One product per row (a batched matmul): a row's chunk is bitwise the same in any
+        # batch, so dynamic batching reproduces synchronous rollouts with this policy too.
+        w = self.weight.to(state.device).unsqueeze(0).expand(b, -1, -1)
+        x = torch.bmm(state.unsqueeze(1), w).view(b, self.chunk_len, self.action_dim)
         if not self.deterministic:
             mark("sample")
             seeds = td.get(schema.SAMPLE_SEED, None)

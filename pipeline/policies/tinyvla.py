@@ -44,6 +44,30 @@ def _encoder(dim: int, heads: int, layers: int) -> nn.TransformerEncoder:
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
+class RowLinear(nn.Linear):
+    """``nn.Linear`` that computes each batch element (dim 0) on its own.
+
+    A ``[B * n, in] @ [in, out]`` GEMM picks its CPU kernel by ``B * n``, and a row's result
+    then differs in the last bits with the batch it came in (measured on TinyVLA:
+    ``sample_log_prob`` moved by up to 1.5e-5). A batched matmul gives every element the
+    same ``[n, in] @ [in, out]`` product in any batch, which is what lets dynamic batching
+    match synchronous rollouts bit for bit. The parameters are ``nn.Linear``'s, so
+    checkpoints load either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            return super().forward(x)
+        b = x.shape[0]
+        rows = x.reshape(b, -1, self.in_features)
+        w = self.weight.t().unsqueeze(0).expand(b, -1, -1)
+        if self.bias is None:
+            y = torch.bmm(rows, w)
+        else:
+            y = torch.baddbmm(self.bias.view(1, 1, -1).expand(b, 1, -1), rows, w)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 class TinyVLA(nn.Module):
     """A small VLA that reads and writes the canonical TensorDict layout.
 
@@ -57,6 +81,12 @@ class TinyVLA(nn.Module):
         >>> td = policy(td)          # td: TensorDict [B] in the canonical layout
         >>> td["vla_action", "chunk"].shape
         torch.Size([B, 8, 7])
+
+    Batch-invariant on CPU with the token head: a row's outputs are bitwise the same in any
+    batch (tested over random batch compositions), so dynamic batching reproduces
+    synchronous rollouts exactly. Not the flow head (its action expert is torch's decoder
+    layer, whose GEMMs over batch x chunk rows pick kernels by batch size: equal to float
+    rounding), and not claimed on CUDA, where cuBLAS may choose its algorithm by batch size.
     """
 
     def __init__(
@@ -100,20 +130,20 @@ class TinyVLA(nn.Module):
         self.text_pos = nn.Parameter(torch.randn(1, cfg.text_len, d) * 0.02)
         self.text = _encoder(d, cfg.heads, cfg.text_layers)
         # Body sense: one token from the proprioceptive state.
-        self.state_proj = nn.Sequential(nn.Linear(state_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.state_proj = nn.Sequential(RowLinear(state_dim, d), nn.GELU(), RowLinear(d, d))
         # Fusion over [vision | text | state] (+ H action queries for the token head).
         self.fusion = _encoder(d, cfg.heads, cfg.fusion_layers)
         self.norm = nn.LayerNorm(d)
         if head == "tokens":
             self.queries = nn.Parameter(torch.randn(1, chunk_len, d) * 0.02)
-            self.token_head = nn.Linear(d, action_dim * NUM_BINS)
+            self.token_head = RowLinear(d, action_dim * NUM_BINS)
         else:
-            self.action_in = nn.Linear(action_dim + 1, d)
+            self.action_in = RowLinear(action_dim + 1, d)
             layer = nn.TransformerDecoderLayer(
                 d, cfg.heads, 4 * d, 0.0, "gelu", batch_first=True, norm_first=True
             )
             self.action_expert = nn.TransformerDecoder(layer, cfg.action_layers)
-            self.velocity_out = nn.Linear(d, action_dim)
+            self.velocity_out = RowLinear(d, action_dim)
         self.register_buffer("bin_centers", torch.linspace(-1, 1, NUM_BINS), persistent=False)
         self._char_cache: dict[str, torch.Tensor] = {}
 

@@ -1,0 +1,157 @@
+"""Scheduling: first-ready dynamic batching against fixed stages and lock-step, in one run.
+
+    python bench.py scheduler                 # toy at CV 0 / 0.5 / 1, then tabletop/pick-place
+    python bench.py scheduler --cv 0.5 --windows 5
+
+Workloads: ``toy`` envs with real CPU cost (``--step-cost-us`` per control step, chunks of
+``--chunk``) whose cost is drawn per env and per chunk from a gamma distribution with the
+given coefficient of variation (``step_cost_cv``); then ``tabletop/pick-place`` (one 64x64
+camera, SAPIEN physics, auto-resets every 40 control steps). The policy is
+``LatencyPolicy``: ``L(B) = base + per_item * B`` on a simulated device (no CPU), calibrated
+so that one stage's inference equals one stage's stepping at CV 0, the balanced case where
+overlap matters most; ``--base-share`` of it is the per-call base.
+
+Schedules: lock-step (sync, 1 stage), 2-stage pipelining, and dynamic batching (default rule:
+infer as soon as the policy is free, for every env ready then). Per row, medians over
+``--windows`` rollout() calls: decisions/s; the bound (the time the busier side needs: the
+simulated device's busy time for the batches this schedule formed, or the workers' measured
+busy time per worker; lock-step adds the two, as it cannot overlap them); throughput as a
+share of the bound; simulated GPU and worker CPU busy fractions; the median batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import numpy as np
+
+import envs
+from benchmarks.engine import calibrate_env_ms, measure
+from pipeline import RolloutEngine
+from pipeline.policies import LatencyPolicy
+
+SCHEDULES = {
+    "lock-step (sync, 1 stage)": dict(mode="sync", num_stages=1),
+    "2-stage pipelining": dict(num_stages=2),
+    "dynamic batching": dict(schedule="dynamic"),
+}
+PICK_PLACE = dict(cameras=("head",), image_size=64, max_steps=40)
+
+
+def run(env: str, env_kwargs: dict, policy: LatencyPolicy, args, **schedule) -> dict:
+    with RolloutEngine(
+        env,
+        policy,
+        num_envs=args.envs,
+        num_workers=args.workers,
+        env_kwargs=env_kwargs,
+        **schedule,
+    ) as engine:
+        m = measure(engine, args.decisions, args.windows)
+        sizes = list(engine.stats.batch_sizes)
+    rows = []
+    for w in m["windows"]:
+        cpu = sum(w["worker_busy_s"]) / 1e9 / args.workers  # per worker
+        gpu = w["policy_s"]
+        bound_s = gpu + cpu if schedule.get("mode") == "sync" else max(gpu, cpu)
+        rows.append(
+            {
+                "efficiency": bound_s / w["wall_s"],
+                "gpu_busy": gpu / w["wall_s"],
+                "cpu_busy": cpu / w["wall_s"],
+                "bound_decisions_per_s": w["decisions_per_s"] * w["wall_s"] / bound_s,
+            }
+        )
+    out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    out["decisions_per_s"] = m["decisions_per_s"]
+    out["spread"] = m["spread_decisions_per_s"]
+    out["median_batch"] = float(np.median(sizes)) if sizes else 0.0
+    return out
+
+
+HEADER = (
+    f"  {'schedule':<28}{'dec/s':>8}{'[spread]':>16}{'bound':>8}{'of bound':>9}"
+    f"{'GPU busy':>9}{'CPU busy':>9}{'batch':>7}"
+)
+
+
+def _line(name: str, r: dict) -> str:
+    lo, hi = r["spread"]
+    return (
+        f"  {name:<28}{r['decisions_per_s']:>8.1f} [{lo:6.1f}-{hi:6.1f}]"
+        f"{r['bound_decisions_per_s']:>8.1f}{r['efficiency']:>9.0%}{r['gpu_busy']:>9.0%}"
+        f"{r['cpu_busy']:>9.0%}{r['median_batch']:>7.1f}"
+    )
+
+
+def workload(title: str, env: str, env_kwargs: dict, state_dim: int, latency: dict, args):
+    print(f"{title}")
+    print(HEADER)
+    rows = {}
+    for name, schedule in SCHEDULES.items():
+        policy = LatencyPolicy(state_dim=state_dim, chunk_len=args.chunk, **latency)
+        rows[name] = r = run(env, env_kwargs, policy, args, **schedule)
+        print(_line(name, r), flush=True)
+    dyn, stages = rows["dynamic batching"], rows["2-stage pipelining"]
+    print(
+        f"  -> dynamic / 2-stage: {dyn['decisions_per_s'] / stages['decisions_per_s']:.2f}x; "
+        f"dynamic at {dyn['efficiency']:.0%} of its bound\n",
+        flush=True,
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="bench.py scheduler",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--cv", type=float, action="append", help="repeatable; default 0, 0.5, 1")
+    ap.add_argument("--step-cost-us", type=float, default=1000.0)
+    ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--envs", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--decisions", type=int, default=40, help="per window and env")
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--base-share", type=float, default=0.25)
+    ap.add_argument("--skip-tabletop", action="store_true")
+    ap.add_argument("--json", default="bench_results/scheduler.json")
+    args = ap.parse_args(argv)
+    toy = dict(state_dim=32, episode_len=400, step_cost_us=args.step_cost_us)
+    env_ms = calibrate_env_ms(toy, args.chunk)
+    stage = args.envs // 2
+    stage_ms = env_ms * stage / args.workers  # one of two stages, spread over the workers
+    latency = dict(
+        base_ms=args.base_share * stage_ms, per_item_ms=(1 - args.base_share) * stage_ms / stage
+    )
+    print(
+        f"{args.envs} envs, {args.workers} workers, chunks of {args.chunk}; one toy decision "
+        f"= {env_ms:.2f} ms of CPU at CV 0, so one stage of {stage} envs steps in "
+        f"{stage_ms:.1f} ms; L(B) = {latency['base_ms']:.1f} + {latency['per_item_ms']:.2f} "
+        f"ms x B (L({stage}) = {latency['base_ms'] + latency['per_item_ms'] * stage:.1f} ms)\n"
+    )
+    results: dict = {"config": vars(args), "env_decision_ms": env_ms, "latency": latency}
+    for cv in args.cv or [0.0, 0.5, 1.0]:
+        kw = dict(toy, step_cost_cv=cv)
+        results[f"toy cv {cv}"] = workload(
+            f"toy, step cost CV {cv}", "toy", kw, toy["state_dim"], latency, args
+        )
+    if not args.skip_tabletop:
+        spec = envs.make("tabletop/pick-place", **PICK_PLACE).spec
+        results["pick-place"] = workload(
+            "tabletop/pick-place, one 64x64 camera, auto-reset every 40 steps (same L(B))",
+            "tabletop/pick-place",
+            PICK_PLACE,
+            spec.obs["state"].shape[0],
+            latency,
+            args,
+        )
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"figures: {args.json}")
+    return 0

@@ -1,0 +1,137 @@
+"""Transport: what moving observations costs, the engine against Gymnasium, in one run.
+
+    python bench.py --compare gymnasium --transport
+    python bench.py --transport              # the engine rows and floors only
+
+A zero-cost env (``toy`` with ``static_images``: the same frames every step, no step cost),
+``chunk_len=1``, a zero-latency policy (``LatencyPolicy``), 8 envs: every figure is the cost
+of moving observations and actions and of recording them, nothing else. Rows:
+
+- the engine with 2 workers, lock-step (sync, 1 stage) and 2-stage pipelined; it records
+  every observation into the returned trajectory (Gymnasium returns only the latest);
+- Gymnasium ``AsyncVectorEnv(shared_memory=True)`` with one process per env, as it always
+  runs, for 8 envs and for 2 envs (2 processes, like the engine's 2 workers);
+- floors measured in the same run: ``numpy.copyto`` of one step's bytes, cache-hot and into
+  fresh memory; the IPC round trip of 2 spawned processes echoing a 16-byte frame.
+
+Per row: env steps/s (median of windows) and, for the engine, the overhead per decision
+(round trip less policy and env time, median) against the IPC floor.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import envs
+from benchmarks import ipc_floor
+from benchmarks.engine import _copyto_us, measure
+from pipeline import RolloutEngine
+from pipeline.policies import LatencyPolicy
+
+NUM_ENVS, WORKERS = 8, 2
+SETUPS = {
+    "state only (32 floats)": dict(state_dim=32, cameras=()),
+    "3 cameras of 224x224x3": dict(state_dim=32, cameras=("a", "b", "c"), image_size=224),
+}
+
+
+def _engine_row(toy: dict, decisions: int, windows: int, **schedule) -> dict:
+    policy = LatencyPolicy(state_dim=toy["state_dim"], chunk_len=1)
+    with RolloutEngine(
+        "toy", policy, num_envs=NUM_ENVS, num_workers=WORKERS, env_kwargs=toy, **schedule
+    ) as engine:
+        m = measure(engine, decisions, windows)
+    turns = np.concatenate([w["turn_us"] for w in m["windows"]])
+    policy_us = np.concatenate([w["turn_policy_us"] for w in m["windows"]])
+    env_us = np.concatenate([w["turn_env_us"] for w in m["windows"]])
+    return {
+        "env_steps_per_s": m["env_steps_per_s"],
+        "spread": [w["env_steps_per_s"] for w in m["windows"]],
+        "overhead_us": float(np.median(turns - policy_us - env_us)),
+        "record_us_per_step": sum(w["record_s"] for w in m["windows"])
+        / sum(w["env_steps_per_s"] * w["wall_s"] for w in m["windows"])
+        * 1e6,
+    }
+
+
+def _gym_row(toy: dict, n: int, decisions: int, windows: int) -> dict:
+    from benchmarks.gym_compare import run_gymnasium
+
+    args = SimpleNamespace(
+        env="toy", env_kwargs=json.dumps(toy), num_envs=n, chunk=1, exec=None,
+        decisions=decisions, windows=windows,
+    )  # fmt: skip
+    policy = LatencyPolicy(state_dim=toy["state_dim"], chunk_len=1)
+    r = run_gymnasium(args, None, policy, torch.device("cpu"), quiet=True)
+    return {"env_steps_per_s": r["env_steps_per_s"], "spread": r["env_steps_per_s_spread"]}
+
+
+def run(compare_gymnasium: bool, decisions: int = 300, windows: int = 5) -> dict:
+    torch.set_num_threads(1)
+    print(
+        f"transport: zero-cost toy env (static frames, no step cost), chunk_len=1, zero-latency "
+        f"policy, {NUM_ENVS} envs; medians of {windows} windows x {decisions} decisions"
+    )
+    floor, floor_p99 = ipc_floor.round_trip_us(WORKERS)
+    print(
+        f"IPC floor: {WORKERS} spawned processes echoing one 16-byte frame: round trip median "
+        f"{floor:.0f} us (p99 {floor_p99:.0f})\n"
+    )
+    results: dict = {"ipc_floor_us": floor, "ipc_floor_p99_us": floor_p99, "rows": {}}
+    for title, kw in SETUPS.items():
+        toy = dict(kw, episode_len=1000, static_images=True)
+        nbytes = sum(int(np.prod(fs.shape)) * fs.dtype.itemsize
+                     for fs in envs.make("toy", **toy).spec.obs.values())  # fmt: skip
+        rows = {
+            "engine, 2 workers, sync 1 stage": _engine_row(
+                toy, decisions, windows, mode="sync", num_stages=1
+            ),
+            "engine, 2 workers, 2-stage pipelined": _engine_row(
+                toy, decisions, windows, num_stages=2
+            ),
+        }
+        if compare_gymnasium:
+            for n in (NUM_ENVS, 2):
+                rows[f"gymnasium AsyncVectorEnv, n={n}"] = _gym_row(toy, n, decisions, windows)
+        hot_us, cold_us = _copyto_us(nbytes)
+        print(f"{title}: {nbytes / 1e3:.1f} kB per env step")
+        print(f"  {'':<40}{'env steps/s':>12}{'GB/s':>7}{'overhead/decision':>19}")
+        for name, r in rows.items():
+            gbs = r["env_steps_per_s"] * nbytes / 1e9
+            over = f"{r['overhead_us']:.0f} us" if "overhead_us" in r else ""
+            print(f"  {name:<40}{r['env_steps_per_s']:>12,.0f}{gbs:>7.2f}{over:>19}")
+        copy_gbs = nbytes / cold_us / 1e3
+        print(
+            f"  numpy.copyto of one step's bytes: {nbytes / hot_us / 1e3:.1f} GB/s cache-hot, "
+            f"{copy_gbs:.1f} GB/s into fresh memory"
+        )
+        best = max(
+            (r for n, r in rows.items() if n.startswith("engine")),
+            key=lambda r: r["env_steps_per_s"],
+        )
+        gym = rows.get(f"gymnasium AsyncVectorEnv, n={NUM_ENVS}")
+        if gym:
+            print(
+                f"  -> engine (best) / Gymnasium n={NUM_ENVS}: "
+                f"{best['env_steps_per_s'] / gym['env_steps_per_s']:.2f}x"
+            )
+        if nbytes > 1 << 16:
+            print(
+                f"  -> engine (best) at {best['env_steps_per_s'] * nbytes / 1e9 / copy_gbs:.0%} "
+                "of fresh-memory copyto bandwidth"
+            )
+        print(
+            f"  -> engine overhead per decision / IPC floor: {best['overhead_us'] / floor:.1f}x\n",
+            flush=True,
+        )
+        results["rows"][title] = {
+            "bytes_per_step": nbytes,
+            "copyto_hot_us": hot_us,
+            "copyto_fresh_us": cold_us,
+            **rows,
+        }
+    return results
