@@ -20,7 +20,7 @@ from pipeline import schema
 class ChunkedGymEnv:
     """A Gymnasium env whose action is a whole chunk (it runs ``step_chunk``)."""
 
-    def __new__(cls, env_name: str, env_kwargs: dict, chunk: int):
+    def __new__(cls, env_name: str, env_kwargs: dict, chunk: int, lean: bool = False):
         import gymnasium
         from gymnasium import spaces
 
@@ -43,10 +43,15 @@ class ChunkedGymEnv:
 
             def step(self, action):
                 res = self.env.step_chunk(action)
+                if lean:  # no per-step info: Gymnasium merges infos in Python every step
+                    return res.obs, float(res.rewards.sum()), res.terminated, res.truncated, {}
                 info = {"steps": res.steps, "instruction": self.env.instruction}
                 return res.obs, float(res.rewards.sum()), res.terminated, res.truncated, info
 
         return _Env()
+
+
+_TEXTS: dict[tuple, NonTensorStack] = {}
 
 
 def _batch(obs: dict, instructions, seeds: np.ndarray, device) -> TensorDict:
@@ -57,12 +62,19 @@ def _batch(obs: dict, instructions, seeds: np.ndarray, device) -> TensorDict:
             td.set(schema.image_key(key.split("/", 1)[1]), x.permute(0, 3, 1, 2))
         else:
             td.set((schema.OBSERVATION, key), x)
-    td.set(schema.INSTRUCTION, NonTensorStack(*[NonTensorData(str(s)) for s in instructions]))
+    # Instructions change only with episodes: built once per set, as the engine does.
+    texts = tuple(str(s) for s in instructions)
+    stack = _TEXTS.get(texts)
+    if stack is None:
+        stack = _TEXTS[texts] = NonTensorStack(*[NonTensorData(t) for t in texts])
+    td.set(schema.INSTRUCTION, stack)
     td.set(schema.SAMPLE_SEED, torch.from_numpy(seeds))
-    return td.to(device)
+    return td if device.type == "cpu" else td.to(device)
 
 
-def run_gymnasium(args, spec, policy, device, quiet: bool = False) -> dict:
+def run_gymnasium(args, spec, policy, device, quiet: bool = False, lean: bool = False) -> dict:
+    """``lean``: the env returns no per-step info, and env steps are counted as
+    ``chunk`` per env and decision (exact for an env whose episodes never end early)."""
     import json
 
     from gymnasium.vector import AsyncVectorEnv
@@ -73,7 +85,7 @@ def run_gymnasium(args, spec, policy, device, quiet: bool = False) -> dict:
     say = (lambda *a, **k: None) if quiet else print
     say(f"  {label}: starting {n} processes (one per env)", flush=True)
     vec = AsyncVectorEnv(
-        [lambda: ChunkedGymEnv(args.env, kwargs, args.chunk) for _ in range(n)],
+        [lambda: ChunkedGymEnv(args.env, kwargs, args.chunk, lean) for _ in range(n)],
         shared_memory=True,
         context="spawn",
     )
@@ -93,7 +105,7 @@ def run_gymnasium(args, spec, policy, device, quiet: bool = False) -> dict:
                 )
                 obs, _, _, _, info = vec.step(actions)
                 instructions = info.get("instruction", instructions)
-                steps += int(np.sum(info.get("steps", 0)))
+                steps += n * args.chunk if lean else int(np.sum(info.get("steps", 0)))
                 decision += 1
             return steps
 

@@ -91,7 +91,11 @@ def workload(title: str, env: str, env_kwargs: dict, state_dim: int, latency: di
     print(f"{title}")
     print(HEADER)
     rows = {}
-    for name, schedule in SCHEDULES.items():
+    schedules = dict(SCHEDULES)
+    if args.min_batch or args.max_wait_us:
+        rule = dict(min_batch=args.min_batch or None, max_wait_us=args.max_wait_us or None)
+        schedules["dynamic batching"] = dict(schedule="dynamic", **rule)
+    for name, schedule in schedules.items():
         policy = LatencyPolicy(state_dim=state_dim, chunk_len=args.chunk, **latency)
         rows[name] = r = run(env, env_kwargs, policy, args, **schedule)
         print(_line(name, r), flush=True)
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--base-share", type=float, default=0.25)
     ap.add_argument("--skip-tabletop", action="store_true")
+    ap.add_argument("--min-batch", type=int, default=0, help="dynamic's rule (0: default)")
+    ap.add_argument("--max-wait-us", type=float, default=0.0, help="dynamic's rule")
     ap.add_argument("--json", default="bench_results/scheduler.json")
     args = ap.parse_args(argv)
     toy = dict(state_dim=32, episode_len=400, step_cost_us=args.step_cost_us)

@@ -117,6 +117,11 @@ class RolloutEngine:
     them after: ``"auto"`` (default) leaves the workers their cores, an int sets it, ``None``
     leaves torch's setting alone.
 
+    ``record_obs`` names the observation keys the returned trajectories keep (default: all).
+    Every observation still reaches the policy in place; a key left out is never copied
+    again, which is most of a call's memory traffic when cameras are large and a trainer
+    only needs, say, the state and one camera.
+
     Faults: with ``on_worker_failure="restart"`` (default) a worker that dies, whose env
     raises, whose factory fails, or whose progress counter stands still for
     ``hang_timeout_s`` is replaced, up to ``max_restarts`` times over the engine's life; its
@@ -153,6 +158,7 @@ class RolloutEngine:
         freeze_gc: bool = True,
         inference_threads: int | str | None = "auto",
         max_staleness: int | None = None,
+        record_obs: Sequence[str] | None = None,
         profile: bool = False,
     ) -> None:
         self._closed = True  # until start-up completes
@@ -247,6 +253,7 @@ class RolloutEngine:
             lambda spec: Layout(spec, num_envs, self.chunk_len, num_workers), start_timeout_s
         )
         self.layout = self._pool.layout
+        self.record_obs = self._check_record_obs(record_obs)
         self.a = self._pool.shm.arrays
         self.a["n_exec"][:] = self.exec_len
         self._actions = torch.from_numpy(self.a["actions"])
@@ -272,6 +279,19 @@ class RolloutEngine:
             gc.collect()
             gc.freeze()
         self._froze_gc = freeze_gc
+
+    def _check_record_obs(self, keys: Sequence[str] | None) -> tuple[str, ...] | None:
+        if keys is None:
+            return None
+        keys = (keys,) if isinstance(keys, str) else tuple(keys)
+        unknown = [k for k in keys if k not in self.spec.obs]
+        if unknown or len(set(keys)) != len(keys):
+            self.close()
+            raise ValueError(
+                f"record_obs={list(keys)}: each must be one of the env's observation keys "
+                f"{list(self.spec.obs)}, once (unknown: {unknown})"
+            )
+        return keys
 
     @staticmethod
     def _resolve_device(device, policy) -> torch.device:
@@ -424,6 +444,7 @@ class RolloutEngine:
             len(self.stages),
             num_decisions,
             self._buffers,
+            self.record_obs,
         )
         return self._call(plan)
 
@@ -471,6 +492,7 @@ class RolloutEngine:
             group_size,
             reset_seeds,
             self._buffers,
+            self.record_obs,
         )
         return self._call(plan)
 

@@ -89,10 +89,12 @@ class RolloutPlan:
         num_stages: int,
         num_decisions: int,
         pool: BufferPool | None = None,
+        obs_keys: tuple[str, ...] | None = None,
     ) -> None:
         self.a, self.ids, self.seed, self.T = arrays, ids, seed, num_decisions
         self.made = np.zeros(num_stages, np.int64)
-        self.store = TrajectoryStore(layout, arrays, layout.num_envs, num_decisions, pool)
+        rows = layout.num_envs
+        self.store = TrajectoryStore(layout, arrays, rows, num_decisions, pool, obs_keys)
 
     def next_episode(self, i: int) -> None:
         """Queue a fresh episode (a new id and reset seed) for env ``i``."""
@@ -137,6 +139,7 @@ class EpisodePlan:
         group_size: int,
         group_seeds: np.ndarray | None = None,
         pool: BufferPool | None = None,
+        obs_keys: tuple[str, ...] | None = None,
     ) -> None:
         self.a, self.seed = arrays, seed
         self.E = num_groups * group_size
@@ -148,7 +151,7 @@ class EpisodePlan:
         self.queue = 0  # next episode index to hand out
         self.restarts = np.zeros(self.E, np.int64)  # aborted attempts per episode
         self.max_t = math.ceil(layout.spec.max_steps / exec_len) + 1
-        self.store = TrajectoryStore(layout, arrays, self.E, self.max_t, pool)
+        self.store = TrajectoryStore(layout, arrays, self.E, self.max_t, pool, obs_keys)
 
     def next_episode(self, i: int) -> None:
         """Queue the next episode of the group-major queue for env ``i``; -1 parks it."""

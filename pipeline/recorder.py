@@ -141,6 +141,7 @@ class TrajectoryStore:
         rows: int,
         max_t: int,
         pool: BufferPool | None = None,
+        obs_keys: tuple[str, ...] | None = None,
     ) -> None:
         self.layout, self.layout_arrays, self.rows, self.max_t = layout, arrays, rows, max_t
         self.pool = pool if pool is not None else BufferPool(keep=0)
@@ -148,7 +149,8 @@ class TrajectoryStore:
         shape = (rows, max_t)
         # Observations, outputs and results need no clearing: every entry is either written
         # by this call or zeroed as invalid in to_tensordict.
-        self.obs = {k: self.pool.take(shape + fs.shape, fs.dtype) for k, fs in spec.obs.items()}
+        keys = spec.obs if obs_keys is None else obs_keys  # what the caller asked to record
+        self.obs = {k: self.pool.take(shape + spec.obs[k].shape, spec.obs[k].dtype) for k in keys}
         # The record that came with each observation. Entries never written stay "parked"
         # (no decision), and so do rows the caller recorded while their env was parked.
         self.seen = self.pool.take(shape, RESULT_DTYPE)

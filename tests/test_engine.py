@@ -484,3 +484,15 @@ def test_a_result_still_held_is_never_overwritten_and_a_dropped_one_is_reused():
         assert not torch.equal(fresh["episode_id"], again["episode_id"])
         pad = ~fresh["mask"]
         assert (fresh["observation", "state"][pad] == 0).all()
+
+
+def test_record_obs_keeps_only_the_named_observations():
+    with _engine(_latency(), record_obs=["state"]) as e:
+        td = e.rollout(3)
+    assert ("observation", "state") in td.keys(include_nested=True)
+    assert ("observation", "image", "cam") not in td.keys(include_nested=True)
+    with _engine(_latency()) as e:
+        full = e.rollout(3)
+    assert torch.equal(full["observation", "state"], td["observation", "state"])
+    with pytest.raises(ValueError, match=r"record_obs=\['state', 'image/nope'\].*unknown"):
+        _engine(_latency(), record_obs=["state", "image/nope"])
