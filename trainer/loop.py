@@ -47,7 +47,7 @@ class TrainConfig:
     iterations: int = 1000
     minutes: float | None = None  # stop after this much training wall time
     lr: float = 1e-4
-    lr_schedule: str = "cosine"  # "constant", or cosine from lr to lr/10 over the run's budget
+    lr_schedule: str = "constant"  # or "cosine": from lr to lr/10 over the run's budget
     clip: float = 0.2
     epochs: int = 1
     minibatch: int = 128
