@@ -197,3 +197,24 @@ def test_robot_urdf_round_trip(tmp_path):
         envs.make("tabletop/reach", cameras=(), robot_urdf=path, hand_link="palm")
     with pytest.raises(ValueError, match="home_qpos has 3 values"):
         envs.make("tabletop/reach", cameras=(), robot_urdf=path, home_qpos=[0, 0, 0])
+
+
+def test_toy_timing_options_never_change_results():
+    # step_cost_cv draws each chunk's cost (unseeded); static_images freezes the frames.
+    plain = envs.make("toy", cameras=("a",), image_size=8)
+    varied = envs.make("toy", cameras=("a",), image_size=8, step_cost_us=50, step_cost_cv=1.0)
+    acts = np.full((3, plain.spec.action_dim), 0.2, np.float32)
+    for env in (plain, varied):
+        env.reset(seed=5)
+    a, b = plain.step_chunk(acts), varied.step_chunk(acts)
+    assert (
+        all(np.array_equal(a.obs[k], b.obs[k]) for k in a.obs)
+        and a.rewards.tolist() == b.rewards.tolist()
+    )
+    static = envs.make("toy", cameras=("a",), image_size=8, static_images=True)
+    first, _ = static.reset(seed=1)
+    later = static.step_chunk(acts).obs
+    assert np.array_equal(first["image/a"], later["image/a"])
+    assert not np.array_equal(first["state"], later["state"])
+    with pytest.raises(ValueError, match="step_cost_cv"):
+        envs.make("toy", step_cost_cv=-1)
