@@ -3,6 +3,7 @@
     python bench.py training --part demo        # tabletop/reach, 1 camera: warm start + GRPO
     python bench.py training --part overlap     # synchronous vs overlapped, simulated GPU
     python bench.py training --part overlap-cpu # the same with TinyVLA on this CPU (toy reach)
+    python bench.py training --part recheck --out DIR  # a demo's checkpoints on fresh seeds
 
 ``demo`` runs ``python -m trainer``'s defaults for ``--minutes`` of GRPO and prints held-out
 success before and after, with the curve written to ``--out``.
@@ -20,13 +21,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import statistics
 import time
 
 from pipeline import RolloutEngine
 from pipeline.policies import LatencyPolicy
 from pipeline.policies.latency import SimulatedDevice
-from trainer.loop import TrainConfig, run_iterations, toy_reach_config, train
+from trainer.grpo import evaluate
+from trainer.loop import TrainConfig, load_checkpoint, run_iterations, toy_reach_config, train
 
 TOY_REACH = {"task": "reach", "state_dim": 8, "episode_len": 32, "step_cost_us": 1000}
 
@@ -137,13 +140,31 @@ def demo(minutes: float, out: str) -> None:
     print(f"curve: {out}/curve.json, {out}/curve.png")
 
 
+def recheck(out: str, episodes: int, seed: int) -> None:
+    """The run's checkpoints on reset seeds no evaluation of the run has seen: ``best.pt``
+    was chosen on the run's own held-out seeds, so its score there is biased upwards."""
+    cfg = TrainConfig()
+    env_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.env_kwargs.items()}
+    seeds = range(seed, seed + episodes)
+    print(f"{episodes} fresh held-out seeds ({seed}...): checkpoints of {out}")
+    for name in ("warm_start", "best", "final"):
+        policy, _ = load_checkpoint(os.path.join(out, f"{name}.pt"))
+        with RolloutEngine(cfg.env, policy, num_envs=cfg.num_envs, env_kwargs=env_kwargs) as e:
+            rates = evaluate(e, seeds)
+        print(f"  {name + '.pt':<16} greedy {rates['greedy']:.3f}, sampled {rates['sampled']:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="bench.py training",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--part", choices=("demo", "overlap", "overlap-cpu"), default="overlap")
+    ap.add_argument(
+        "--part", choices=("demo", "overlap", "overlap-cpu", "recheck"), default="overlap"
+    )
+    ap.add_argument("--episodes", type=int, default=256, help="recheck: fresh seeds")
+    ap.add_argument("--seed", type=int, default=2 * 10**9, help="recheck: first fresh seed")
     ap.add_argument("--minutes", type=float, default=25.0)
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--out", default="bench_results/grpo")
@@ -156,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.part == "demo":
         demo(args.minutes, args.out)
+    elif args.part == "recheck":
+        recheck(args.out, args.episodes, args.seed)
     elif args.part == "overlap":
         for per_item in args.train_per_item_ms or [0.5, 3.0]:
             overlap_simulated(args.iterations, per_item)
