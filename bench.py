@@ -2,6 +2,7 @@
 
     python bench.py                 # the main job: lock-step baseline vs pipelined, profiled
     python bench.py --help          # its flags (workload, policy, modes, sweep, compare, ...)
+    python bench.py --compare gymnasium --transport   # moving observations: vs Gymnasium
     python bench.py workloads       # envs and policies alone (no engine)
     python bench.py engine          # engine suite: overlap vs bound, sweeps, transport
     python bench.py scheduler       # dynamic batching vs fixed stages vs lock-step, by step CV
