@@ -37,7 +37,9 @@ class TrainConfig:
     env: str = "tabletop/reach"
     env_kwargs: dict = field(default_factory=lambda: {"cameras": ["head"], "image_size": 64})
     chunk_len: int = 8
-    temperature: float = 1.0
+    # Sampling temperature of rollouts: below 1 the policy GRPO trains is closer to the
+    # greedy one it is evaluated as (the demo gained far more at 0.7 than at 1.0).
+    temperature: float = 0.7
     num_envs: int = 16
     num_workers: int = 2
     num_stages: int = 2
@@ -85,6 +87,7 @@ def toy_reach_config(**overrides) -> TrainConfig:
         bc_steps=40,
         lr=1e-3,
         lr_schedule="constant",
+        temperature=1.0,
         epochs=2,
     )
     return dataclasses.replace(base, **overrides)
