@@ -258,7 +258,7 @@ class RolloutEngine:
         self.a["n_exec"][:] = self.exec_len
         self._actions = torch.from_numpy(self.a["actions"])
         self._batcher = StageBatcher(
-            self.layout, self.a, self.stages, self.seed, pin_memory=self.device.type == "cuda"
+            self.layout, self.a, self.seed, pin_memory=self.device.type == "cuda"
         )
         self._action_staging: torch.Tensor | None = None  # dynamic batches' chunks, on CUDA
         if self.device.type == "cuda":

@@ -84,7 +84,7 @@ class StageBatcher:
     """Builds a stage's policy batch straight from shared memory.
 
     Example:
-        >>> batcher = StageBatcher(layout, shm.arrays, stages, seed=0)
+        >>> batcher = StageBatcher(layout, shm.arrays, seed=0)
         >>> td = batcher.batch(stage)   # observation views, sample_seed, language_instruction
     """
 
@@ -92,7 +92,6 @@ class StageBatcher:
         self,
         layout: Layout,
         arrays: dict[str, np.ndarray],
-        stages: list[Stage],
         seed: int,
         pin_memory: bool = False,
     ) -> None:
