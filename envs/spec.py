@@ -91,7 +91,7 @@ class EnvSpec:
 class ChunkResult:
     """What :meth:`Env.step_chunk` returns: the final observation and per-step rewards."""
 
-    obs: dict[str, np.ndarray]
+    obs: dict[str, np.ndarray] | None  # None when the chunk was executed without observing
     rewards: np.ndarray  # float32 [steps]
     terminated: bool
     truncated: bool
@@ -119,7 +119,7 @@ class Env(Protocol):
         self, action: np.ndarray
     ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]: ...
 
-    def step_chunk(self, actions: np.ndarray) -> ChunkResult: ...
+    def step_chunk(self, actions: np.ndarray, observe: bool = True) -> ChunkResult: ...
 
     def close(self) -> None: ...
 
@@ -145,7 +145,10 @@ class ChunkedEnvMixin:
         reward, terminated, truncated = self._apply(a)
         return self._observe(), float(reward), terminated, truncated, self._info()
 
-    def step_chunk(self, actions: np.ndarray) -> ChunkResult:
+    def step_chunk(self, actions: np.ndarray, observe: bool = True) -> ChunkResult:
+        """Execute ``actions`` ``[k, A]`` until the episode ends; render the final observation
+        unless ``observe`` is False (``obs`` is then None: a host that keeps executing while
+        the next chunk is inferred needs no picture of steps nobody decides on)."""
         acts = self.spec.check_action(actions, chunk=True)
         rewards = np.zeros(len(acts), np.float32)
         terminated = truncated = False
@@ -157,6 +160,8 @@ class ChunkedEnvMixin:
                 self.on_step()
             if terminated or truncated:
                 break
+        if not observe:
+            return ChunkResult(None, rewards[:n], terminated, truncated, n, self._info())
         c0 = time.thread_time_ns() if self.time_cpu else 0
         t0 = time.perf_counter_ns()
         obs = self._observe()

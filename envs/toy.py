@@ -135,14 +135,14 @@ class ToyEnv(ChunkedEnvMixin):
         truncated = not self._success and self._t >= self.spec.max_steps
         return reward, self._success, truncated
 
-    def step_chunk(self, actions: np.ndarray):
+    def step_chunk(self, actions: np.ndarray, observe: bool = True):
         """A chunk whose steps share one cost draw (``step_cost_cv``): contact-rich stretches
         of physics are slow for many steps in a row. Independent draws per step would
         average out over a chunk (the CV of a chunk's cost would fall by sqrt(steps))."""
         if self.step_cost_cv > 0:
             k = 1.0 / self.step_cost_cv**2  # gamma with mean 1 and the requested CV
             self._cost_factor = _JITTER.gammavariate(k, 1.0 / k)
-        return super().step_chunk(actions)
+        return super().step_chunk(actions, observe)
 
     def _info(self) -> dict[str, Any]:
         return {"success": self._success, "elapsed_steps": self._t}

@@ -42,6 +42,7 @@ from pipeline.errors import (
     PolicyOutputError,
 )
 from pipeline.layout import Layout
+from pipeline.lookahead import Lookahead
 from pipeline.overlap import RolloutFuture, WeightSync
 from pipeline.plans import EpisodeIds, EpisodePlan, Plan, RolloutPlan
 from pipeline.pool import WorkerPool
@@ -149,6 +150,7 @@ class RolloutEngine:
         device: str | torch.device = "auto",
         chunk_len: int | None = None,
         exec_len: int | None = None,
+        lookahead: int | str = 0,
         auto_reset: bool = True,
         on_worker_failure: str = "restart",
         max_restarts: int = 10,
@@ -193,7 +195,8 @@ class RolloutEngine:
         chunk_len = chunk_len if chunk_len is not None else getattr(policy, "chunk_len", None)
         if chunk_len is None or chunk_len < 1:
             raise ValueError("chunk_len: pass it, or give the policy a 'chunk_len' attribute")
-        exec_len = chunk_len if exec_len is None else exec_len
+        self.lookahead = Lookahead.check(lookahead, chunk_len, exec_len)
+        exec_len = self.lookahead.exec_len
         if not 1 <= exec_len <= chunk_len:
             raise ValueError(f"exec_len={exec_len} must be in [1, chunk_len={chunk_len}]")
         if hang_timeout_s <= 0:
@@ -256,9 +259,16 @@ class RolloutEngine:
         self.record_obs = self._check_record_obs(record_obs)
         self.a = self._pool.shm.arrays
         self.a["n_exec"][:] = self.exec_len
+        self.a["lookahead"][:] = self.lookahead.delay()
+        # A policy that conditions on the frozen prefix; any other runs "naive async".
+        self._conditions = bool(getattr(policy, "conditions_on_prefix", False))
         self._actions = torch.from_numpy(self.a["actions"])
         self._batcher = StageBatcher(
-            self.layout, self.a, self.seed, pin_memory=self.device.type == "cuda"
+            self.layout,
+            self.a,
+            self.seed,
+            pin_memory=self.device.type == "cuda",
+            overlap=self.lookahead.overlap if self.lookahead.enabled else None,
         )
         self._action_staging: torch.Tensor | None = None  # dynamic batches' chunks, on CUDA
         if self.device.type == "cuda":
@@ -398,6 +408,7 @@ class RolloutEngine:
             "schedule": self.schedule,
             "chunk_len": self.chunk_len,
             "exec_len": self.exec_len,
+            "lookahead": "auto" if self.lookahead.fixed is None else self.lookahead.fixed,
             "device": str(self.device),
             "policy": type(self.policy).__name__,
         }
@@ -814,6 +825,8 @@ class RolloutEngine:
                 "action chunk contains NaN or inf; nothing was sent to the envs"
             )
         outputs = {schema.ACTION_CHUNK: actions}
+        if self.lookahead.enabled:
+            outputs.update(self._frozen_prefix(stages, rows, actions))
         tokens = out.get(schema.ACTION_TOKENS, None)
         if tokens is not None:
             if tuple(tokens.shape) != want or tokens.dtype != torch.long:
@@ -830,6 +843,23 @@ class RolloutEngine:
             outputs[schema.SAMPLE_LOG_PROB] = logp
         return outputs
 
+    def _frozen_prefix(self, stages: list[Stage], rows, actions: np.ndarray) -> dict:
+        """With lookahead: the decision's frozen prefix goes into its chunk (the env executes
+        those actions whatever the policy said, so the record says what ran), and the
+        conditioning is recorded with it."""
+        slots = stages[0].slot if len(stages) == 1 else np.array([s.slot for s in stages])
+        prefix = self.a["prefix"][slots, rows]
+        n = self.a["prefix_len"][slots, rows].astype(np.int64)
+        frozen = np.arange(self.chunk_len) < n[:, None]
+        if frozen.any():  # the workers never read these positions: this is for the record
+            actions[frozen] = prefix[frozen]
+        return {
+            schema.ACTION_PREFIX: prefix,
+            schema.PREFIX_LEN: n,
+            schema.PREFIX_OVERLAP: np.where(n > 0, self.lookahead.overlap, 0),
+            schema.PREFIX_CONDITIONED: (n > 0) & self._conditions,
+        }
+
     # -- commands and replies ----------------------------------------------------------------
     def _command(self, stages: list[Stage], kind: int) -> EngineError | None:
         """Send STEP or RESET for each stage to every worker of it, into the stage's next
@@ -837,6 +867,8 @@ class RolloutEngine:
         the others from getting theirs (a recovery relies on every healthy worker having
         its commands); its error is returned."""
         frames: dict[int, list[tuple]] = {}
+        if kind == P.STEP and self.lookahead.fixed is None:
+            self._set_delay(stages)
         for s in stages:
             s.seq += 1
             s.state, s.in_flight = StageState.STEPPING, kind
@@ -850,6 +882,17 @@ class RolloutEngine:
             except EngineError as exc:
                 failed = failed or exc
         return failed
+
+    def _set_delay(self, stages: list[Stage]) -> None:
+        """``lookahead="auto"``: measure each stage's report-to-command delay and step time,
+        then give its envs the lookahead that covers the longest recent delay."""
+        now = time.perf_counter_ns()
+        for s in stages:
+            res = self.a["results"][s.slot, s.lo : s.hi]
+            self.lookahead.observe(now - s.ready_ns, res["env_ns"], res["steps"])
+        d = self.lookahead.delay()
+        for s in stages:
+            self.a["lookahead"][s.lo : s.hi] = d
 
     def _queue_episodes(self, s: Stage, plan: Plan) -> None:
         """Before a STEP: every env whose queued episode has already started gets the plan's
@@ -880,6 +923,7 @@ class RolloutEngine:
     def _finish_command(self, s: Stage) -> None:
         s.slot = 1 - s.slot
         s.state = StageState.READY
+        s.ready_ns = time.perf_counter_ns()
         seqs = self.a["seq"][s.slot, s.lo : s.hi]
         if (seqs != s.seq).any():
             bad = int(np.flatnonzero(seqs != s.seq)[0])

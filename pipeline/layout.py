@@ -13,8 +13,9 @@ Two kinds of arrays:
   A stage's rows are contiguous, so a stage batch is one contiguous block per field
   (zero-copy views, one DMA per field on CUDA).
 * **control arrays** ``[num_envs, ...]``: what the inference side writes for a worker — the
-  action chunk, how many actions to execute, and the seed/id of the episode to start when the
-  current one ends (``-1`` parks the env).
+  action chunk, how many actions to execute (and how many more to keep executing after
+  reporting, with lookahead), and the seed/id of the episode to start when the current one
+  ends (``-1`` parks the env).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ RESULT_DTYPE = np.dtype(
         ("steps", np.int32),  # control steps executed
         ("env_id", np.int32),
         ("t", np.int32),  # decisions made earlier in this observation's episode
+        # Lookahead: how many actions of the previous chunk the env executes after this
+        # observation, while the next chunk is inferred (the next chunk's frozen prefix).
+        ("prefix_len", np.int32),
         ("terminated", np.uint8),
         ("truncated", np.uint8),
         ("success", np.uint8),
@@ -78,6 +82,7 @@ SLOT_FIELDS = {
 }
 CONTROL_FIELDS = {
     "n_exec": ((), np.int32),
+    "lookahead": ((), np.int32),  # actions to keep executing after reporting (0: none)
     "reset_now": ((), np.uint8),  # RESET restarts only these envs; the others carry over
     "next_seed": ((), np.int64),
     "next_episode": ((), np.int64),
@@ -117,7 +122,11 @@ class Layout:
             fields[f"obs/{key}"] = ((slots, num_envs, *fs.shape), fs.dtype)
         for key, (shape, dtype) in SLOT_FIELDS.items():
             fields[key] = ((slots, num_envs, *shape), dtype)
-        fields["actions"] = ((num_envs, chunk_len, spec.action_dim), np.dtype(np.float32))
+        chunk = (chunk_len, spec.action_dim)
+        fields["actions"] = ((num_envs, *chunk), np.dtype(np.float32))
+        # With lookahead, the previous chunk's actions from this observation on (zeros where
+        # it has none), the first prefix_len of which the env executes whatever comes next.
+        fields["prefix"] = ((slots, num_envs, *chunk), np.dtype(np.float32))
         for key, (shape, dtype) in CONTROL_FIELDS.items():
             fields[key] = ((num_envs, *shape), np.dtype(dtype))
         # Per worker: a progress counter (control steps, resets and chunks done) that the

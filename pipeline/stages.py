@@ -94,8 +94,10 @@ class StageBatcher:
         arrays: dict[str, np.ndarray],
         seed: int,
         pin_memory: bool = False,
+        overlap: int | None = None,
     ) -> None:
         self.a, self.seed, self.layout, self.pin_memory = arrays, seed, layout, pin_memory
+        self.overlap = overlap  # with lookahead: the prefix keys go into every batch
         n = self.num_envs = layout.num_envs
         self._gathered: dict[str, torch.Tensor] | None = None  # gather()'s reused buffers
         self._seed_base = np.zeros(n, np.int64)  # sample_seeds(seed, episode, 0) cache
@@ -143,6 +145,8 @@ class StageBatcher:
             schema.SAMPLE_SEED: torch.from_numpy(self._sample_seeds(s)),
             schema.INSTRUCTION: self._instructions(s),
         }
+        if self.overlap is not None:
+            source["vla_action"] = self._prefix(s.slot, s.env_ids)
         return TensorDict._new_unsafe(source, batch_size=obs.batch_size)
 
     def gather(self, stages: list[Stage]) -> TensorDict:
@@ -182,7 +186,19 @@ class StageBatcher:
             schema.SAMPLE_SEED: torch.from_numpy(self._seeds_at(slots, envs)),
             schema.INSTRUCTION: NonTensorStack(*texts),
         }
+        if self.overlap is not None:
+            source["vla_action"] = self._prefix(slots, envs)
         return TensorDict._new_unsafe(source, batch_size=obs.batch_size)
+
+    def _prefix(self, slots: int | np.ndarray, envs: np.ndarray) -> TensorDict:
+        """The lookahead prefix of the observations in ``[slots, envs]`` (small copies)."""
+        n = np.ascontiguousarray(self.a["prefix_len"][slots, envs], np.int64)
+        fields = {
+            "prefix": torch.from_numpy(np.ascontiguousarray(self.a["prefix"][slots, envs])),
+            "prefix_len": torch.from_numpy(n),
+            "prefix_overlap": torch.from_numpy(np.where(n > 0, self.overlap, 0)),
+        }
+        return TensorDict._new_unsafe(fields, batch_size=torch.Size([len(n)]))
 
     def _sample_seeds(self, s: Stage) -> np.ndarray:
         return self._seeds_at(s.slot, s.env_ids)

@@ -45,6 +45,18 @@ class WorkerConfig:
     profile: bool = False  # time env creation for the profiler
 
 
+@dataclass
+class _Carried:
+    """What an env's lookahead actions came to: part of its next decision's window."""
+
+    reward: float
+    steps: int
+    terminated: bool
+    truncated: bool
+    success: bool
+    env_ns: int
+
+
 class BadObservation(ValueError):
     """An env's observation does not match its spec; raised before anything is written."""
 
@@ -81,6 +93,11 @@ class _Worker:
         n = max(cfg.env_ids, default=-1) + 1
         self.episode, self.seed, self.t = [-1] * n, [-1] * n, [0] * n
         self.ended = [False] * n
+        # Lookahead: per env, the actions to execute after the next report (taken from the
+        # chunk before replying, since the loop may overwrite it while they run), and what
+        # executing them came to (reported with the next decision's results).
+        self.tail: dict[int, np.ndarray] = {}
+        self.carried: dict[int, _Carried] = {}
         self.phase, self.current_env = "create", None
 
     # -- start-up ----------------------------------------------------------------------------
@@ -121,6 +138,7 @@ class _Worker:
             for key, fs in shm.layout.spec.obs.items()
         ]
         self.res, self.actions, self.n_exec = a["results"], a["actions"], a["n_exec"]
+        self.lookahead, self.prefix = a["lookahead"], a["prefix"]
         self.reset_now, self.next_seed = a["reset_now"], a["next_seed"]
         self.next_episode = a["next_episode"]
         self.written_text: dict[tuple[int, int], str | None] = {}
@@ -164,6 +182,9 @@ class _Worker:
             if self.clock:
                 self.clock.switch("signal")
             P.send(self.conn, P.DONE, stage, slot, seq)
+            if self.tail:  # lookahead: execute on while the next chunks are inferred
+                self.phase = "lookahead"
+                self._run_tails()
 
     def _follow_profiling(self) -> None:
         """Start or stop the phase clock when the inference side flips the switch."""
@@ -230,6 +251,7 @@ class _Worker:
         prev = 1 - slot
         for _, arr in self.obs_arrays:
             arr[slot, env_id] = arr[prev, env_id]
+        self.prefix[slot, env_id] = self.prefix[prev, env_id]
         self.a["instruction"][slot, env_id] = self.a["instruction"][prev, env_id]
         self.a["instruction_len"][slot, env_id] = self.a["instruction_len"][prev, env_id]
         self.written_text[slot, env_id] = self.written_text.get((prev, env_id))
@@ -245,8 +267,47 @@ class _Worker:
             **fields,
         )
 
+    def _run_tails(self) -> None:
+        """Execute every env's lookahead actions, without observing: physically they belong
+        to the next decision's window, whose results they are reported with."""
+        if self.clock:
+            self.clock.switch("physics")
+        for env_id, tail in self.tail.items():
+            self.current_env = env_id
+            t0 = time.perf_counter_ns()
+            self._tick()
+            r = self.envs[env_id].step_chunk(tail, observe=False)
+            self._tick()
+            self.carried[env_id] = _Carried(
+                float(r.rewards.sum(dtype=np.float64)),
+                r.steps,
+                r.terminated,
+                r.truncated,
+                bool(r.info.get("success", False)),
+                time.perf_counter_ns() - t0,
+            )
+        self.tail.clear()
+        self.current_env = None
+
+    def _set_prefix(self, env_id: int, slot: int, n_exec: int | None) -> int:
+        """Write the frozen prefix that comes with ``slot``'s observation, and keep its
+        actions to execute after the report: ``lookahead[env]`` actions of the chunk from
+        ``n_exec`` on (None: the episode just started or ended, no prefix). Returns its
+        length, for the result record."""
+        prefix = self.prefix[slot, env_id]
+        d = 0 if n_exec is None else min(int(self.lookahead[env_id]), len(prefix) - n_exec)
+        if d <= 0:
+            prefix[:] = 0
+            return 0
+        rest = self.actions[env_id, n_exec:]
+        prefix[: len(rest)] = rest
+        prefix[len(rest) :] = 0
+        self.tail[env_id] = rest[:d].copy()
+        return d
+
     def _start_queued(self, env_id: int) -> tuple[dict, int] | None:
         """Start the episode the parent queued for this env; None parks the env."""
+        self.carried.pop(env_id, None)  # a lookahead's outcome never crosses a reset
         seed = int(self.next_seed[env_id])
         if seed < 0:
             self.ended[env_id] = True
@@ -272,7 +333,11 @@ class _Worker:
             prev = res[1 - slot, env_id]
             self._carry(env_id, slot)
             res[slot, env_id] = self._record(
-                env_id, seq, is_init=prev["is_init"], parked=prev["parked"]
+                env_id,
+                seq,
+                is_init=prev["is_init"],
+                parked=prev["parked"],
+                prefix_len=prev["prefix_len"],
             )
             return
         started = self._start_queued(env_id)
@@ -284,11 +349,16 @@ class _Worker:
         if self.clock:
             self.clock.switch("obs_write")
         write_ns = self._write_obs(env_id, slot, obs, self.envs[env_id].instruction)
+        self._set_prefix(env_id, slot, None)
         res[slot, env_id] = self._record(
             env_id, seq, is_init=True, env_ns=env_ns, write_ns=write_ns
         )
 
     def _step(self, env_id: int, slot: int, seq: int) -> None:
+        """Execute the env's chunk and report what came of it. With lookahead the window
+        starts with the frozen prefix, already executed after the last report; the chunk is
+        executed from there (``prefix_len`` on) to ``n_exec``, and its next actions are
+        kept to execute after this report."""
         self.current_env = env_id
         clock = self.clock
         if self.ended[env_id]:
@@ -298,21 +368,35 @@ class _Worker:
             self.res[slot, env_id] = self._record(env_id, seq, parked=True)
             return
         env = self.envs[env_id]
-        if clock:
-            clock.switch("physics")
-        t0 = time.perf_counter_ns()
-        self._tick()
-        result = env.step_chunk(self.actions[env_id, : self.n_exec[env_id]])
-        self._tick()
-        env_ns = time.perf_counter_ns() - t0
-        obs, rewards, terminated, truncated, steps, info = result
-        if clock:  # the chunk's one render was its last part
-            clock.switch("obs_write", ("render", result.observe_ns, result.observe_cpu_ns))
-        reward = float(rewards.sum(dtype=np.float64))
-        success = bool(info.get("success", False))
+        carried = self.carried.pop(env_id, None)
+        n_exec = int(self.n_exec[env_id])
+        if carried is not None and (carried.terminated or carried.truncated):
+            # The episode ended within the frozen prefix: the new chunk is never executed.
+            obs, reward, steps = None, carried.reward, carried.steps
+            terminated, truncated = carried.terminated, carried.truncated
+            success, env_ns = carried.success, carried.env_ns
+        else:
+            frozen = carried.steps if carried is not None else 0  # the prefix, executed
+            if clock:
+                clock.switch("physics")
+            t0 = time.perf_counter_ns()
+            self._tick()
+            result = env.step_chunk(self.actions[env_id, frozen:n_exec])
+            self._tick()
+            env_ns = time.perf_counter_ns() - t0
+            obs, rewards, terminated, truncated, steps, info = result
+            if clock:  # the chunk's one render was its last part
+                clock.switch("obs_write", ("render", result.observe_ns, result.observe_cpu_ns))
+            reward = float(rewards.sum(dtype=np.float64))
+            success = bool(info.get("success", False))
+            if carried is not None:
+                reward += carried.reward
+                steps += carried.steps
+                env_ns += carried.env_ns
         is_init = parked = False
         self.t[env_id] += 1
-        if terminated or truncated:
+        continues = not (terminated or truncated)
+        if not continues:
             if not self.cfg.auto_reset:  # the env idles until the next RESET
                 self.ended[env_id] = parked = True
             else:
@@ -325,7 +409,12 @@ class _Worker:
                     is_init = True
                     if clock:
                         clock.switch("obs_write")
-        write_ns = self._write_obs(env_id, slot, obs, env.instruction)
+        if obs is None:  # ended within the prefix and parked: the last picture stands
+            self._carry(env_id, slot)
+            write_ns = 0
+        else:
+            write_ns = self._write_obs(env_id, slot, obs, env.instruction)
+        prefix_len = self._set_prefix(env_id, slot, n_exec if continues else None)
         self.res[slot, env_id] = self._record(
             env_id,
             seq,
@@ -336,6 +425,7 @@ class _Worker:
             success=success,
             is_init=is_init,
             parked=parked,
+            prefix_len=prefix_len,
             env_ns=env_ns,
             write_ns=write_ns,
         )

@@ -62,13 +62,15 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overlap", [False, True])
-def test_grpo_learns_toy_reach(tmp_path, overlap):
+@pytest.mark.parametrize("overlap, lookahead", [(False, 0), (True, 0), (False, 1)])
+def test_grpo_learns_toy_reach(tmp_path, overlap, lookahead):
     # Success in toy reach depends on the actions. A weak warm start (few BC steps) leaves
     # room; GRPO must raise the held-out success of the policy it trains (sampled) over
     # fixed reset seeds. Everything is seeded, so the run is the same on every machine with
     # the same torch build and thread count; the assertion is on learning, not on time.
-    cfg = toy_reach_config(overlap=overlap, out=str(tmp_path))
+    # With lookahead the policy conditions on each chunk's frozen prefix (cloned with random
+    # delays) and GRPO trains its sampled tokens only.
+    cfg = toy_reach_config(overlap=overlap, lookahead=lookahead, out=str(tmp_path))
     curve = train(cfg, log=lambda m: None)
     before, after = curve["evals"][0]["sampled"], curve["evals"][-1]["sampled"]
     assert after > before, curve["evals"]

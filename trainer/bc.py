@@ -14,7 +14,7 @@ from tensordict import TensorDict
 
 from pipeline import RolloutEngine, schema
 from pipeline.policies import ExpertPolicy
-from pipeline.policies.tinyvla import NUM_BINS
+from pipeline.policies.tinyvla import NUM_BINS, action_tokens
 from pipeline.views import steps
 
 
@@ -50,12 +50,6 @@ def collect_demos(
     return steps(eps[ok]), float(ok.float().mean())
 
 
-def action_tokens(chunk: torch.Tensor) -> torch.Tensor:
-    """Continuous actions in [-1, 1] to the token head's bins (the inverse of its
-    ``bin_centers``)."""
-    return ((chunk.clamp(-1, 1) + 1) * (NUM_BINS - 1) / 2).round().long()
-
-
 def behaviour_clone(
     policy: torch.nn.Module,
     demos: TensorDict,
@@ -63,22 +57,44 @@ def behaviour_clone(
     batch_size: int = 32,
     lr: float = 1e-3,
     seed: int = 0,
+    max_delay: int = 0,
 ) -> list[float]:
     """Cross-entropy of the token head on the demonstrations' action bins; returns the loss
     of every step.
 
+    ``max_delay > 0`` trains for lookahead (training-time action conditioning): every sample
+    gets a random delay ``d`` in ``[0, max_delay]``, its first ``d`` demonstrated actions
+    become the frozen prefix, and the loss covers the rest, so the policy learns to continue
+    from a prefix. It needs ``TinyVLA(..., prefix_conditioning=True)``.
+
     Example:
         >>> losses = behaviour_clone(policy, demos, num_steps=200)
+        >>> losses = behaviour_clone(rtc_policy, demos, num_steps=200, max_delay=3)
     """
+    if max_delay and not getattr(policy, "conditions_on_prefix", False):
+        raise ValueError("max_delay needs a policy built with prefix_conditioning=True")
     opt = torch.optim.AdamW(policy.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    targets = action_tokens(demos[schema.ACTION_CHUNK])
+    chunks = demos[schema.ACTION_CHUNK]
+    targets = action_tokens(chunks)
+    horizon = targets.shape[1]
+    if not 0 <= max_delay < horizon:
+        raise ValueError(f"max_delay={max_delay} must be in [0, chunk_len={horizon})")
     losses = []
     policy.train()
     for _ in range(num_steps):
         idx = torch.randint(len(demos), (min(batch_size, len(demos)),), generator=gen)
-        logits = policy.action_logits(demos[idx])
-        loss = F.cross_entropy(logits.reshape(-1, NUM_BINS), targets[idx].reshape(-1))
+        batch, target = demos[idx], targets[idx]
+        if max_delay:
+            d = torch.randint(max_delay + 1, (len(idx),), generator=gen)
+            frozen = torch.arange(horizon) < d[:, None]
+            batch = batch.clone(recurse=False)
+            batch.set(schema.ACTION_PREFIX, chunks[idx] * frozen.unsqueeze(-1))
+            batch.set(schema.PREFIX_LEN, d)
+            batch.set(schema.PREFIX_OVERLAP, d)
+            target = target.masked_fill(frozen.unsqueeze(-1), -100)  # ignore_index
+        logits = policy.action_logits(batch)
+        loss = F.cross_entropy(logits.reshape(-1, NUM_BINS), target.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -134,15 +134,21 @@ def grpo_loss(
     device = _device(policy)
     new = policy.token_log_probs(batch, batch[schema.ACTION_TOKENS].to(device))
     prox = batch[PROX].to(device)
+    # With lookahead a chunk's frozen prefix is not the policy's draw: only sampled tokens
+    # count, as in the recorded sample_log_prob.
+    sampled = policy.sampled_mask(batch)
+    mask = torch.ones_like(new) if sampled is None else sampled.to(device).unsqueeze(-1).to(new)
+    mask = mask.expand_as(new)
     ratio = (new - prox).exp()
     behaviour = batch[schema.SAMPLE_LOG_PROB].to(device)
-    weight_behaviour = (prox.sum(dim=(1, 2)) - behaviour).exp().clamp(max=max_weight)
+    weight_behaviour = ((prox * mask).sum(dim=(1, 2)) - behaviour).exp().clamp(max=max_weight)
     adv = batch["advantage"].to(device).view(-1, 1, 1)
-    gain = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean(dim=(1, 2))
+    gain = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    gain = (gain * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1)
     weight = weight_behaviour / batch["length"].to(device).clamp(min=1).float()
     loss = -(weight * gain).sum() / weight.sum()
     with torch.no_grad():
-        clipped = ((ratio - 1).abs() > clip).float().mean()
+        clipped = (((ratio - 1).abs() > clip).float() * mask).sum() / mask.sum().clamp(min=1)
     return loss, {
         "clip_fraction": float(clipped),
         "behaviour_weight": float(weight_behaviour.mean()),

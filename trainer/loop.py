@@ -37,6 +37,10 @@ class TrainConfig:
     env: str = "tabletop/reach"
     env_kwargs: dict = field(default_factory=lambda: {"cameras": ["head"], "image_size": 64})
     chunk_len: int = 8
+    # Lookahead d (RolloutEngine(lookahead=d)): envs execute d actions of each chunk while
+    # the next one is inferred, and the policy conditions on them (prefix conditioning,
+    # cloned with random delays), so it trains under the delay it will face.
+    lookahead: int = 0
     # Sampling temperature of rollouts: below 1 the policy GRPO trains is closer to the
     # greedy one it is evaluated as (the demo gained far more at 0.7 than at 1.0).
     temperature: float = 0.7
@@ -104,6 +108,7 @@ def save_checkpoint(path: str, policy: TinyVLA, meta: dict) -> None:
         "head": policy.head,
         "size": policy.size,
         "temperature": policy.temperature,
+        "prefix_conditioning": policy.conditions_on_prefix,
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"arch": arch, "state_dict": policy.state_dict(), "meta": meta}, path)
@@ -262,12 +267,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         policy, meta = load_checkpoint(cfg.warm_start)
         curve["warm_start"] = {"from": cfg.warm_start, **meta}
     else:
-        policy = TinyVLA.from_spec(spec, chunk_len=cfg.chunk_len, temperature=cfg.temperature)
+        policy = TinyVLA.from_spec(
+            spec,
+            chunk_len=cfg.chunk_len,
+            temperature=cfg.temperature,
+            prefix_conditioning=cfg.lookahead > 0,
+        )
         if cfg.bc_demos:
             demos, expert_rate = collect_demos(
                 cfg.env, env_kwargs, cfg.bc_demos, cfg.chunk_len, seed=cfg.seed + 12345
             )
-            losses = behaviour_clone(policy, demos, cfg.bc_steps, lr=cfg.bc_lr, seed=cfg.seed)
+            losses = behaviour_clone(
+                policy, demos, cfg.bc_steps, lr=cfg.bc_lr, seed=cfg.seed, max_delay=cfg.lookahead
+            )
             curve["warm_start"] = {
                 "demos": cfg.bc_demos,
                 "demo_steps": len(demos),
@@ -294,6 +306,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         num_stages=cfg.num_stages,
         env_kwargs=env_kwargs,
         seed=cfg.seed,
+        lookahead=cfg.lookahead,
         max_staleness=cfg.max_staleness if cfg.overlap else None,
     ) as engine:
 

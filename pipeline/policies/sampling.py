@@ -41,8 +41,11 @@ def row_uniform(seeds: torch.Tensor, shape: tuple[int, ...], device=None) -> tor
     return _to(_uniforms(seeds, _UNIFORM, n), shape, device)
 
 
-def row_normal(seeds: torch.Tensor, shape: tuple[int, ...], device=None) -> torch.Tensor:
+def row_normal(
+    seeds: torch.Tensor, shape: tuple[int, ...], device=None, stream: int = 0
+) -> torch.Tensor:
     """``[B, *shape]`` standard normals (Box-Muller); row ``i`` depends only on ``seeds[i]``.
+    Different ``stream`` values give unrelated draws from the same seeds.
 
     Example:
         >>> row_normal(torch.tensor([3, 4]), (8, 7)).shape
@@ -50,7 +53,8 @@ def row_normal(seeds: torch.Tensor, shape: tuple[int, ...], device=None) -> torc
     """
     n = int(np.prod(shape, dtype=np.int64))
     pairs = (n + 1) // 2
-    u = _uniforms(seeds, _NORMAL, 2 * pairs, open_at_zero=True)
+    # (a high bit: seeds of one episode differ in their low bits, one per decision)
+    u = _uniforms(seeds, _NORMAL | (stream << 40), 2 * pairs, open_at_zero=True)
     radius = np.sqrt(-2.0 * np.log(u[:, :pairs]))
     angle = 2.0 * np.pi * u[:, pairs:]
     z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)], axis=1)[:, :n]

@@ -4,18 +4,50 @@ fusion transformer) with an OpenVLA-style token head or a pi0-style flow-matchin
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDictBase
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import schema
 from pipeline.policies.sampling import row_normal, row_uniform, sample_categorical
 from pipeline.profiler.spans import mark
 
 NUM_BINS = 256
+RTC_MAX_GUIDANCE = 5.0  # the guidance weight's clip (beta in Black et al. 2025)
+
+
+def action_tokens(chunk: torch.Tensor) -> torch.Tensor:
+    """Continuous actions in [-1, 1] to the token head's bins (the inverse of its
+    ``bin_centers``; exact for actions the token head produced)."""
+    return ((chunk.clamp(-1, 1) + 1) * (NUM_BINS - 1) / 2).round().long()
+
+
+def frozen_mask(td: TensorDictBase, horizon: int) -> torch.Tensor | None:
+    """``[B, H]`` True where the chunk's action is frozen (lookahead's prefix), or None when
+    the batch has no prefix."""
+    n = td.get(schema.PREFIX_LEN, None)
+    if n is None:
+        return None
+    return torch.arange(horizon, device=n.device) < n.reshape(-1, 1)
+
+
+def rtc_weights(td: TensorDictBase, horizon: int) -> torch.Tensor:
+    """Real-time chunking's soft mask ``[B, H]``: 1 on the frozen prefix (``i < d``), then
+    decaying exponentially to 0 over the rest of the previous chunk's reach (``i < o``,
+    ``o = prefix_overlap``), 0 beyond (Black et al. 2025, eq. 5)."""
+    d = td[schema.PREFIX_LEN].reshape(-1, 1).float()
+    o = td[schema.PREFIX_OVERLAP].reshape(-1, 1).float()
+    i = torch.arange(horizon, device=d.device).float().unsqueeze(0)
+    c = ((o - i) / (o - d + 1)).clamp(min=0)
+    soft = c * torch.expm1(c) / (torch.e - 1)
+    w = torch.where(i < d, torch.ones_like(soft), torch.where(i < o, soft, torch.zeros_like(soft)))
+    return torch.where(d > 0, w, torch.zeros_like(w))
 
 
 @dataclass(frozen=True)
@@ -82,6 +114,17 @@ class TinyVLA(nn.Module):
         >>> td["vla_action", "chunk"].shape
         torch.Size([B, 8, 7])
 
+    Lookahead (``RolloutEngine(..., lookahead=d)``): built with ``prefix_conditioning=True``
+    it conditions on the frozen prefix of each chunk. The token head adds an embedding of
+    each frozen action to its first ``d`` queries (a learned "free" embedding to the others),
+    sets those tokens to the frozen ones, and ``sample_log_prob`` covers the sampled tokens
+    only; it must be trained with random delays to use the prefix (``behaviour_clone(...,
+    max_delay=...)``). The flow head inpaints the prefix by guidance, as real-time chunking
+    does (soft mask, guidance weight clipped at 5), and keeps the frozen actions exactly.
+    With ``flow_sigma > 0`` its last denoising step is Gaussian, so it has a
+    ``sample_log_prob`` over the sampled actions that ``log_prob`` recomputes from the
+    recorded data (the noise start comes from ``sample_seed``).
+
     Batch-invariant on CPU with the token head: a row's outputs are bitwise the same in any
     batch (tested over random batch compositions), so dynamic batching reproduces
     synchronous rollouts exactly. Not the flow head (its action expert is torch's decoder
@@ -100,14 +143,18 @@ class TinyVLA(nn.Module):
         temperature: float = 1.6,
         flow_steps: int = 10,
         deterministic: bool = False,
+        prefix_conditioning: bool = False,
+        flow_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         if head not in ("tokens", "flow"):
             raise ValueError(f"head={head!r}: choose 'tokens' or 'flow'")
         if size not in SIZES:
             raise ValueError(f"size={size!r}: choose from {sorted(SIZES)}")
-        if temperature <= 0 or chunk_len < 1 or flow_steps < 1:
-            raise ValueError("temperature must be > 0; chunk_len and flow_steps >= 1")
+        if temperature <= 0 or chunk_len < 1 or flow_steps < 1 or not flow_sigma >= 0:
+            raise ValueError(
+                "temperature must be > 0, flow_sigma >= 0; chunk_len and flow_steps >= 1"
+            )
         cfg = self.cfg = SIZES[size]
         self.state_dim, self.action_dim, self.chunk_len = state_dim, action_dim, chunk_len
         self.cameras = tuple(sorted(cameras))
@@ -117,6 +164,7 @@ class TinyVLA(nn.Module):
             flow_steps,
             deterministic,
         )
+        self.conditions_on_prefix, self.flow_sigma = prefix_conditioning, float(flow_sigma)
         d = cfg.dim
         n_patches = (cfg.image_size // cfg.patch) ** 2
 
@@ -137,6 +185,10 @@ class TinyVLA(nn.Module):
         if head == "tokens":
             self.queries = nn.Parameter(torch.randn(1, chunk_len, d) * 0.02)
             self.token_head = RowLinear(d, action_dim * NUM_BINS)
+            if prefix_conditioning:  # one embedding per (action dim, bin), summed over dims
+                self.prefix_embed = nn.Embedding(action_dim * NUM_BINS, d)
+                nn.init.normal_(self.prefix_embed.weight, std=0.02)
+                self.free_embed = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         else:
             self.action_in = RowLinear(action_dim + 1, d)
             layer = nn.TransformerDecoderLayer(
@@ -204,9 +256,30 @@ class TinyVLA(nn.Module):
             raise RuntimeError("action_logits() needs head='tokens'")
         ctx = self._context(td)
         b = ctx.shape[0]
-        fused = self.fusion(torch.cat([ctx, self.queries.expand(b, -1, -1)], dim=1))
+        fused = self.fusion(torch.cat([ctx, self._queries(td, b)], dim=1))
         q = self.norm(fused[:, -self.chunk_len :])
         return self.token_head(q).view(b, self.chunk_len, self.action_dim, NUM_BINS)
+
+    def _queries(self, td: TensorDictBase, b: int) -> torch.Tensor:
+        """The action queries; with prefix conditioning, the frozen actions' embeddings on
+        the first ``d`` of them and the "free" embedding on the others."""
+        q = self.queries.expand(b, -1, -1)
+        if not self.conditions_on_prefix:
+            return q
+        frozen = frozen_mask(td, self.chunk_len)
+        if frozen is None:
+            return q + self.free_embed
+        dims = torch.arange(self.action_dim, device=q.device) * NUM_BINS
+        emb = self.prefix_embed(action_tokens(td[schema.ACTION_PREFIX]) + dims).sum(-2)
+        return q + torch.where(frozen.unsqueeze(-1), emb.to(q.dtype), self.free_embed)
+
+    def sampled_mask(self, td: TensorDictBase) -> torch.Tensor | None:
+        """``[B, H]`` True where the chunk's action is the policy's (not a frozen prefix), or
+        None when every action is; a policy that ignores the prefix samples them all."""
+        if not self.conditions_on_prefix:
+            return None
+        frozen = frozen_mask(td, self.chunk_len)
+        return None if frozen is None else ~frozen
 
     def token_log_probs(self, td: TensorDictBase, tokens: torch.Tensor) -> torch.Tensor:
         """Per-token log-probabilities ``[B, H, A]`` of ``tokens`` under the sampling
@@ -214,10 +287,21 @@ class TinyVLA(nn.Module):
         logp = torch.log_softmax(self.action_logits(td).float() / self.temperature, dim=-1)
         return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
-    def log_prob(self, td: TensorDictBase, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-row log-probability ``[B]`` of ``tokens`` (the chunk's tokens summed): what
-        the engine records as ``sample_log_prob``."""
-        return self.token_log_probs(td, tokens).sum(dim=(1, 2))
+    def log_prob(self, td: TensorDictBase, actions: torch.Tensor) -> torch.Tensor:
+        """Per-row log-probability ``[B]`` of a chunk: the token head's ``tokens`` summed, or
+        the flow head's ``chunk`` under its Gaussian last step. What the engine records as
+        ``sample_log_prob``: with a frozen prefix, only the sampled actions count.
+
+        Example:
+            >>> logp = policy.log_prob(batch, batch["vla_action", "tokens"])
+        """
+        sampled = self.sampled_mask(td)
+        if self.head == "flow":
+            return self._flow_log_prob(td, actions, sampled)
+        per = self.token_log_probs(td, actions)
+        if sampled is not None:
+            per = per * sampled.unsqueeze(-1)
+        return per.sum(dim=(1, 2))
 
     def _seeds(self, td: TensorDictBase) -> torch.Tensor:
         seeds = td.get(schema.SAMPLE_SEED, None)
@@ -229,7 +313,6 @@ class TinyVLA(nn.Module):
 
     @torch.no_grad()
     def forward(self, td: TensorDictBase) -> TensorDictBase:
-        b = td.batch_size[0]
         if self.head == "tokens":
             logits = self.action_logits(td).float() / self.temperature
             mark("sample")
@@ -238,23 +321,95 @@ class TinyVLA(nn.Module):
             else:
                 u = row_uniform(self._seeds(td), (self.chunk_len, self.action_dim), logits.device)
                 tokens = sample_categorical(logits, u)
+            sampled = self.sampled_mask(td)
+            if sampled is not None:  # the frozen prefix stands, and is not the policy's draw
+                frozen = action_tokens(td[schema.ACTION_PREFIX].to(tokens.device))
+                tokens = torch.where(sampled.unsqueeze(-1), tokens, frozen)
             logp = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            if sampled is not None:
+                logp = logp * sampled.unsqueeze(-1)
             td.set(schema.ACTION_TOKENS, tokens)
             td.set(schema.SAMPLE_LOG_PROB, logp.sum(dim=(1, 2)))
             td.set(schema.ACTION_CHUNK, self.bin_centers[tokens])
             return td
-        ctx = self._context(td)
-        ctx = self.norm(self.fusion(ctx))
-        shape = (self.chunk_len, self.action_dim)
+        ctx = self.norm(self.fusion(self._context(td)))
         mark("sample")  # the flow head samples by denoising: all of it is sampling
+        mean = self._flow_mean(td, ctx)
+        sampled = self.sampled_mask(td)
+        if self.flow_sigma > 0 and not self.deterministic:
+            eps = row_normal(self._seeds(td), mean.shape[1:], ctx.device, stream=1)
+            x = mean + self.flow_sigma * eps
+            td.set(schema.SAMPLE_LOG_PROB, self._gaussian_log_prob(x, mean, sampled))
+        else:
+            x = mean.clamp(-1.0, 1.0)
+        if sampled is not None:  # the frozen prefix stands exactly
+            x = torch.where(sampled.unsqueeze(-1), x, td[schema.ACTION_PREFIX].to(x))
+        td.set(schema.ACTION_CHUNK, x)
+        return td
+
+    # -- the flow head's denoising ------------------------------------------------------------
+    def _velocity(self, x: torch.Tensor, tau: float, ctx: torch.Tensor) -> torch.Tensor:
+        t = torch.full((*x.shape[:2], 1), tau, device=x.device, dtype=x.dtype)
+        return self.velocity_out(self.action_expert(self.action_in(torch.cat([x, t], -1)), ctx))
+
+    def _guided_velocity(
+        self, x: torch.Tensor, tau: float, ctx: torch.Tensor, target: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        """The velocity plus real-time chunking's inpainting guidance: a vector-Jacobian
+        product that pulls the predicted final chunk towards the previous chunk where the
+        soft mask ``w`` says so, weighted by ``min(beta, (1 - tau) / (tau * r^2))``."""
+        keep_graph = torch.is_grad_enabled()  # log_prob under autograd: differentiate it too
+        # Differentiating the guidance needs attention's double backward, which only the
+        # math kernel has on CPU.
+        kernel = sdpa_kernel(SDPBackend.MATH) if keep_graph else contextlib.nullcontext()
+        with torch.enable_grad(), kernel:
+            xg = x if x.requires_grad else x.detach().requires_grad_(True)
+            v = self._velocity(xg, tau, ctx)
+            final = xg + (1.0 - tau) * v  # the chunk this step predicts
+            err = ((target - final) * w.unsqueeze(-1)).detach()
+            (g,) = torch.autograd.grad((err * final).sum(), xg, create_graph=keep_graph)
+        if not keep_graph:
+            v = v.detach()
+        r2 = (1.0 - tau) ** 2 / (tau**2 + (1.0 - tau) ** 2)
+        beta = RTC_MAX_GUIDANCE if tau == 0 else min(RTC_MAX_GUIDANCE, (1 - tau) / (tau * r2))
+        return v + beta * g
+
+    def _flow_mean(self, td: TensorDictBase, ctx: torch.Tensor) -> torch.Tensor:
+        """Euler integration of the (guided) velocity field from the row's noise; with
+        ``flow_sigma > 0`` this is the mean of the Gaussian last step."""
+        b, shape = ctx.shape[0], (self.chunk_len, self.action_dim)
         if self.deterministic:
             x = torch.zeros((b, *shape), device=ctx.device)
         else:
             x = row_normal(self._seeds(td), shape, ctx.device)
+        guide = None
+        if self.conditions_on_prefix and frozen_mask(td, self.chunk_len) is not None:
+            w = rtc_weights(td, self.chunk_len).to(ctx.device)
+            if bool((w > 0).any()):
+                guide = (td[schema.ACTION_PREFIX].to(ctx.device, x.dtype), w)
         dt = 1.0 / self.flow_steps
-        for k in range(self.flow_steps):  # Euler integration of the learned velocity field
-            t = torch.full((b, self.chunk_len, 1), k * dt, device=ctx.device)
-            h = self.action_expert(self.action_in(torch.cat([x, t], -1)), ctx)
-            x = x + dt * self.velocity_out(h)
-        td.set(schema.ACTION_CHUNK, x.clamp(-1.0, 1.0))
-        return td
+        for k in range(self.flow_steps):
+            tau = k * dt
+            if guide is None:
+                v = self._velocity(x, tau, ctx)
+            else:
+                v = self._guided_velocity(x, tau, ctx, *guide)
+            x = x + dt * v
+        return x
+
+    def _gaussian_log_prob(
+        self, x: torch.Tensor, mean: torch.Tensor, sampled: torch.Tensor | None
+    ) -> torch.Tensor:
+        z = (x - mean) / self.flow_sigma
+        per = -0.5 * z.square() - math.log(self.flow_sigma) - 0.5 * math.log(2 * math.pi)
+        if sampled is not None:
+            per = per * sampled.unsqueeze(-1)
+        return per.sum(dim=(1, 2))
+
+    def _flow_log_prob(
+        self, td: TensorDictBase, chunk: torch.Tensor, sampled: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.flow_sigma <= 0 or self.deterministic:
+            raise RuntimeError("the flow head has a log-prob only with flow_sigma > 0, stochastic")
+        ctx = self.norm(self.fusion(self._context(td)))
+        return self._gaussian_log_prob(chunk.to(ctx), self._flow_mean(td, ctx), sampled)

@@ -1,0 +1,171 @@
+"""Lookahead (latency-aware chunk execution): what runs, what is recorded, determinism."""
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from pipeline import RolloutEngine, schema
+from pipeline.policies import LatencyPolicy, TinyVLA
+from pipeline.views import steps
+from tests.helpers import assert_identical
+
+TIMER = dict(state_dim=8, cameras=(), episode_len=20)  # state[2]: sum of executed actions
+
+
+def _engine(policy, **kw) -> RolloutEngine:
+    kw.setdefault("env_kwargs", TIMER)
+    kw.setdefault("num_envs", 4)
+    kw.setdefault("num_workers", 2)
+    return RolloutEngine("toy", policy, **kw)
+
+
+def test_windows_run_the_frozen_prefix_then_the_chunk_and_the_record_says_so():
+    policy = LatencyPolicy(state_dim=8, chunk_len=8)
+    with _engine(policy, lookahead=2, mode="sync", num_stages=1) as engine:
+        assert engine.exec_len == 6  # chunk_len - lookahead leaves room for the prefix
+        td = engine.rollout(14)
+    chunk, n = td[schema.ACTION_CHUNK], td[schema.PREFIX_LEN]
+    executed = td[schema.ACTION_IS_PAD].logical_not()
+    prefix = td[schema.ACTION_PREFIX]
+    assert set(n.unique().tolist()) == {0, 2}
+    assert (n[td["is_init"]] == 0).all()  # an episode's first decision has no prefix
+    for i in range(4):
+        for t in range(1, 14):
+            if n[i, t]:  # the prefix is the previous chunk's actions from this report on
+                assert torch.equal(prefix[i, t, :2], chunk[i, t - 1, 6:8])
+                assert torch.equal(chunk[i, t, :2], prefix[i, t, :2])  # and it is what ran
+                assert (prefix[i, t, 2:] == 0).all()  # H - exec_len = 2 actions reach past
+    # state[2] sums every action the env executed: the next observation must show exactly
+    # the recorded windows' executed actions (frozen prefix included).
+    asum = td[schema.STATE][..., 2].double()
+    for i in range(4):
+        total = 0.0
+        for t in range(13):
+            if td["is_init"][i, t]:
+                total = 0.0
+            total += float(chunk[i, t][executed[i, t]].double().sum())
+            if not td["next", "done"][i, t, 0]:
+                assert asum[i, t + 1] == pytest.approx(total, abs=1e-3)
+    # Episodes of 20 steps in windows of 6 end inside a frozen prefix: that window ran the
+    # prefix only, and the env restarted without one.
+    ended_in_prefix = td["next", "done"][..., 0] & (td["next", "steps_executed"] <= n) & (n > 0)
+    assert ended_in_prefix.any()
+    assert not td[schema.PREFIX_CONDITIONED].any()  # LatencyPolicy ignores it: naive async
+
+
+SCHEDULES = {
+    "sync": dict(mode="sync", num_stages=1),
+    "stages": dict(num_stages=2),
+    "dynamic": dict(schedule="dynamic"),
+}
+
+
+def test_lookahead_is_bitwise_identical_across_schedules_with_a_conditioned_policy():
+    torch.manual_seed(0)
+    policy = TinyVLA(state_dim=8, cameras=(), chunk_len=8, prefix_conditioning=True)
+    runs = {}
+    for name, schedule in SCHEDULES.items():
+        with _engine(policy, lookahead=3, exec_len=5, **schedule) as engine:
+            runs[name] = (engine.rollout(9), engine.collect_episodes(2, 3))
+    for name in ("stages", "dynamic"):
+        assert_identical(runs["sync"][0], runs[name][0])
+        episodes, ref = runs[name][1], runs["sync"][1]
+        ref = ref.exclude("env_id")  # which env ran an episode depends on timing
+        assert_identical(ref, episodes.exclude("env_id"))
+    td = runs["sync"][0]
+    assert td[schema.PREFIX_CONDITIONED][td[schema.PREFIX_LEN] > 0].all()
+
+
+def test_token_head_log_probs_recompute_from_the_recorded_data_alone():
+    torch.manual_seed(1)
+    policy = TinyVLA(state_dim=8, cameras=(), chunk_len=8, prefix_conditioning=True)
+    with _engine(policy, lookahead=2) as engine:
+        eps = engine.collect_episodes(2, 2)
+    batch = steps(eps)
+    tokens, n = batch[schema.ACTION_TOKENS], batch[schema.PREFIX_LEN]
+    assert (n > 0).any() and (n == 0).any()
+    frozen = torch.arange(8) < n[:, None]
+    prefix_tokens = ((batch[schema.ACTION_PREFIX] + 1) * 255 / 2).round().long()
+    assert torch.equal(tokens[frozen], prefix_tokens[frozen])  # frozen tokens are the prefix
+    # Only what the recorded TensorDict holds: observations, prefix, seeds, tokens.
+    again = policy.log_prob(TensorDict(dict(batch.items()), batch.batch_size), tokens)
+    torch.testing.assert_close(again, batch[schema.SAMPLE_LOG_PROB], atol=1e-4, rtol=1e-5)
+    # The sampled part only: a frozen token's probability is not the policy's to answer for.
+    full = policy.token_log_probs(batch, tokens).sum(dim=(1, 2))
+    assert not torch.allclose(full[n > 0], again[n > 0])
+
+
+def test_flow_head_log_probs_recompute_and_the_prefix_stands():
+    torch.manual_seed(2)
+    policy = TinyVLA(
+        state_dim=8, cameras=(), chunk_len=8, head="flow", flow_steps=4,
+        prefix_conditioning=True, flow_sigma=0.2,
+    )  # fmt: skip
+    with _engine(policy, lookahead=2, schedule="dynamic") as engine:
+        td = engine.rollout(6)
+    batch = steps(td)
+    n = batch[schema.PREFIX_LEN]
+    assert (n > 0).any()
+    frozen = torch.arange(8) < n[:, None]
+    chunk = batch[schema.ACTION_CHUNK]
+    assert torch.equal(chunk[frozen], batch[schema.ACTION_PREFIX][frozen])
+    again = policy.log_prob(batch, chunk)
+    torch.testing.assert_close(again, batch[schema.SAMPLE_LOG_PROB], atol=2e-3, rtol=1e-4)
+    # Under autograd too (a trainer differentiates it through the guidance).
+    with torch.enable_grad():
+        logp = policy.log_prob(batch[:4], chunk[:4])
+        logp.sum().backward()
+    assert policy.velocity_out.weight.grad is not None
+
+
+def test_flow_guidance_pulls_the_chunk_towards_the_previous_one():
+    torch.manual_seed(3)
+    kw = dict(state_dim=8, cameras=(), chunk_len=8, head="flow", flow_steps=5)
+    guided = TinyVLA(**kw, prefix_conditioning=True)
+    plain = TinyVLA(**kw)
+    plain.load_state_dict(guided.state_dict())  # the same network, without conditioning
+    b = 6
+    td = TensorDict(
+        {
+            schema.STATE: torch.randn(b, 8),
+            schema.SAMPLE_SEED: torch.arange(b),
+            schema.ACTION_PREFIX: torch.cat(
+                [torch.rand(b, 5, 7) * 2 - 1, torch.zeros(b, 3, 7)], dim=1
+            ),
+            schema.PREFIX_LEN: torch.full((b,), 2),
+            schema.PREFIX_OVERLAP: torch.full((b,), 5),
+        },
+        batch_size=[b],
+    )
+    y = td[schema.ACTION_PREFIX]
+    a = guided(td.clone())[schema.ACTION_CHUNK]
+    u = plain(td.clone())[schema.ACTION_CHUNK]
+    assert torch.equal(a[:, :2], y[:, :2])  # frozen: exactly the previous chunk
+    soft = slice(2, 5)  # the rest of the previous chunk's reach: pulled towards it
+    assert (a[:, soft] - y[:, soft]).abs().mean() < (u[:, soft] - y[:, soft]).abs().mean()
+
+
+def test_auto_lookahead_covers_the_measured_latency():
+    policy = LatencyPolicy(state_dim=8, chunk_len=8, base_ms=6)
+    kw = dict(state_dim=8, cameras=(), episode_len=200, step_cost_us=1000)
+    with _engine(policy, lookahead="auto", env_kwargs=kw, mode="sync", num_stages=1) as e:
+        assert (e.exec_len, e.lookahead.max_d) == (4, 3)
+        td = e.rollout(12)
+    n = td[schema.PREFIX_LEN][:, 1:]  # a policy call of >= 6 ms needs >= 6 steps of 1 ms:
+    assert (n == 3).all()  # more than the chunk allows, so all of it
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(lookahead=-1), "int >= 0"),
+        (dict(lookahead="later"), "int >= 0 or 'auto'"),
+        (dict(lookahead=4, exec_len=4), "value < exec_len"),
+        (dict(lookahead=3, exec_len=6), "exec_len \\+ lookahead <= chunk_len"),
+        (dict(lookahead="auto", exec_len=8), "room for a prefix"),
+    ],
+)
+def test_bad_lookahead_is_named(kw, match):
+    policy = LatencyPolicy(state_dim=8, chunk_len=8)
+    with pytest.raises(ValueError, match=match):
+        _engine(policy, **kw)
