@@ -17,7 +17,7 @@ Parts:
   executed 8 at a time, with prefix conditioning (it plans from where the frozen actions
   leave the arm) and without ("naive async": its chunk runs from step ``d`` on), on the same
   ``--episodes`` reset seeds for every ``d``: success rate.
-- ``join``: TinyVLA (token head, state only) cloned from ``tabletop/reach`` expert
+- ``join``: TinyVLA (token head, state only) cloned from ``--join-env`` expert
   demonstrations twice, with prefix conditioning trained on random delays and without;
   rolled out at ``d=2``: the jump at the join (the first new action against the last frozen
   one, L2 over the 7 action dims) against the steps within a chunk, and success.
@@ -157,9 +157,10 @@ def expert(args) -> dict:
 
 def _joins(td, d: int) -> tuple[float, float]:
     """Mean L2 jump from the last frozen action to the first new one, and mean L2 step
-    between consecutive new actions within a chunk."""
+    between consecutive new actions within a chunk, over the arm's 6 motion dimensions (the
+    gripper's open/close command is binary: its flips are not roughness)."""
     batch = steps(td)
-    chunk, n = batch[schema.ACTION_CHUNK].double(), batch[schema.PREFIX_LEN]
+    chunk, n = batch[schema.ACTION_CHUNK][..., :6].double(), batch[schema.PREFIX_LEN]
     sel = n == d
     c = chunk[sel]
     join = (c[:, d] - c[:, d - 1]).norm(dim=-1)
@@ -170,11 +171,11 @@ def _joins(td, d: int) -> tuple[float, float]:
 def join(args) -> dict:
     from trainer import behaviour_clone, collect_demos
 
-    env, env_kwargs, d = "tabletop/reach", dict(cameras=()), 2
+    env, env_kwargs, d = args.join_env, dict(cameras=()), 2
     spec = envs.make(env, **env_kwargs).spec
     demos, rate = collect_demos(env, env_kwargs, args.demos, CHUNK, seed=777)
     print(
-        f"join: TinyVLA cloned from {args.demos} tabletop/reach expert episodes "
+        f"join: TinyVLA cloned from {args.demos} {env} expert episodes "
         f"({len(demos)} decisions, expert success {rate:.0%}), {args.bc_steps} BC steps each; "
         f"rolled out at d={d} on {args.episodes} seeds"
     )
@@ -222,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decisions", type=int, default=30, help="per window and env")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--episodes", type=int, default=48)
-    ap.add_argument("--demos", type=int, default=64)
-    ap.add_argument("--bc-steps", type=int, default=300)
+    ap.add_argument("--demos", type=int, default=256)
+    ap.add_argument("--join-env", default="tabletop/pick-place")
+    ap.add_argument("--bc-steps", type=int, default=1500)
     ap.add_argument("--json", default="bench_results/lookahead.json")
     args = ap.parse_args(argv)
     results = {"args": vars(args)}
