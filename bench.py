@@ -7,6 +7,7 @@
     python bench.py engine          # engine suite: overlap vs bound, sweeps, transport
     python bench.py scheduler       # dynamic batching vs fixed stages vs lock-step, by step CV
     python bench.py lookahead       # latency-aware chunk execution: throughput, idle, success
+    python bench.py plan            # capacity planner: cores per GPU, validated here
     python bench.py soak            # soak and chaos: RSS, descriptors, /dev/shm, restarts
     python bench.py embedding       # worker RSS and threads when embedded in a trainer script
     python bench.py training        # GRPO demo; synchronous vs overlapped training
@@ -27,6 +28,7 @@ SUITES = {
     "engine": "benchmarks.engine",
     "scheduler": "benchmarks.scheduler",
     "lookahead": "benchmarks.lookahead",
+    "plan": "benchmarks.plan",
     "soak": "benchmarks.soak",
     "embedding": "benchmarks.embedding",
     "training": "benchmarks.training",

@@ -332,12 +332,12 @@ class TinyVLA(nn.Module):
             td.set(schema.SAMPLE_LOG_PROB, logp.sum(dim=(1, 2)))
             td.set(schema.ACTION_CHUNK, self.bin_centers[tokens])
             return td
-        ctx = self.norm(self.fusion(self._context(td)))
         mark("sample")  # the flow head samples by denoising: all of it is sampling
-        mean = self._flow_mean(td, ctx)
+        with self._flow_numerics(td, recompute=False):
+            mean = self._flow_mean(td, self.norm(self.fusion(self._context(td)))).detach()
         sampled = self.sampled_mask(td)
         if self.flow_sigma > 0 and not self.deterministic:
-            eps = row_normal(self._seeds(td), mean.shape[1:], ctx.device, stream=1)
+            eps = row_normal(self._seeds(td), mean.shape[1:], mean.device, stream=1)
             x = mean + self.flow_sigma * eps
             td.set(schema.SAMPLE_LOG_PROB, self._gaussian_log_prob(x, mean, sampled))
         else:
@@ -359,10 +359,7 @@ class TinyVLA(nn.Module):
         product that pulls the predicted final chunk towards the previous chunk where the
         soft mask ``w`` says so, weighted by ``min(beta, (1 - tau) / (tau * r^2))``."""
         keep_graph = torch.is_grad_enabled()  # log_prob under autograd: differentiate it too
-        # Differentiating the guidance needs attention's double backward, which only the
-        # math kernel has on CPU.
-        kernel = sdpa_kernel(SDPBackend.MATH) if keep_graph else contextlib.nullcontext()
-        with torch.enable_grad(), kernel:
+        with torch.enable_grad():
             xg = x if x.requires_grad else x.detach().requires_grad_(True)
             v = self._velocity(xg, tau, ctx)
             final = xg + (1.0 - tau) * v  # the chunk this step predicts
@@ -411,5 +408,21 @@ class TinyVLA(nn.Module):
     ) -> torch.Tensor:
         if self.flow_sigma <= 0 or self.deterministic:
             raise RuntimeError("the flow head has a log-prob only with flow_sigma > 0, stochastic")
-        ctx = self.norm(self.fusion(self._context(td)))
-        return self._gaussian_log_prob(chunk.to(ctx), self._flow_mean(td, ctx), sampled)
+        with self._flow_numerics(td, recompute=True):
+            ctx = self.norm(self.fusion(self._context(td)))
+            mean = self._flow_mean(td, ctx)
+        return self._gaussian_log_prob(chunk.to(ctx), mean, sampled)
+
+    def _flow_numerics(self, td: TensorDictBase, recompute: bool):
+        """With prefix guidance, sampling and ``log_prob`` run the same kernels: guidance
+        amplifies any rounding difference between them (an untrained network's Jacobian can
+        be large), and differentiating it needs attention's double backward, which only the
+        math kernel has on CPU. So both use the math kernel and torch's regular (not the
+        inference fast-path) attention, which autograd mode would otherwise switch."""
+        if not (self.conditions_on_prefix and frozen_mask(td, self.chunk_len) is not None):
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if not recompute:
+            stack.enter_context(torch.enable_grad())
+        return stack
