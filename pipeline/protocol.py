@@ -24,6 +24,10 @@ in order:
   set, with their ``next_seed``; write every env's observation into ``slot``.
 * ``STEP(stage, slot, seq)``: execute ``actions[:n_exec]`` for the worker's envs of ``stage``,
   write results and the next observation into ``slot`` (auto-resetting ended episodes).
+  With lookahead the window's first ``prefix_len`` actions already ran (the frozen prefix,
+  executed after the last reply), so ``actions[prefix_len:n_exec]`` are executed; after the
+  reply the worker executes ``actions[n_exec:n_exec + lookahead]`` of each env, taken from
+  the chunk before replying, while the parent infers.
 * ``CLOSE``: close the envs and exit.
 
 Replies (worker -> parent): ``DONE(stage, slot, seq)``, or ``ERROR`` followed by one pickled
