@@ -25,14 +25,11 @@ Parts:
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-
 import numpy as np
 import torch
 
 import envs
+from benchmarks import parts
 from benchmarks.engine import calibrate_env_ms, measure
 from pipeline import RolloutEngine, schema
 from pipeline.policies import ExpertPolicy, LatencyPolicy, TinyVLA
@@ -210,12 +207,7 @@ PARTS = {"throughput": throughput, "expert": expert, "join": join}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="bench.py lookahead",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--part", choices=sorted(PARTS), action="append")
+    ap = parts.parser("bench.py lookahead", __doc__, PARTS)
     ap.add_argument("--step-cost-us", type=float, default=1000.0)
     ap.add_argument(
         "--workers", type=int, default=1, help="throughput part (1 leaves the loop a core)"
@@ -227,12 +219,4 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--join-env", default="tabletop/pick-place")
     ap.add_argument("--bc-steps", type=int, default=1500)
     ap.add_argument("--json", default="bench_results/lookahead.json")
-    args = ap.parse_args(argv)
-    results = {"args": vars(args)}
-    for name in args.part or list(PARTS):
-        results[name] = PARTS[name](args)
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    print(f"wrote {args.json}")
-    return 0
+    return parts.run(ap.parse_args(argv), PARTS)

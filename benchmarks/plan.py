@@ -29,11 +29,11 @@ the loop (transport included) becomes the limit, with a plot.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 from dataclasses import dataclass, replace
+
+from benchmarks import parts
 
 SCHEDULES = ("lock-step", "2-stage", "dynamic", "lookahead", "2-stage + lookahead")
 
@@ -339,12 +339,7 @@ PARTS = {"validate": validate, "seed": seed}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="bench.py plan",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--part", choices=sorted(PARTS), action="append")
+    ap = parts.parser("bench.py plan", __doc__, PARTS)
     g = ap.add_argument_group("validate (this machine)")
     g.add_argument("--step-cost-us", type=float, default=1000.0)
     g.add_argument("--chunk", type=int, default=8)
@@ -372,12 +367,4 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--nodes-list", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     g.add_argument("--plot", default="docs/capacity_plan.png")
     ap.add_argument("--json", default="bench_results/plan.json")
-    args = ap.parse_args(argv)
-    results: dict = {"args": vars(args)}
-    for name in args.part or list(PARTS):
-        results[name] = PARTS[name](args)
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    print(f"wrote {args.json}")
-    return 0
+    return parts.run(ap.parse_args(argv), PARTS)
