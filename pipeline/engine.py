@@ -42,7 +42,7 @@ from pipeline.errors import (
     PolicyOutputError,
 )
 from pipeline.layout import Layout
-from pipeline.lookahead import Lookahead
+from pipeline.lookahead import Lookahead, prefix_fields
 from pipeline.overlap import RolloutFuture, WeightSync
 from pipeline.plans import EpisodeIds, EpisodePlan, Plan, RolloutPlan
 from pipeline.pool import WorkerPool
@@ -848,15 +848,15 @@ class RolloutEngine:
         those actions whatever the policy said, so the record says what ran), and the
         conditioning is recorded with it."""
         slots = stages[0].slot if len(stages) == 1 else np.array([s.slot for s in stages])
-        prefix = self.a["prefix"][slots, rows]
-        n = self.a["prefix_len"][slots, rows].astype(np.int64)
+        f = prefix_fields(self.a, slots, rows, self.lookahead.overlap)
+        n = f["prefix_len"]
         frozen = np.arange(self.chunk_len) < n[:, None]
         if frozen.any():  # the workers never read these positions: this is for the record
-            actions[frozen] = prefix[frozen]
+            actions[frozen] = f["prefix"][frozen]
         return {
-            schema.ACTION_PREFIX: prefix,
+            schema.ACTION_PREFIX: f["prefix"],
             schema.PREFIX_LEN: n,
-            schema.PREFIX_OVERLAP: np.where(n > 0, self.lookahead.overlap, 0),
+            schema.PREFIX_OVERLAP: f["prefix_overlap"],
             schema.PREFIX_CONDITIONED: (n > 0) & self._conditions,
         }
 

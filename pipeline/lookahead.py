@@ -97,3 +97,17 @@ class Lookahead:
         step_ns = float(np.median(self._step_ns))
         d = math.ceil(max(self._latency_ns) / max(step_ns, 1.0))
         return int(min(max(d, 0), self.max_d))
+
+
+def prefix_fields(
+    arrays: dict[str, np.ndarray], slots: int | np.ndarray, envs, overlap: int
+) -> dict[str, np.ndarray]:
+    """The conditioning that comes with the observations in ``[slots, envs]``, as the policy
+    gets it and the trajectory records it: ``prefix`` ``[B, H, A]``, ``prefix_len`` and
+    ``prefix_overlap`` (``overlap`` where there is a prefix, else 0)."""
+    n = np.ascontiguousarray(arrays["prefix_len"][slots, envs], np.int64)
+    return {
+        "prefix": arrays["prefix"][slots, envs],
+        "prefix_len": n,
+        "prefix_overlap": np.where(n > 0, overlap, 0),
+    }

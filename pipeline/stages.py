@@ -17,6 +17,7 @@ from tensordict import NonTensorData, NonTensorStack, TensorDict
 
 from pipeline import schema
 from pipeline.layout import Layout
+from pipeline.lookahead import prefix_fields
 from pipeline.recorder import Dest
 from pipeline.seeding import sample_seeds
 
@@ -192,13 +193,9 @@ class StageBatcher:
 
     def _prefix(self, slots: int | np.ndarray, envs: np.ndarray) -> TensorDict:
         """The lookahead prefix of the observations in ``[slots, envs]`` (small copies)."""
-        n = np.ascontiguousarray(self.a["prefix_len"][slots, envs], np.int64)
-        fields = {
-            "prefix": torch.from_numpy(np.ascontiguousarray(self.a["prefix"][slots, envs])),
-            "prefix_len": torch.from_numpy(n),
-            "prefix_overlap": torch.from_numpy(np.where(n > 0, self.overlap, 0)),
-        }
-        return TensorDict._new_unsafe(fields, batch_size=torch.Size([len(n)]))
+        fields = prefix_fields(self.a, slots, envs, self.overlap)
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in fields.items()}
+        return TensorDict._new_unsafe(tensors, batch_size=torch.Size([len(envs)]))
 
     def _sample_seeds(self, s: Stage) -> np.ndarray:
         return self._seeds_at(s.slot, s.env_ids)
