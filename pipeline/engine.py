@@ -395,7 +395,7 @@ class RolloutEngine:
 
     def worker_rings(self) -> list[SpanRing]:
         """Each worker's span ring, in shared memory."""
-        return [SpanRing(buf, head) for buf, head in self._pool.worker_rings_arrays()]
+        return self._pool.worker_rings()
 
     def describe(self) -> dict:
         """The configuration, as a profile records it."""
@@ -875,13 +875,7 @@ class RolloutEngine:
             for w in s.workers:
                 frames.setdefault(w, []).append((kind, s.index, 1 - s.slot, s.seq))
         doing = f"{P.NAMES[kind].lower()} stage {stages[0].index}" if stages else ""
-        failed = None
-        for w in self._pool.wake_order(list(frames)):
-            try:
-                self._pool.send(w, frames[w], doing)
-            except EngineError as exc:
-                failed = failed or exc
-        return failed
+        return self._pool.send_all(frames, doing)
 
     def _set_delay(self, stages: list[Stage]) -> None:
         """``lookahead="auto"``: measure each stage's report-to-command delay and step time,
@@ -957,11 +951,10 @@ class RolloutEngine:
                 raise exc
             self._phase("bookkeeping")
             try:
-                self._pool.replace(exc.worker, exc, self.start_timeout_s)
+                replaced = self._pool.replace(exc.worker, exc, self.start_timeout_s)
                 self.stats.restarts += 1
                 for s in self.stages:
-                    if exc.worker in s.workers:
-                        s.lost.add(exc.worker)
+                    s.lost.update(w for w in replaced if w in s.workers)
                 for s in self.stages:
                     self._resync(s, plan)
                 return

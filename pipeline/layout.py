@@ -136,6 +136,10 @@ class Layout:
         fields["spans"] = ((num_workers, RING_CAPACITY), SPAN_DTYPE)
         fields["span_head"] = ((num_workers, 1), np.dtype(np.int64))
         fields["profile_on"] = ((1,), np.dtype(np.uint8))
+        # What a worker writes per env with each reply (a slot's row), and what the loop
+        # writes per env with each command: the two halves a remote node mirrors.
+        self.slot_keys = tuple(k for k, (shape, _) in fields.items() if shape[:1] == (slots,))
+        self.control_keys = ("actions", *CONTROL_FIELDS)
         self.arrays: dict[str, ArraySpec] = {}
         offset = 0
         for key, (shape, dtype) in fields.items():

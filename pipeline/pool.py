@@ -20,8 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from envs.spec import EnvSpec
 from pipeline import protocol as P
 from pipeline.errors import (
@@ -33,6 +31,7 @@ from pipeline.errors import (
     WorkerStuckError,
 )
 from pipeline.layout import Layout, SharedBuffers
+from pipeline.profiler.spans import SpanRing
 from pipeline.stacks import dump_stacks, own_stacks
 from pipeline.worker import WorkerConfig, worker_main
 
@@ -141,6 +140,53 @@ class Failure:
     restart: int  # the restart it caused (1-based, over the pool's life)
 
 
+class RestartBudget:
+    """How many worker failures a pool may still recover from, and the record of those it
+    did. One budget per engine, whichever backend runs its workers.
+
+    Example:
+        >>> budget = RestartBudget(max_restarts=2, num_workers=4)
+        >>> budget.charge(1, WorkerDiedError("worker 1 died", worker=1), pid=123, env_ids=[1, 5])
+        >>> budget.restarts
+        1
+    """
+
+    def __init__(self, max_restarts: int, num_workers: int) -> None:
+        self.max_restarts = max_restarts  # 0: every failure raises
+        self.restarts = 0
+        self.failures: deque[Failure] = deque(maxlen=1000)
+        self._consecutive = [0] * num_workers
+
+    def served(self, w: int) -> None:
+        """Worker ``w`` answered a command: its next failure is not a deterministic one."""
+        self._consecutive[w] = 0
+
+    def charge(self, w: int, exc: BaseException, pid: int, env_ids: list[int]) -> None:
+        """Count a failure of worker ``w`` and log it, or re-raise ``exc`` when the budget is
+        spent or the worker keeps failing before serving anything."""
+        if self.max_restarts <= 0:
+            raise exc
+        if self.restarts >= self.max_restarts:
+            exc.add_note(f"(not replaced: the restart budget of {self.max_restarts} is spent)")
+            raise exc
+        self._consecutive[w] += 1
+        if self._consecutive[w] >= MAX_CONSECUTIVE_FAILURES:
+            exc.add_note(
+                f"(not replaced: worker {w} failed {self._consecutive[w]} times in a row "
+                "without serving a command, so replacing it again cannot help)"
+            )
+            raise exc
+        self.restarts += 1
+        record = Failure(
+            time.time(), w, pid, list(env_ids), f"{type(exc).__name__}: {exc}", self.restarts
+        )
+        self.failures.append(record)
+        log.warning(
+            "replacing worker %d (pid %s, envs %s), restart %d of %d: %s",
+            w, record.pid, record.env_ids, self.restarts, self.max_restarts, record.error,
+        )  # fmt: skip
+
+
 class WorkerPool:
     """``num_workers`` env worker processes around one shared segment.
 
@@ -164,18 +210,21 @@ class WorkerPool:
         pin_workers: bool = False,
         profile: bool = False,
         max_restarts: int = 0,
+        workers: list[int] | None = None,
     ) -> None:
         self.env, self.env_kwargs, self.env_name = env, env_kwargs, env_name
-        self.max_restarts = max_restarts  # 0: every failure raises
-        self.restarts = 0
-        self.failures: deque[Failure] = deque(maxlen=1000)
-        self._consecutive = [0] * len(env_ids)
+        self.budget = RestartBudget(max_restarts, len(env_ids))
         self.env_ids, self.env_stage, self.auto_reset = env_ids, env_stage, auto_reset
         self.num_workers = len(env_ids)
+        # The workers this pool runs (global ids): all of them, or one node's share when a
+        # node of the Ray backend runs its part of the engine's workers.
+        self.local = list(range(self.num_workers)) if workers is None else list(workers)
         self.profile = profile
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self.worker_cpu = (
-            [cpus[w % len(cpus)] for w in range(self.num_workers)] if pin_workers and cpus else None
+            {w: cpus[i % len(cpus)] for i, w in enumerate(self.local)}
+            if pin_workers and cpus
+            else None
         )
         self.procs: list = [None] * self.num_workers
         self.conns: list = [None] * self.num_workers
@@ -197,23 +246,36 @@ class WorkerPool:
         """Spawn every worker, agree on the spec, create the shared segment and attach every
         worker to it. On failure, the healthy workers are told to CLOSE and everything is
         released before the error propagates."""
+        spec = self.spawn_all(start_timeout_s)
+        self.attach_all(make_layout(spec), start_timeout_s)
+        return spec
+
+    def spawn_all(self, start_timeout_s: float) -> EnvSpec:
+        """Start-up, first half: spawn every worker and agree on the env spec."""
         try:
-            for w in range(self.num_workers):
+            for w in self.local:
                 self._spawn(w)
-            specs = [self._hello_or_replace(w, start_timeout_s) for w in range(self.num_workers)]
+            specs = [self._hello_or_replace(w, start_timeout_s) for w in self.local]
             if any(repr(s) != repr(specs[0]) for s in specs):
                 raise EngineError(f"workers disagree on the env spec: {specs}")
-            self.spec = specs[0]
-            self.layout = make_layout(self.spec)
-            self.shm = SharedBuffers.create(self.layout)
+        except BaseException:
+            self.close()
+            raise
+        self.spec = specs[0]
+        return self.spec
+
+    def attach_all(self, layout: Layout, start_timeout_s: float) -> None:
+        """Start-up, second half: create the shared segment and attach every worker."""
+        try:
+            self.layout = layout
+            self.shm = SharedBuffers.create(layout)
             if self.profile:  # on before the workers serve, so their clocks run from the start
                 self.shm.arrays["profile_on"][0] = 1
-            for w in range(self.num_workers):
+            for w in self.local:
                 self._attach(w, start_timeout_s)
         except BaseException:
             self.close()
             raise
-        return self.spec
 
     def _spawn(self, w: int) -> None:
         import multiprocess as mp
@@ -292,8 +354,16 @@ class WorkerPool:
         raise EngineTimeout(f"worker {w} did not finish {doing} within {timeout:.0f} s", worker=w)
 
     # -- running -----------------------------------------------------------------------------
+    @property
+    def failures(self) -> deque[Failure]:
+        return self.budget.failures
+
+    @property
+    def restarts(self) -> int:
+        return self.budget.restarts
+
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        return [self.procs[w].pid for w in self.local]
 
     def death(self, w: int, doing: str) -> str:
         """How worker ``w`` died, for an error message (joins it briefly)."""
@@ -315,6 +385,18 @@ class WorkerPool:
                 P.send_many(self.conns[w], frames)
         except OSError:  # BrokenPipeError: the worker is gone
             raise WorkerDiedError(self.death(w, doing), worker=w) from None
+
+    def send_all(self, frames: dict[int, list[tuple]], doing: str) -> EngineError | None:
+        """Send each worker its frames (one write each). A worker that is gone does not stop
+        the others from getting theirs (a recovery relies on every healthy worker having its
+        commands): its error is returned, not raised."""
+        failed = None
+        for w in self.wake_order(list(frames)):
+            try:
+                self.send(w, frames[w], doing)
+            except EngineError as exc:
+                failed = failed or exc
+        return failed
 
     def wake_order(self, workers: list[int]) -> list[int]:
         """Wake the workers on other cores first: a worker woken on this process's core may
@@ -386,7 +468,7 @@ class WorkerPool:
         for w in workers:
             box = self.inbox[w]
             box.remove(next(f for f in box if match(f)))
-            self._consecutive[w] = 0  # it served a command: not a deterministic failure
+            self.budget.served(w)  # it served a command: not a deterministic failure
 
     def wait_any(
         self, workers: list[int], timeout: float | None, hang_timeout: float, doing: str
@@ -457,7 +539,7 @@ class WorkerPool:
         frames = list(box)
         box.clear()
         if frames:
-            self._consecutive[w] = 0  # it served a command: not a deterministic failure
+            self.budget.served(w)  # it served a command: not a deterministic failure
         return frames
 
     def _stuck(self, w: int, count: int, idle_s: float, doing: str) -> WorkerStuckError:
@@ -476,41 +558,25 @@ class WorkerPool:
         return (
             isinstance(exc, EngineError)
             and exc.worker is not None
-            and self.max_restarts > 0
+            and self.budget.max_restarts > 0
             and self.shm is not None
         )
 
     def _account(self, w: int, exc: BaseException) -> None:
-        """Count a failure of worker ``w`` against the budget and log it, or re-raise it when
-        the budget is spent or the worker keeps failing before serving anything."""
-        if self.max_restarts <= 0:
-            raise exc
-        if self.restarts >= self.max_restarts:
-            exc.add_note(f"(not replaced: the restart budget of {self.max_restarts} is spent)")
-            raise exc
-        self._consecutive[w] += 1
-        if self._consecutive[w] >= MAX_CONSECUTIVE_FAILURES:
-            exc.add_note(
-                f"(not replaced: worker {w} failed {self._consecutive[w]} times in a row "
-                "without serving a command, so replacing it again cannot help)"
-            )
-            raise exc
-        self.restarts += 1
         proc = self.procs[w]
-        record = Failure(
-            time.time(), w, proc.pid if proc else -1, list(self.env_ids[w]),
-            f"{type(exc).__name__}: {exc}", self.restarts,
-        )  # fmt: skip
-        self.failures.append(record)
-        log.warning(
-            "replacing worker %d (pid %s, envs %s), restart %d of %d: %s",
-            w, record.pid, record.env_ids, self.restarts, self.max_restarts, record.error,
-        )  # fmt: skip
+        self.budget.charge(w, exc, proc.pid if proc else -1, self.env_ids[w])
 
-    def replace(self, w: int, exc: BaseException, start_timeout_s: float) -> None:
+    def replace(self, w: int, exc: BaseException, start_timeout_s: float) -> list[int]:
         """Kill worker ``w`` and start a replacement attached to the same shared memory, or
-        re-raise ``exc`` (see :meth:`_account`). The caller re-issues commands to it."""
+        re-raise ``exc`` (see :meth:`RestartBudget.charge`). Returns the workers replaced;
+        the caller re-issues commands to them."""
         self._account(w, exc)
+        self.respawn(w, start_timeout_s)
+        return [w]
+
+    def respawn(self, w: int, start_timeout_s: float) -> None:
+        """Kill worker ``w`` and start a replacement attached to the same shared memory,
+        whatever the budget says (the caller accounted for it)."""
         self._kill(w)
         self._spawn(w)
         spec = self._hello_or_replace(w, start_timeout_s)
@@ -538,9 +604,10 @@ class WorkerPool:
         self.inbox[w].clear()
         self._watch.pop(w, None)
 
-    def worker_rings_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def worker_rings(self) -> list[SpanRing]:
+        """Each worker's span ring, in shared memory."""
         a = self.shm.arrays
-        return [(a["spans"][w], a["span_head"][w]) for w in range(self.num_workers)]
+        return [SpanRing(a["spans"][w], a["span_head"][w]) for w in range(self.num_workers)]
 
     # -- shutdown ----------------------------------------------------------------------------
     def close(self) -> None:
