@@ -53,7 +53,7 @@ from pipeline.stages import Stage, StageBatcher, StageState, fixed_stages
 from pipeline.stats import EngineStats
 
 
-def _release(cuda_path, pool: WorkerPool) -> None:
+def _release(cuda_path, pool) -> None:
     """The engine's finalizer: unregister CUDA memory first, then unmap it and stop workers."""
     if cuda_path is not None:
         cuda_path.release()
@@ -162,8 +162,17 @@ class RolloutEngine:
         max_staleness: int | None = None,
         record_obs: Sequence[str] | None = None,
         profile: bool = False,
+        backend: str = "local",
+        ray_address: str | None = None,
+        workers_per_node: int | None = None,
     ) -> None:
         self._closed = True  # until start-up completes
+        if backend not in ("local", "ray"):
+            raise ValueError(f"backend={backend!r}: choose 'local' or 'ray'")
+        if backend == "local" and (ray_address, workers_per_node) != (None, None):
+            raise ValueError("ray_address and workers_per_node apply to backend='ray'")
+        if workers_per_node is not None and workers_per_node < 1:
+            raise ValueError(f"workers_per_node={workers_per_node} must be >= 1")
         if mode not in ("sync", "pipelined"):
             raise ValueError(f"mode={mode!r}: choose 'sync' or 'pipelined'")
         if num_envs < 1 or num_workers < 1:
@@ -239,9 +248,8 @@ class RolloutEngine:
         self._life_profile: ProfileSession | None = None  # profile=True's, from creation
         self._cuda = None
         self._created_ns = time.perf_counter_ns()
-        self._pool = WorkerPool(
-            env,
-            env_kwargs or {},
+        self.backend = backend
+        pool_args = dict(
             env_ids=[np.flatnonzero(self._env_worker == w).tolist() for w in range(num_workers)],
             env_stage=[s.index for s in self.stages for _ in range(s.size)],
             auto_reset=auto_reset,
@@ -250,6 +258,19 @@ class RolloutEngine:
             profile=profile,
             max_restarts=max_restarts if on_worker_failure == "restart" else 0,
         )
+        if backend == "ray":
+            from pipeline.ray_pool import RayPool  # Ray is imported only for this backend
+
+            self._pool = RayPool(
+                env,
+                env_kwargs or {},
+                workers_per_node=workers_per_node or num_workers,
+                ray_address=ray_address,
+                hang_timeout_s=hang_timeout_s,
+                **pool_args,
+            )
+        else:
+            self._pool = WorkerPool(env, env_kwargs or {}, **pool_args)
         # From here on a finalizer stops the workers even if the user never calls close().
         self._finalizer = weakref.finalize(self, _release, None, self._pool)
         self.spec = self._pool.start(
@@ -356,6 +377,16 @@ class RolloutEngine:
     def worker_pids(self) -> list[int]:
         return self._pool.pids()
 
+    def placement(self) -> list[dict]:
+        """Where the workers run, per node: ``{"node", "address", "workers", "pids"}`` (and
+        ``"ray_node_id"`` on the Ray backend). The local backend is one node.
+
+        Example:
+            >>> [(n["node"], n["address"], n["workers"]) for n in engine.placement()]
+            [(0, '127.0.0.1', [0, 1]), (1, '127.0.0.1', [2, 3])]
+        """
+        return self._pool.placement()
+
     # -- profiling (the narrow hook ProfileSession uses) ---------------------------------------
     @contextlib.contextmanager
     def profile(self):
@@ -404,6 +435,8 @@ class RolloutEngine:
             "mode": self.mode,
             "num_envs": self.num_envs,
             "num_workers": self.num_workers,
+            "backend": self.backend,
+            "worker_nodes": [n["node"] for n in self.placement() for _ in n["workers"]],
             "num_stages": self.num_stages,
             "schedule": self.schedule,
             "chunk_len": self.chunk_len,

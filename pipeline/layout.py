@@ -138,7 +138,7 @@ class Layout:
         fields["profile_on"] = ((1,), np.dtype(np.uint8))
         # What a worker writes per env with each reply (a slot's row), and what the loop
         # writes per env with each command: the two halves a remote node mirrors.
-        self.slot_keys = tuple(k for k, (shape, _) in fields.items() if shape[:1] == (slots,))
+        self.slot_keys = (*(f"obs/{k}" for k in spec.obs), *SLOT_FIELDS, "prefix")
         self.control_keys = ("actions", *CONTROL_FIELDS)
         self.arrays: dict[str, ArraySpec] = {}
         offset = 0

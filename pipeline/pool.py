@@ -365,6 +365,10 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [self.procs[w].pid for w in self.local]
 
+    def placement(self) -> list[dict]:
+        """Where the workers run: one node, this machine."""
+        return [{"node": 0, "address": "local", "workers": list(self.local), "pids": self.pids()}]
+
     def death(self, w: int, doing: str) -> str:
         """How worker ``w`` died, for an error message (joins it briefly)."""
         proc = self.procs[w]

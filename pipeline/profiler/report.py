@@ -99,8 +99,11 @@ class ProfileReport:
                 "inference loop", s.pids[0], s.loop_spans, t0, t1, None, LOOP_PHASES + ("env_init",)
             )
         ]
+        # On the Ray backend each worker is named with its node ("node 1 worker 3").
+        nodes = s.config.get("worker_nodes") if s.config.get("backend") == "ray" else None
         for w, spans in enumerate(s.worker_spans):
-            procs.append(_process(f"worker {w}", s.pids[w + 1], spans, t0, t1, idle, WORKER_PHASES))
+            name = f"node {nodes[w]} worker {w}" if nodes else f"worker {w}"
+            procs.append(_process(name, s.pids[w + 1], spans, t0, t1, idle, WORKER_PHASES))
         for p in procs:
             vals = [per.get(p.pid) for _, per, _, _ in s.sampler.samples if p.pid in per]
             if vals:

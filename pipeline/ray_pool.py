@@ -1,0 +1,474 @@
+"""The Ray backend: the engine's workers spread over Ray nodes, behind the pool interface.
+
+:class:`RayPool` stands where :class:`~pipeline.pool.WorkerPool` stands for the engine. On
+each node a :class:`~pipeline.ray_node.NodeActor` runs that node's workers with a local
+pool and its own shared memory. The driver keeps a *mirror* of the engine's layout, so the
+engine, the stage batcher, the recorder and the CUDA path read and write exactly what they
+do locally:
+
+* a command: the engine writes action chunks and control rows into the mirror, and the
+  pool sends each node, in one call, its rows of them with the frames for its workers;
+* a reply: a node returns a stage's replies from all its workers in one object, with the
+  slot rows they wrote, and the pool copies them into the mirror before the engine sees
+  the frames.
+
+Failures come back as the local pool's errors (a worker died, raised, or is stuck, with its
+stack), and a node whose actor is lost raises :class:`NodeLostError` for all its workers.
+Both are replaced under the engine's one restart budget: a worker by its node, a node by a
+new actor on the same Ray node if it is alive, else on another.
+
+Ray is imported only here, and only when ``backend="ray"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from envs.spec import EnvSpec
+from pipeline import errors
+from pipeline.errors import EngineError, EngineTimeout, WorkerDiedError, WorkerStuckError
+from pipeline.layout import Layout, SharedBuffers
+from pipeline.pool import Failure, RestartBudget
+from pipeline.profiler.spans import SpanRing
+from pipeline.ray_node import POLL_PERIOD_S, NodeActor, stage_rows
+
+log = logging.getLogger("pipeline")
+
+# A node whose poll has not come back for this long past the hang timeout is not answering
+# (its own watchdog would have reported a stuck worker by then).
+_NODE_GRACE_S = 10.0
+
+
+class NodeLostError(WorkerDiedError):
+    """A node's actor was lost (killed, crashed, or its Ray node went away): every worker
+    on it is gone. ``worker`` is its first worker, ``workers`` all of them."""
+
+    def __init__(self, message: str, node: int, workers: list[int]) -> None:
+        super().__init__(message, worker=workers[0])
+        self.node, self.workers = node, list(workers)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(
+            "backend='ray' needs Ray: pip install -e '.[ray]' (or pip install ray)"
+        ) from None
+    return ray
+
+
+def _raise_payload(payload: tuple) -> None:
+    """Raise the engine error a node reported as ``(class name, message, worker)``."""
+    name, message, worker = payload
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, EngineError)):
+        cls = EngineError
+    raise cls(message, worker=worker)
+
+
+class _NodeRing(SpanRing):
+    """A worker's span ring as last read from its node; clearing it clears the node's."""
+
+    def __init__(self, buf: np.ndarray, head: np.ndarray, clear: Callable[[], None]) -> None:
+        super().__init__(buf, head)
+        self._clear_remote = clear
+
+    def clear(self) -> None:
+        super().clear()
+        self._clear_remote()
+
+
+class _Node:
+    """The driver's handle on one node: its actor, workers, and the poll in flight."""
+
+    def __init__(self, index: int, workers: list[int], ray_node_id: str) -> None:
+        self.index, self.workers, self.ray_node_id = index, workers, ray_node_id
+        self.actor = None
+        self.poll = None  # the ObjectRef of the poll in flight
+        self.poll_since = 0.0
+        self.commands = 0  # calls sent to this actor (it checks their order)
+        self.pids: list[int] = []
+
+
+class RayPool:
+    """The engine's workers on Ray nodes, ``workers_per_node`` to a node.
+
+    Example:
+        >>> pool = RayPool("toy", {}, env_ids=[[0, 2], [1, 3]], env_stage=[0, 1, 0, 1],
+        ...                auto_reset=True, env_name="toy", workers_per_node=1)
+        >>> spec = pool.start(lambda spec: Layout(spec, 4, 8, 2), start_timeout_s=60)
+        >>> pool.close()
+    """
+
+    def __init__(
+        self,
+        env: str | Callable[..., Any],
+        env_kwargs: dict,
+        *,
+        env_ids: list[list[int]],
+        env_stage: list[int],
+        auto_reset: bool,
+        env_name: str,
+        workers_per_node: int,
+        ray_address: str | None = None,
+        pin_workers: bool = False,
+        profile: bool = False,
+        max_restarts: int = 0,
+        hang_timeout_s: float = 60.0,
+    ) -> None:
+        ray = self.ray = import_ray()
+        self._owns_ray = False
+        if not ray.is_initialized():
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+            self._owns_ray = True
+        elif ray_address is not None:
+            log.info("Ray is already initialized: ray_address=%r is not used", ray_address)
+        self.env, self.env_kwargs, self.env_name = env, env_kwargs, env_name
+        self.env_ids, self.env_stage, self.auto_reset = env_ids, env_stage, auto_reset
+        self.num_workers = len(env_ids)
+        self.pin_workers, self.profile, self.hang_timeout_s = pin_workers, profile, hang_timeout_s
+        self.budget = RestartBudget(max_restarts, self.num_workers)
+        self.rows = stage_rows(env_ids, env_stage)
+        self.generation = [0] * self.num_workers
+        self.inbox: list[deque] = [deque() for _ in range(self.num_workers)]
+        placement = self._ray_nodes()
+        per = workers_per_node
+        self.nodes = [
+            _Node(n, list(range(n * per, min((n + 1) * per, self.num_workers))), node_id)
+            for n, node_id in enumerate(
+                placement[i % len(placement)] for i in range(math.ceil(self.num_workers / per))
+            )
+        ]
+        self.node_of = [w // per for w in range(self.num_workers)]
+        self.shm: SharedBuffers | None = None
+        self.spec: EnvSpec | None = None
+
+    def _ray_nodes(self) -> list[str]:
+        """The alive Ray nodes to place node actors on: other nodes first (the driver's node
+        runs inference), then the driver's own."""
+        ray = self.ray
+        here = ray.get_runtime_context().get_node_id()
+        alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+        if not alive:
+            raise EngineError("no alive Ray node has a CPU to run env workers on")
+        alive.sort(key=lambda n: (n["NodeID"] == here, n["NodeManagerAddress"], n["NodeID"]))
+        return [n["NodeID"] for n in alive]
+
+    # -- start-up ----------------------------------------------------------------------------
+    def _new_actor(self, node: _Node):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # The poll that blocks on replies runs in a thread of its own; every other call runs
+        # in the default group's one thread, in the order it was sent.
+        actor_cls = self.ray.remote(concurrency_groups={"poll": 1})(NodeActor).options(
+            num_cpus=len(node.workers),
+            # soft: a replacement lands elsewhere when the node is gone.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.ray_node_id, soft=True),
+            name=None,
+        )
+        node.actor = actor_cls.remote(
+            node.index, self.env, self.env_kwargs, self.env_ids, self.env_stage,
+            self.auto_reset, self.env_name, workers=node.workers,
+            pin_workers=self.pin_workers, profile=self.profile,
+            hang_timeout_s=self.hang_timeout_s,
+        )  # fmt: skip
+        node.commands, node.poll = 0, None
+
+    def _get(self, node: _Node, ref, timeout: float, doing: str):
+        """``ray.get`` of one call on ``node``; a lost actor or a timeout raise engine errors,
+        an error payload is raised as the error it names."""
+        ray = self.ray
+        try:
+            out = ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise EngineTimeout(
+                f"node {node.index} (workers {node.workers}) did not finish {doing} within "
+                f"{timeout:.0f} s",
+                worker=node.workers[0],
+            ) from None
+        except ray.exceptions.RayActorError as exc:
+            raise self._lost(node, doing, exc) from None
+        if isinstance(out, tuple) and out[:1] == ("error",):
+            _raise_payload(out[1:])
+        return out
+
+    def _lost(self, node: _Node, doing: str, exc: BaseException) -> NodeLostError:
+        # Ray's message opens with what happened and ends with the cause (an exception in
+        # the actor's creation, an OOM kill, ...): keep both ends.
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
+        why = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()}"
+        return NodeLostError(
+            f"node {node.index} (Ray node {node.ray_node_id[:12]}, workers {node.workers}) "
+            f"was lost while {doing}: {why}",
+            node=node.index,
+            workers=node.workers,
+        )
+
+    def start(self, make_layout: Callable[[EnvSpec], Layout], start_timeout_s: float) -> EnvSpec:
+        """Start every node's workers (in parallel), agree on the spec, create the mirror
+        and every node's memory. On failure everything started is stopped."""
+        try:
+            for node in self.nodes:
+                self._new_actor(node)
+            hellos = [n.actor.hello.remote(start_timeout_s) for n in self.nodes]
+            specs = [
+                self._get(n, ref, start_timeout_s + 60, "creating its envs")
+                for n, ref in zip(self.nodes, hellos, strict=True)
+            ]
+            if any(repr(s) != repr(specs[0]) for s in specs):
+                raise EngineError(f"nodes disagree on the env spec: {specs}")
+            self.spec = specs[0]
+            self.layout = make_layout(self.spec)
+            self.shm = SharedBuffers.create(self.layout)
+            if self.profile:
+                self.shm.arrays["profile_on"][0] = 1
+            for node in self.nodes:
+                self._attach(node, start_timeout_s, None)
+        except BaseException:
+            self.close()
+            raise
+        return self.spec
+
+    def _attach(self, node: _Node, timeout: float, slots: dict | None) -> None:
+        lay = self.layout
+        ref = node.actor.attach.remote(
+            lay.num_envs, lay.chunk_len, lay.num_workers, timeout, slots
+        )
+        node.pids = self._get(node, ref, timeout + 60, "attaching shared memory")
+        self._poll(node)
+
+    def _poll(self, node: _Node) -> None:
+        node.poll = node.actor.poll.options(concurrency_group="poll").remote(POLL_PERIOD_S)
+        node.poll_since = time.monotonic()
+
+    # -- commands ----------------------------------------------------------------------------
+    def send_all(self, frames: dict[int, list[tuple]], doing: str) -> EngineError | None:
+        """One call per node: its workers' frames and its rows of the control arrays."""
+        a = self.shm.arrays
+        by_node: dict[int, dict[int, list[tuple]]] = {}
+        for w, fs in frames.items():
+            by_node.setdefault(self.node_of[w], {})[w] = fs
+        profile_on = bool(a["profile_on"][0])
+        for n, mine in by_node.items():
+            node = self.nodes[n]
+            rows = np.concatenate([self.rows[(w, f[1])] for w, fs in mine.items() for f in fs])
+            control = {k: a[k][rows] for k in self.layout.control_keys}
+            node.actor.command.remote(node.commands, mine, rows, control, profile_on)
+            node.commands += 1
+        return None
+
+    def send(self, w: int, frames: list[tuple], doing: str) -> None:
+        self.send_all({w: frames}, doing)
+
+    def wake_order(self, workers: list[int]) -> list[int]:
+        return workers
+
+    # -- replies -----------------------------------------------------------------------------
+    def _pump(self, timeout: float | None, doing: str) -> None:
+        """Take every node reply that is in; with none in, wait up to ``timeout`` seconds
+        for one (``None``: until one comes)."""
+        ray = self.ray
+        live = [n for n in self.nodes if n.poll is not None]
+        if not live:
+            return
+        refs = [n.poll for n in live]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if not ready and timeout != 0:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        done = set(ready)
+        for node in live:
+            if node.poll in done:
+                self._apply(node, doing)
+            elif time.monotonic() - node.poll_since > self.hang_timeout_s + _NODE_GRACE_S:
+                raise WorkerStuckError(
+                    f"node {node.index} (workers {node.workers}) has not answered for "
+                    f"{time.monotonic() - node.poll_since:.0f} s while {doing}",
+                    worker=node.workers[0],
+                )
+
+    def _apply(self, node: _Node, doing: str) -> None:
+        ref, node.poll = node.poll, None
+        replies, data, error = self._get(node, ref, 0, doing)
+        a = self.shm.arrays
+        for (w, gen, frame), rows_data in zip(replies, data, strict=True):
+            if gen != self.generation[w]:
+                continue  # sent by a worker replaced since
+            slot, rows = frame[2], self.rows[(w, frame[1])]
+            for key, value in rows_data.items():
+                a[key][slot, rows] = value
+            self.inbox[w].append(frame)
+        if error is not None:
+            # No new poll until the worker is replaced: the node would report the same
+            # failure again (a dead worker's sentinel stays readable).
+            _raise_payload(error)
+        self._poll(node)
+
+    def drain(self, doing: str) -> None:
+        self._pump(0, doing)
+
+    def ready(self, workers: list[int], match: Callable[[tuple], bool], doing: str) -> bool:
+        """Whether each of ``workers`` has a reply that ``match`` accepts (never blocks)."""
+        self._pump(0, doing)
+        return all(any(match(f) for f in self.inbox[w]) for w in workers)
+
+    def collect(
+        self, workers: list[int], match: Callable[[tuple], bool], hang_timeout: float, doing: str
+    ) -> None:
+        """Block until each of ``workers`` has the reply ``match`` accepts, and take those
+        replies (the nodes' watchdogs report a stuck worker)."""
+        while True:
+            need = [w for w in workers if not any(match(f) for f in self.inbox[w])]
+            if not need:
+                break
+            self._pump(min(1.0, hang_timeout), doing)
+        for w in workers:
+            box = self.inbox[w]
+            box.remove(next(f for f in box if match(f)))
+            self.budget.served(w)
+
+    def wait_any(
+        self, workers: list[int], timeout: float | None, hang_timeout: float, doing: str
+    ) -> None:
+        """Read every reply already in; if none of ``workers`` has one, wait until one
+        arrives or ``timeout`` seconds pass (``None``: no limit)."""
+        self._pump(0, doing)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while timeout != 0 and not any(self.inbox[w] for w in workers):
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._pump(min(1.0, left), doing)
+
+    def take_replies(self, w: int) -> list[tuple]:
+        box = self.inbox[w]
+        frames = list(box)
+        box.clear()
+        if frames:
+            self.budget.served(w)
+        return frames
+
+    # -- failures ----------------------------------------------------------------------------
+    @property
+    def failures(self) -> deque[Failure]:
+        return self.budget.failures
+
+    @property
+    def restarts(self) -> int:
+        return self.budget.restarts
+
+    def can_replace(self, exc: BaseException) -> bool:
+        return (
+            isinstance(exc, EngineError)
+            and exc.worker is not None
+            and self.budget.max_restarts > 0
+            and self.shm is not None
+        )
+
+    def replace(self, w: int, exc: BaseException, start_timeout_s: float) -> list[int]:
+        """Replace worker ``w`` on its node, or the whole node when its actor was lost (one
+        restart of the budget either way). Returns the workers replaced."""
+        node = self.nodes[self.node_of[w]]
+        if isinstance(exc, NodeLostError):
+            self.budget.charge(w, exc, -1, sum((self.env_ids[x] for x in node.workers), []))
+            self._replace_node(node, start_timeout_s)
+            return list(node.workers)
+        pid = node.pids[node.workers.index(w)] if node.pids else -1
+        self.budget.charge(w, exc, pid, self.env_ids[w])
+        self.generation[w] = self._get(
+            node, node.actor.respawn.remote(w, start_timeout_s), start_timeout_s + 60,
+            f"replacing worker {w}",
+        )  # fmt: skip
+        self.inbox[w].clear()
+        node.pids = self._get(node, node.actor.pids.remote(), 60, "listing its workers")
+        if node.poll is None:
+            self._poll(node)
+        return [w]
+
+    def _replace_node(self, node: _Node, timeout: float) -> None:
+        with contextlib.suppress(Exception):
+            self.ray.kill(node.actor)
+        alive = {n["NodeID"] for n in self.ray.nodes() if n["Alive"]}
+        if node.ray_node_id not in alive:
+            node.ray_node_id = self._ray_nodes()[0]
+        self._new_actor(node)
+        spec = self._get(node, node.actor.hello.remote(timeout), timeout + 60, "creating its envs")
+        if repr(spec) != repr(self.spec):
+            raise EngineError(f"replacement node {node.index} has another env spec: {spec}")
+        # The new node's memory starts as the mirror's rows of its envs, as a replaced local
+        # worker finds the shared memory its predecessor left.
+        envs = np.sort(np.concatenate([self.env_ids[w] for w in node.workers]))
+        a = self.shm.arrays
+        slots = {k: a[k][:, envs] for k in self.layout.slot_keys}
+        self._attach(node, timeout, slots)
+        for w in node.workers:
+            self.inbox[w].clear()
+            self.generation[w] = 0
+
+    # -- profiling and shutdown ---------------------------------------------------------------
+    def pids(self) -> list[int]:
+        return [pid for node in self.nodes for pid in node.pids]
+
+    def placement(self) -> list[dict]:
+        """Where each node runs: its Ray node id and address, its workers and their pids."""
+        address = {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes()}
+        return [
+            {
+                "node": n.index,
+                "ray_node_id": n.ray_node_id,
+                "address": address.get(n.ray_node_id),
+                "workers": list(n.workers),
+                "pids": list(n.pids),
+            }
+            for n in self.nodes
+        ]
+
+    def worker_rings(self) -> list[SpanRing]:
+        """Each worker's span ring, read from its node now (a snapshot)."""
+        a = self.shm.arrays
+        ray = self.ray
+        got = ray.get([n.actor.rings.remote() for n in self.nodes])
+        out: list[SpanRing] = []
+        for node, rings in zip(self.nodes, got, strict=True):
+            for w in node.workers:
+                buf, head = rings[w]
+                a["spans"][w] = buf
+                a["span_head"][w][0] = head
+        for w in range(self.num_workers):
+            node = self.nodes[self.node_of[w]]
+            clear = functools.partial(node.actor.clear_ring.remote, w)
+            out.append(_NodeRing(a["spans"][w], a["span_head"][w], clear))
+        return out
+
+    def close(self) -> None:
+        """Stop every node's workers, end the actors, release the mirror, and shut Ray down
+        if this pool started it. Idempotent."""
+        ray = getattr(self, "ray", None)
+        nodes = [n for n in getattr(self, "nodes", []) if n.actor is not None]
+        if ray is not None and nodes and ray.is_initialized():
+            refs = [n.actor.close.remote() for n in nodes]
+            with contextlib.suppress(Exception):
+                ray.wait(refs, num_returns=len(refs), timeout=10)
+            for n in nodes:
+                with contextlib.suppress(Exception):
+                    ray.kill(n.actor)
+                n.actor, n.poll = None, None
+        shm, self.shm = getattr(self, "shm", None), None
+        if shm is not None:
+            shm.close()
+        if getattr(self, "_owns_ray", False) and ray is not None:
+            self._owns_ray = False
+            ray.shutdown()
+
+    def __repr__(self) -> str:
+        return f"RayPool({len(self.nodes)} nodes, {self.num_workers} workers, pid {os.getpid()})"

@@ -1,0 +1,215 @@
+"""The Ray backend on a 2-node loopback cluster (``ray.cluster_utils.Cluster``): the same
+output as the local backend, faults recovered, profiles per node, and a clean shutdown."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import assert_identical, failing_env, shm_segments
+
+from benchmarks.ray_cluster import LOOPBACK, loopback_cluster, ray_processes
+from pipeline import EnvError, RolloutEngine
+from pipeline.policies import LatencyPolicy
+
+ray = pytest.importorskip("ray")
+
+TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=9)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    before = shm_files()
+    with loopback_cluster(nodes=2, cpus_per_node=2) as c:
+        yield c
+    # Shutting the cluster down leaves nothing: no Ray process, no shared-memory file.
+    assert not ray_processes()
+    assert shm_files() <= before
+
+
+def shm_files() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def _policy():
+    return LatencyPolicy(state_dim=TOY["state_dim"], chunk_len=4, base_ms=1)
+
+
+def _engine(policy=None, backend="local", **kw):
+    args = dict(num_envs=8, num_workers=2, num_stages=2, env_kwargs=TOY, seed=5, hang_timeout_s=30)
+    args.update(kw)
+    if args.get("schedule") == "dynamic":
+        del args["num_stages"]
+    if backend == "ray":
+        args.setdefault("workers_per_node", 1)
+    return RolloutEngine("toy", policy or _policy(), backend=backend, **args)
+
+
+def _calls(engine):
+    return engine.rollout(7), engine.collect_episodes(2, 3), engine.rollout(3)
+
+
+class _FaultAt(torch.nn.Module):
+    """The policy, with ``fault()`` run at its ``at``-th call (from the inference loop)."""
+
+    def __init__(self, inner, at, fault):
+        super().__init__()
+        self.inner, self.at, self.fault, self.calls = inner, at, fault, 0
+        self.chunk_len = inner.chunk_len
+
+    def forward(self, td):
+        self.calls += 1
+        if self.calls == self.at:
+            self.fault()
+        return self.inner(td)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(mode="pipelined"),
+        dict(mode="sync", num_stages=1),
+        dict(schedule="dynamic"),
+        dict(lookahead=1, exec_len=2),
+        dict(num_workers=4, workers_per_node=2),
+    ],
+    ids=["2-stage", "lock-step", "dynamic", "lookahead", "2-workers-per-node"],
+)
+def test_ray_backend_gives_bitwise_the_local_output(cluster, config):
+    local_cfg = {k: v for k, v in config.items() if k != "workers_per_node"}
+    with _engine(**local_cfg) as e:
+        want = _calls(e)
+    with _engine(backend="ray", **config) as e:
+        got = _calls(e)
+        placement = e.placement()
+    for a, b in zip(got, want, strict=True):
+        if config.get("schedule") == "dynamic":  # which env runs a queued episode is timing
+            a, b = a.exclude("env_id"), b.exclude("env_id")
+        assert_identical(a, b)
+    # Every Ray process is on loopback, and the two node actors on two different nodes.
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {LOOPBACK}
+    assert len(placement) == 2 and len({n["ray_node_id"] for n in placement}) == 2
+    assert all(n["address"] == LOOPBACK for n in placement)
+
+
+def test_killed_node_actor_is_replaced_and_its_episodes_rerun(cluster):
+    with _engine() as e:
+        want = e.collect_episodes(3, 4)
+    holder = {}
+
+    def kill_node():
+        ray.kill(holder["engine"]._pool.nodes[1].actor)
+
+    policy = _FaultAt(_policy(), at=5, fault=kill_node)
+    with _engine(policy, backend="ray") as e:
+        holder["engine"] = e
+        old = e.placement()[1]["pids"]
+        got = e.collect_episodes(3, 4)
+        assert e.stats.restarts == 1 and len(e.failures) == 1
+        failure = e.failures[0]
+        assert "NodeLostError" in failure.error and "node 1" in failure.error
+        assert failure.env_ids == [1, 3, 5, 7]
+        assert e.placement()[1]["pids"] != old
+        after = e.rollout(4)  # the replacement node keeps serving
+        assert after["mask"].all()
+    assert got["restarts"].sum() >= 1
+    for key in ("env_id", "restarts"):
+        del got[key], want[key]
+    assert_identical(got, want)
+    # The killed actor's workers died with it.
+    for pid in old:
+        assert not _alive(pid)
+
+
+def test_killed_worker_on_a_node_is_replaced_by_its_node(cluster):
+    with _engine() as e:
+        want = e.collect_episodes(3, 4)
+    holder = {}
+
+    def kill_worker():
+        os.kill(holder["engine"].worker_pids()[1], signal.SIGKILL)
+
+    policy = _FaultAt(_policy(), at=4, fault=kill_worker)
+    with _engine(policy, backend="ray") as e:
+        holder["engine"] = e
+        got = e.collect_episodes(3, 4)
+        assert e.stats.restarts == 1
+        assert "SIGKILL" in e.failures[0].error and e.failures[0].worker == 1
+    for key in ("env_id", "restarts"):
+        del got[key], want[key]
+    assert_identical(got, want)
+
+
+def test_env_error_on_a_node_reaches_the_caller_with_its_traceback(cluster):
+    engine = RolloutEngine(
+        failing_env, _policy(), num_envs=4, num_workers=2, env_kwargs=TOY,
+        on_worker_failure="raise", backend="ray", workers_per_node=1,
+    )  # fmt: skip
+    pids = engine.worker_pids()
+    with pytest.raises(EnvError, match="the gripper fell off") as info:
+        engine.rollout(20)
+    assert info.value.worker in (0, 1)
+    assert "original traceback" in str(info.value)
+    assert engine.closed
+    for pid in pids:
+        assert not _alive(pid)
+
+
+def test_profile_shows_each_nodes_workers(cluster):
+    with _engine(backend="ray", num_workers=4, workers_per_node=2) as e:
+        with e.profile() as prof:
+            e.rollout(6)
+    report = prof.report()
+    names = [p.name for p in report.processes]
+    assert names[1:] == [f"node {w // 2} worker {w}" for w in range(4)]
+    for w in range(4):
+        physics = report.phase(f"node {w // 2} worker {w}", "physics")
+        assert physics["wall_s"] > 0 and physics["cpu_s"] > 0
+
+
+def test_closing_leaves_no_worker_or_actor(cluster):
+    e = _engine(backend="ray")
+    pids = e.worker_pids()
+    actors = [n.actor for n in e._pool.nodes]
+    e.rollout(2)
+    e.close()
+    for pid in pids:
+        assert not _alive(pid)
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.pids.remote(), timeout=30)
+    assert not shm_segments()
+
+
+def test_bad_backend_arguments_are_named():
+    with pytest.raises(ValueError, match="backend='nccl'"):
+        RolloutEngine("toy", _policy(), num_envs=4, backend="nccl")
+    with pytest.raises(ValueError, match="apply to backend='ray'"):
+        RolloutEngine("toy", _policy(), num_envs=4, workers_per_node=2)
+    with pytest.raises(ValueError, match="workers_per_node=0"):
+        RolloutEngine("toy", _policy(), num_envs=4, backend="ray", workers_per_node=0)
+
+
+def test_local_backend_does_not_import_ray():
+    code = (
+        "import sys\n"
+        "from pipeline import RolloutEngine\n"
+        "from pipeline.policies import LatencyPolicy\n"
+        "if __name__ == '__main__':\n"
+        "    p = LatencyPolicy(state_dim=16, chunk_len=4)\n"
+        "    with RolloutEngine('toy', p, num_envs=2, num_workers=1) as e:\n"
+        "        e.rollout(2)\n"
+        "    assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
