@@ -76,6 +76,9 @@ def expert_success(name: str, seeds: int) -> float:
     return sum(run_episode(env, expert, seed)["success"] for seed in range(seeds)) / seeds
 
 
+TINYVLA_BATCHES = [("tiny", 1), ("tiny", 16), ("tiny", 64), ("base", 1), ("base", 16)]
+
+
 def tinyvla_latency(size: str, batch: int, repeats: int) -> tuple[int, float]:
     env = envs.make("tabletop/pick-place", cameras=("head",), image_size=128)
     obs, _ = env.reset(seed=0)
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="fewer steps and seeds (smoke run)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument(
+        "--only", choices=("tasks", "policies"), default=None, help="one of the two tables"
+    )
     args = ap.parse_args(argv)
     steps = 200 if args.quick else 1500
     seeds = 10 if args.quick else 50
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "tasks": {},
     }
-    tasks = [n for n in envs.names() if n.startswith("tabletop/")]
+    tasks = [n for n in envs.names() if n.startswith("tabletop/") and args.only != "policies"]
     print(
         f"workloads on {os.cpu_count()} cores, one process (median of runs where noted)\n",
         flush=True,
@@ -121,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'task':<22}{'state-only':>12}{'1x128':>10}{'3x224':>10}"
         f"{'MiB/env':>9}{'reset ms':>10}{'expert':>8}"
     )
-    print(header + "\n" + "-" * len(header), flush=True)
+    if tasks:
+        print(header + "\n" + "-" * len(header), flush=True)
     for name in tasks:
         row = {k: step_rate(name, cams, size, steps) for k, (cams, size) in CAMERA_SETUPS.items()}
         row["mib_per_env"] = memory_per_env(name, 8 if args.quick else 16)
@@ -133,18 +140,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['mib_per_env']:>9.2f}{row['reset_ms']:>10.3f}{row['expert_success']:>8.0%}",
             flush=True,
         )
-    print(f"\n(control steps/s; experts over {seeds} seeds)\n")
+    if tasks:
+        print(f"\n(control steps/s; experts over {seeds} seeds)\n")
     results["tinyvla"] = {}
-    for size in ("tiny", "base"):
-        for batch in (1, 16):
-            reps = 3 if (size == "base" and batch == 16) else (3 if args.quick else 10)
-            params, ms = tinyvla_latency(size, batch, reps)
-            results["tinyvla"][f"{size}/b{batch}"] = {"params": params, "cpu_ms": ms}
-            print(
-                f"TinyVLA-{size:<5} {params / 1e6:7.2f} M params  batch {batch:>2}: "
-                f"{ms:9.1f} ms (CPU, median)",
-                flush=True,
-            )
+    for size, batch in [] if args.only == "tasks" else TINYVLA_BATCHES:
+        reps = 3 if (size == "base" and batch == 16) else (3 if args.quick else 10)
+        params, ms = tinyvla_latency(size, batch, reps)
+        results["tinyvla"][f"{size}/b{batch}"] = {"params": params, "cpu_ms": ms}
+        print(
+            f"TinyVLA-{size:<5} {params / 1e6:7.2f} M params  batch {batch:>2}: "
+            f"{ms:9.1f} ms (CPU, median)",
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,11 +1,14 @@
 """First-ready dynamic batching: the batching rule, argument errors, bitwise identity with
 synchronous rollouts under random step times and batch compositions, faults."""
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import allow_one_rerun, assert_identical
+from helpers import assert_identical
 
 import envs
 from pipeline import RolloutEngine, WorkerStuckError
@@ -77,32 +80,52 @@ def _rows(policy, idx, spec, generator_seed=0):
     return policy(TensorDict(td, [len(idx)]))
 
 
-@pytest.mark.parametrize("head", ["tokens", "flow"])
-def test_tinyvla_rows_are_batch_invariant_with_the_token_head(head):
-    # A row's outputs must not depend on which rows share its batch: random compositions
-    # and sizes (1 included), compared bit for bit with the full batch. The flow head's
-    # action expert (torch's decoder layer: GEMMs of batch x chunk rows) is not invariant:
-    # equal only up to float rounding, as documented.
+def check_batch_invariance(head: str) -> None:
+    """A row's outputs must not depend on which rows share its batch: random compositions
+    and sizes (1 included), compared with the full batch, at one intra-op thread. Bit for
+    bit with the token head; the flow head's action expert (torch's decoder layer: GEMMs of
+    batch x chunk rows) is equal only up to float rounding, as documented."""
+    torch.set_num_threads(1)
     spec = envs.make("toy", **JITTERY).spec
     torch.manual_seed(0)
     policy = TinyVLA.from_spec(spec, chunk_len=4, head=head).eval()
-    full = _rows(policy, list(range(12)), spec)
-    rng = random.Random(0)
-    for size in [1, 2, 3, *[rng.randint(1, 11) for _ in range(9)]]:
-        idx = rng.sample(range(12), size)
-        part = _rows(policy, idx, spec)
-        for key in part.keys(include_nested=True, leaves_only=True):
-            got, want = part.get(key), full.get(key)
-            if not isinstance(got, torch.Tensor):
-                continue
-            if head == "tokens":
-                assert torch.equal(got, want[idx]), (key, idx)
-            else:
-                torch.testing.assert_close(got, want[idx], rtol=1e-5, atol=1e-5)
+    for data_seed in range(3):
+        full = _rows(policy, list(range(12)), spec, data_seed)
+        rng = random.Random(data_seed)
+        for size in [1, 2, 3, *[rng.randint(1, 11) for _ in range(6)]]:
+            idx = rng.sample(range(12), size)
+            part = _rows(policy, idx, spec, data_seed)
+            for key in part.keys(include_nested=True, leaves_only=True):
+                got, want = part.get(key), full.get(key)
+                if not isinstance(got, torch.Tensor):
+                    continue
+                if head == "tokens":
+                    assert torch.equal(got, want[idx]), (key, idx)
+                else:
+                    torch.testing.assert_close(got, want[idx], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "head,isa",
+    [("tokens", None), ("flow", None), ("tokens", "AVX2")],
+)
+def test_tinyvla_rows_are_batch_invariant_with_the_token_head(head, isa):
+    # In a fresh process, so that torch's thread count and MKL's instruction set are this
+    # test's. MKL picks GEMM kernels by instruction set: "AVX2" runs the kernels of CPUs
+    # without AVX-512, on which torch's own transformer layers were not batch-invariant.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    if isa is not None:
+        env["MKL_ENABLE_INSTRUCTIONS"] = isa
+    code = f"from test_dynamic import check_batch_invariance; check_batch_invariance({head!r})"
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def _run(policy, **kw):
-    args = dict(num_envs=8, num_workers=2, env_kwargs=JITTERY, seed=11)
+    # One intra-op thread: the setting under which TinyVLA is bitwise batch-invariant.
+    args = dict(num_envs=8, num_workers=2, env_kwargs=JITTERY, seed=11, inference_threads=1)
     with RolloutEngine("toy", policy, **{**args, **kw}) as engine:
         td = engine.rollout(7)
         eps = engine.collect_episodes(3, 4)
@@ -115,25 +138,20 @@ def test_dynamic_batches_give_bitwise_the_synchronous_trajectories():
     torch.manual_seed(0)
     policy = TinyVLA.from_spec(spec, chunk_len=4)  # token head: log-probs recorded too
 
-    def check():
-        sync_td, sync_eps, sync_sizes = _run(policy, mode="sync", num_stages=1)
-        assert set(sync_sizes) == {8}
-        seen = set()
-        for kw in (
-            dict(schedule="dynamic"),
-            dict(schedule="dynamic", min_batch=2, max_batch=3, max_wait_us=300),
-        ):
-            td, eps, sizes = _run(policy, **kw)
-            seen |= set(sizes)
-            assert max(sizes) <= kw.get("max_batch", 8)
-            assert_identical(td, sync_td)  # rollout(): rows are envs, and env ids match too
-            # collect_episodes: which env ran an episode depends on timing; nothing else does.
-            for key in ("env_id",):
-                del eps[key]
-            assert_identical(eps, sync_eps.exclude("env_id"))
-        assert len(seen) >= 3, f"batch sizes {sorted(seen)}: the compositions did not vary"
-
-    allow_one_rerun(check)
+    sync_td, sync_eps, sync_sizes = _run(policy, mode="sync", num_stages=1)
+    assert set(sync_sizes) == {8}
+    seen = set()
+    for kw in (
+        dict(schedule="dynamic"),
+        dict(schedule="dynamic", min_batch=2, max_batch=3, max_wait_us=300),
+    ):
+        td, eps, sizes = _run(policy, **kw)
+        seen |= set(sizes)
+        assert max(sizes) <= kw.get("max_batch", 8)
+        assert_identical(td, sync_td)  # rollout(): rows are envs, and env ids match too
+        # collect_episodes: which env ran an episode depends on timing; nothing else does.
+        assert_identical(eps.exclude("env_id"), sync_eps.exclude("env_id"))
+    assert len(seen) >= 3, f"batch sizes {sorted(seen)}: the compositions did not vary"
 
 
 def _sleeps_forever(**kw):

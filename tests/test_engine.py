@@ -68,7 +68,7 @@ def test_tinyvla_stochastic_sync_equals_pipelined():
     policy = TinyVLA.from_spec(spec, chunk_len=4).eval()
     out = {}
     for mode in ("sync", "pipelined"):
-        with _engine(policy, mode=mode) as e:
+        with _engine(policy, mode=mode, inference_threads=1) as e:
             out[mode] = e.rollout(5)
     assert_identical(out["sync"], out["pipelined"])
     assert out["sync"][schema.SAMPLE_LOG_PROB].shape == (8, 5)

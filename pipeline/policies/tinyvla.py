@@ -5,6 +5,7 @@ fusion transformer) with an OpenVLA-style token head or a pi0-style flow-matchin
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 
@@ -69,35 +70,102 @@ SIZES = {
 }
 
 
-def _encoder(dim: int, heads: int, layers: int) -> nn.TransformerEncoder:
-    layer = nn.TransformerEncoderLayer(
-        dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-    )
-    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` computed for each batch element (dim 0) on its own.
+
+    A ``[B * n, in] @ [in, out]`` GEMM picks its CPU kernel by ``B * n``, and a row's result
+    then differs in the last bits with the batch it came in. Measured on TinyVLA with torch's
+    own layers: ``sample_log_prob`` moved by up to 1.5e-5, on AVX-512 in the small state
+    projection, on AVX2 (``MKL_ENABLE_INSTRUCTIONS=AVX2``) in the transformer layers too,
+    enough to flip a sampled token now and then. A batched matmul gives every element the
+    same ``[n, in] @ [in, out]`` product in any batch, which is what lets dynamic batching
+    match synchronous rollouts bit for bit.
+    """
+    if x.dim() < 2:
+        return F.linear(x, weight, bias)
+    b = x.shape[0]
+    rows = x.reshape(b, -1, x.shape[-1])
+    w = weight.t().unsqueeze(0).expand(b, -1, -1)
+    if bias is None:
+        y = torch.bmm(rows, w)
+    else:
+        y = torch.baddbmm(bias.view(1, 1, -1).expand(b, 1, -1), rows, w)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class RowLinear(nn.Linear):
-    """``nn.Linear`` that computes each batch element (dim 0) on its own.
-
-    A ``[B * n, in] @ [in, out]`` GEMM picks its CPU kernel by ``B * n``, and a row's result
-    then differs in the last bits with the batch it came in (measured on TinyVLA:
-    ``sample_log_prob`` moved by up to 1.5e-5). A batched matmul gives every element the
-    same ``[n, in] @ [in, out]`` product in any batch, which is what lets dynamic batching
-    match synchronous rollouts bit for bit. The parameters are ``nn.Linear``'s, so
-    checkpoints load either way.
-    """
+    """``nn.Linear`` computed by :func:`row_linear`; the parameters are ``nn.Linear``'s, so
+    checkpoints load either way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2:
-            return super().forward(x)
-        b = x.shape[0]
-        rows = x.reshape(b, -1, self.in_features)
-        w = self.weight.t().unsqueeze(0).expand(b, -1, -1)
-        if self.bias is None:
-            y = torch.bmm(rows, w)
-        else:
-            y = torch.baddbmm(self.bias.view(1, 1, -1).expand(b, 1, -1), rows, w)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return row_linear(x, self.weight, self.bias)
+
+
+class RowPatchEmbed(nn.Conv2d):
+    """ViT's patch embedding (a conv whose stride is its kernel) as :func:`row_linear` over
+    each image's patches: a conv picks its algorithm by batch size too. The parameters are
+    ``nn.Conv2d``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), dim]``, patches row-major."""
+        b, c, h, w = x.shape
+        p = self.kernel_size[0]
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        patches = x.reshape(b, (h // p) * (w // p), c * p * p)
+        return row_linear(patches, self.weight.view(self.out_channels, -1), self.bias)
+
+
+class RowEncoderLayer(nn.TransformerEncoderLayer):
+    """torch's pre-norm encoder layer (same parameters and initialisation) computed with
+    :func:`row_linear` and per-(row, head) ``scaled_dot_product_attention``, so that a row's
+    output never depends on the rest of its batch. Built for TinyVLA: GELU, ``norm_first``.
+    """
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        src_mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        if src_mask is not None or is_causal or not self.norm_first:
+            raise NotImplementedError("RowEncoderLayer: norm_first, key padding masks only")
+        x = src
+        x = x + self.dropout1(self._attention(self.norm1(x), src_key_padding_mask))
+        h = self.activation(row_linear(self.norm2(x), self.linear1.weight, self.linear1.bias))
+        return x + self.dropout2(
+            row_linear(self.dropout(h), self.linear2.weight, self.linear2.bias)
+        )
+
+    def _attention(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        attn, (b, n, d) = self.self_attn, x.shape
+        qkv = row_linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+        mask = None
+        if pad is not None:  # True = padding; a row that is all padding attends to all of it
+            mask = (~pad | pad.all(-1, keepdim=True))[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return row_linear(
+            out.transpose(1, 2).reshape(b, n, d), attn.out_proj.weight, attn.out_proj.bias
+        )
+
+
+class Encoder(nn.Module):
+    """A stack of :class:`RowEncoderLayer`: ``nn.TransformerEncoder``'s parameter names and
+    initialisation (every layer a copy of the first), with the padding mask kept boolean."""
+
+    def __init__(self, dim: int, heads: int, layers: int) -> None:
+        super().__init__()
+        layer = RowEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, n, d]``; ``pad [B, n]`` True where a position is padding (not attended)."""
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=pad)
+        return x
 
 
 class TinyVLA(nn.Module):
@@ -125,10 +193,13 @@ class TinyVLA(nn.Module):
     ``sample_log_prob`` over the sampled actions that ``log_prob`` recomputes from the
     recorded data (the noise start comes from ``sample_seed``).
 
-    Batch-invariant on CPU with the token head: a row's outputs are bitwise the same in any
-    batch (tested over random batch compositions), so dynamic batching reproduces
-    synchronous rollouts exactly. Not the flow head (its action expert is torch's decoder
-    layer, whose GEMMs over batch x chunk rows pick kernels by batch size: equal to float
+    Batch-invariant on CPU with the token head at one intra-op thread: a row's outputs are
+    bitwise the same in any batch (tested over random batch compositions, with MKL's
+    AVX-512 and AVX2 kernels), so dynamic batching and any stage split reproduce synchronous
+    rollouts exactly; ``RolloutEngine(..., inference_threads=1)`` gives that. Every GEMM is
+    per batch element (:func:`row_linear`), which costs the base size 8-16% against torch's
+    fused layers. With more threads MKL may split a one-row batch's GEMMs differently (seen
+    on AVX2). Not the flow head (its action expert is torch's decoder layer: equal to float
     rounding), and not claimed on CUDA, where cuBLAS may choose its algorithm by batch size.
     """
 
@@ -169,18 +240,18 @@ class TinyVLA(nn.Module):
         n_patches = (cfg.image_size // cfg.patch) ** 2
 
         # Vision: one shared ViT patch encoder, plus a learned embedding per camera.
-        self.patch_embed = nn.Conv2d(3, d, cfg.patch, cfg.patch)
+        self.patch_embed = RowPatchEmbed(3, d, cfg.patch, cfg.patch)
         self.patch_pos = nn.Parameter(torch.randn(1, n_patches, d) * 0.02)
         self.camera_embed = nn.Parameter(torch.randn(max(1, len(self.cameras)), 1, d) * 0.02)
-        self.vision = _encoder(d, cfg.heads, cfg.vision_layers)
+        self.vision = Encoder(d, cfg.heads, cfg.vision_layers)
         # Language: characters -> embeddings -> transformer.
         self.char_embed = nn.Embedding(128, d, padding_idx=0)
         self.text_pos = nn.Parameter(torch.randn(1, cfg.text_len, d) * 0.02)
-        self.text = _encoder(d, cfg.heads, cfg.text_layers)
+        self.text = Encoder(d, cfg.heads, cfg.text_layers)
         # Body sense: one token from the proprioceptive state.
         self.state_proj = nn.Sequential(RowLinear(state_dim, d), nn.GELU(), RowLinear(d, d))
         # Fusion over [vision | text | state] (+ H action queries for the token head).
-        self.fusion = _encoder(d, cfg.heads, cfg.fusion_layers)
+        self.fusion = Encoder(d, cfg.heads, cfg.fusion_layers)
         self.norm = nn.LayerNorm(d)
         if head == "tokens":
             self.queries = nn.Parameter(torch.randn(1, chunk_len, d) * 0.02)
@@ -235,7 +306,7 @@ class TinyVLA(nn.Module):
             x = img.to(self.patch_pos.dtype).div_(255.0)
             if x.shape[-1] != self.cfg.image_size or x.shape[-2] != self.cfg.image_size:
                 x = F.interpolate(x, size=self.cfg.image_size, mode="bilinear", align_corners=False)
-            p = self.patch_embed(x).flatten(2).transpose(1, 2) + self.patch_pos
+            p = self.patch_embed(x) + self.patch_pos
             out.append(self.vision(p) + self.camera_embed[i])
         return out
 
@@ -244,7 +315,7 @@ class TinyVLA(nn.Module):
         if state.shape[-1] != self.state_dim:
             raise ValueError(f"state has {state.shape[-1]} dims, TinyVLA expects {self.state_dim}")
         chars = self._chars(schema.instructions(td), state.device)
-        text = self.text(self.char_embed(chars) + self.text_pos, src_key_padding_mask=chars == 0)
+        text = self.text(self.char_embed(chars) + self.text_pos, pad=chars == 0)
         text = text.masked_fill((chars == 0).unsqueeze(-1), 0.0)
         tokens = [*self._vision_tokens(td), text, self.state_proj(state.float()).unsqueeze(1)]
         return torch.cat(tokens, dim=1)
