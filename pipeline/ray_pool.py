@@ -242,9 +242,7 @@ class RayPool:
 
     def _attach(self, node: _Node, timeout: float, slots: dict | None) -> None:
         lay = self.layout
-        ref = node.actor.attach.remote(
-            lay.num_envs, lay.chunk_len, lay.num_workers, timeout, slots
-        )
+        ref = node.actor.attach.remote(lay.num_envs, lay.chunk_len, lay.num_workers, timeout, slots)
         node.pids = self._get(node, ref, timeout + 60, "attaching shared memory")
         self._poll(node)
 
@@ -462,6 +460,8 @@ class RayPool:
             for n in nodes:
                 with contextlib.suppress(Exception):
                     ray.kill(n.actor)
+            for n in nodes:
+                _await_death(ray, n.actor, deadline=time.monotonic() + 10)
                 n.actor, n.poll = None, None
         shm, self.shm = getattr(self, "shm", None), None
         if shm is not None:
@@ -472,3 +472,17 @@ class RayPool:
 
     def __repr__(self) -> str:
         return f"RayPool({len(self.nodes)} nodes, {self.num_workers} workers, pid {os.getpid()})"
+
+
+def _await_death(ray, actor, deadline: float) -> None:
+    """Return once ``actor`` is dead (or at ``deadline``). ``ray.kill`` only asks the GCS to
+    kill it: a call sent just after can still be served, so close() would return with the
+    actor alive."""
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.RayActorError:
+            return
+        except Exception:  # a timeout: the deadline has passed
+            return
+        time.sleep(0.05)
