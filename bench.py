@@ -8,6 +8,7 @@
     python bench.py scheduler       # dynamic batching vs fixed stages vs lock-step, by step CV
     python bench.py lookahead       # latency-aware chunk execution: throughput, idle, success
     python bench.py plan            # capacity planner: cores per GPU, validated here
+    python bench.py ray             # the Ray backend against local; 1 vs 2 simulated nodes
     python bench.py soak            # soak and chaos: RSS, descriptors, /dev/shm, restarts
     python bench.py embedding       # worker RSS and threads when embedded in a trainer script
     python bench.py training        # GRPO demo; synchronous vs overlapped training
@@ -29,6 +30,7 @@ SUITES = {
     "scheduler": "benchmarks.scheduler",
     "lookahead": "benchmarks.lookahead",
     "plan": "benchmarks.plan",
+    "ray": "benchmarks.scaleout",
     "soak": "benchmarks.soak",
     "embedding": "benchmarks.embedding",
     "training": "benchmarks.training",

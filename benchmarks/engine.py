@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import torch
 
 import envs
@@ -39,19 +40,30 @@ def _median(xs):
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+def machine_cpu_s() -> float:
+    """CPU seconds this machine's cores have been busy (every process: the loop, the
+    workers, a backend's own processes such as Ray's raylets and actors)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0)
+
+
 def measure(engine: RolloutEngine, decisions: int, windows: int) -> dict:
-    """Median figures over ``windows`` rollout() calls after one warm-up call."""
+    """Median figures over ``windows`` rollout() calls after one warm-up call;
+    ``cpu_s``: the machine's busy CPU seconds in the window."""
     engine.rollout(max(2, decisions // 2))
     per = []
     for _ in range(windows):
         engine.stats.reset()
+        cpu0 = machine_cpu_s()
         t0 = time.perf_counter()
         engine.rollout(decisions)
         wall = time.perf_counter() - t0
+        cpu = machine_cpu_s() - cpu0
         st = engine.stats
         per.append(
             {
                 "wall_s": wall,
+                "cpu_s": cpu,
                 "decisions_per_s": st.decisions / wall,
                 "env_steps_per_s": st.env_steps / wall,
                 "worker_busy_s": (st.worker_env_ns + st.worker_write_ns).tolist(),
@@ -64,7 +76,8 @@ def measure(engine: RolloutEngine, decisions: int, windows: int) -> dict:
             }
         )
     out = {
-        k: _median([w[k] for w in per]) for k in ("wall_s", "decisions_per_s", "env_steps_per_s")
+        k: _median([w[k] for w in per])
+        for k in ("wall_s", "cpu_s", "decisions_per_s", "env_steps_per_s")
     }
     out["spread_decisions_per_s"] = [
         min(w["decisions_per_s"] for w in per),

@@ -29,6 +29,7 @@ the loop (transport included) becomes the limit, with a plot.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, replace
@@ -60,6 +61,12 @@ class Scenario:
     loop_call_ms: float = 0.0  # the loop's host work per policy call
     loop_env_ms: float = 0.0  # ... and per env in it (transport included)
     lookahead: int = 2
+    # Where the loop and the transport run on the workers' own cores (one machine, simulated
+    # nodes), their CPU per policy call competes with the physics: the cores, and that CPU.
+    # None: the inference node has cores of its own, as on a real cluster.
+    shared_cores: int | None = None
+    loop_cpu_call_ms: float = 0.0
+    loop_cpu_env_ms: float = 0.0
 
     def latency(self, b: float) -> float:
         return self.base_ms + self.per_item_ms * b
@@ -67,6 +74,10 @@ class Scenario:
     def turn(self, b: float) -> float:
         """A policy call for ``b`` envs with the loop's work around it."""
         return self.latency(b) + self.loop_call_ms + self.loop_env_ms * b
+
+    def call_cpu(self, b: float) -> float:
+        """CPU (on shared cores) of the loop and the transport for one call of ``b`` envs."""
+        return self.loop_cpu_call_ms + self.loop_cpu_env_ms * b
 
     @property
     def decision_ms(self) -> float:
@@ -84,6 +95,8 @@ def _staged(s: Scenario, stages: int, d: int) -> tuple[float, float, float]:
     own = turn + step - min(per_worker * d * s.step_ms, turn)
     every = math.ceil(s.num_envs / min(s.workers, s.num_envs)) * s.decision_ms  # per worker
     cycle = max(stages * turn, every, own)
+    if s.shared_cores:  # a cycle's physics and loop CPU, spread over the shared cores
+        cycle = max(cycle, (s.num_envs * s.decision_ms + stages * s.call_cpu(b)) / s.shared_cores)
     return s.num_envs, cycle, stages * s.latency(b)
 
 
@@ -95,6 +108,8 @@ def _dynamic(s: Scenario) -> tuple[float, float, float]:
     for _ in range(500):
         b = min(float(n), max(1.0, x * s.turn(b)))
         x_new = min(w / c, b / s.turn(b), n / (c + s.turn(b)))
+        if s.shared_cores:
+            x_new = min(x_new, s.shared_cores / (c + s.call_cpu(b) / b))
         if abs(x_new - x) <= 1e-12:
             break
         x = 0.5 * (x + x_new)
@@ -151,52 +166,75 @@ def cores_for(s: Scenario, schedule: str, target: float = 0.9, max_cores: int = 
 
 
 # -- validation on this machine ---------------------------------------------------------------
-def _calibrate_loop(args) -> tuple[float, float]:
-    """(ms per policy call, ms per env) of the loop and the frames around it, from
-    lock-step turns of a zero-cost env and a zero-latency policy with 2 and 8 envs."""
+@dataclass(frozen=True)
+class LoopCost:
+    """The loop's cost per policy call and per env in it: wall time (serial with the call),
+    and the machine's CPU (every process: loop, workers' frame handling, a backend's own)."""
+
+    call_ms: float
+    env_ms: float
+    cpu_call_ms: float
+    cpu_env_ms: float
+
+
+def calibrate_loop(args, env_kwargs: dict | None = None, **engine_kw) -> LoopCost:
+    """The loop's :class:`LoopCost`, from lock-step turns of a zero-cost env and a
+    zero-latency policy with 2 and 8 envs; ``engine_kw`` picks the backend
+    (``backend="ray", workers_per_node=1``)."""
     from benchmarks.engine import measure
     from pipeline import RolloutEngine
     from pipeline.policies import LatencyPolicy
 
-    turn = {}
+    turn, cpu = {}, {}
+    toy = dict(state_dim=16, episode_len=10_000, **(env_kwargs or {}))
     for n in (2, 8):
         policy = LatencyPolicy(state_dim=16, chunk_len=args.chunk, deterministic=True)
         with RolloutEngine(
             "toy", policy, num_envs=n, num_workers=2, mode="sync", num_stages=1,
-            env_kwargs=dict(state_dim=16, episode_len=10_000),
+            env_kwargs=toy, **engine_kw,
         ) as engine:  # fmt: skip
             m = measure(engine, 200, args.windows)
         turn[n] = 1000 / m["decisions_per_s"] * n  # ms per lock-step turn
-    per_env = (turn[8] - turn[2]) / 6
-    return max(0.0, turn[2] - 2 * per_env), per_env
+        per_turn = [
+            1000 * w["cpu_s"] * n / (w["decisions_per_s"] * w["wall_s"]) for w in m["windows"]
+        ]
+        cpu[n] = sorted(per_turn)[len(per_turn) // 2]
+    per_env, cpu_env = (turn[8] - turn[2]) / 6, (cpu[8] - cpu[2]) / 6
+    per_env, cpu_env = max(0.0, per_env), max(0.0, cpu_env)  # (noise can make them < 0)
+    return LoopCost(
+        max(0.0, turn[2] - 2 * per_env), per_env, max(0.0, cpu[2] - 2 * cpu_env), cpu_env
+    )
 
 
-def validate(args) -> dict:
-    from benchmarks.engine import calibrate_env_ms, measure
+ENGINE_KW = {
+    "lock-step": dict(mode="sync", num_stages=1),
+    "2-stage": dict(num_stages=2),
+    "dynamic": dict(schedule="dynamic"),
+    "lookahead": dict(num_stages=1),
+    "2-stage + lookahead": dict(num_stages=2),
+}
+
+
+def compare(args, step_ms: float, configs: list[tuple], schedules=tuple(ENGINE_KW)) -> list[dict]:
+    """Predicted against measured decisions/s for each ``(label, workers, engine_kw,
+    LoopCost)`` config and schedule, on toy envs at ``step_ms`` per step with
+    ``LatencyPolicy``; prints a row each. Everything runs on this machine, so the model
+    shares its cores between the workers, the loop and the transport; the prediction
+    without that contention is printed beside it."""
+    from benchmarks.engine import measure
     from pipeline import RolloutEngine
     from pipeline.policies import LatencyPolicy
 
     toy = dict(state_dim=16, episode_len=10_000, step_cost_us=args.step_cost_us)
     d = args.lookahead
-    step_ms = calibrate_env_ms(toy, args.chunk) / args.chunk
-    call_ms, env_ms = _calibrate_loop(args)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(
-        f"validate: toy envs at {step_ms:.2f} ms per control step (measured), chunks of "
-        f"{args.chunk} (lookahead: {d} of them frozen, windows of {args.chunk - d}), "
-        f"{args.envs} envs, LatencyPolicy L(B) = {args.base_ms} + {args.per_item_ms} ms x B; "
-        f"loop cost measured {call_ms:.3f} ms per call + {env_ms:.3f} ms per env"
+        f"  {'config':<24}{'schedule':<22}{'predicted':>10}{'measured':>10}{'error':>8}"
+        f"{'own-cores model':>17}{'error':>8}"
     )
-    print(f"  {'workers':<8}{'schedule':<22}{'predicted':>10}{'measured':>10}{'error':>8}")
-    engine_kw = {
-        "lock-step": dict(mode="sync", num_stages=1),
-        "2-stage": dict(num_stages=2),
-        "dynamic": dict(schedule="dynamic"),
-        "lookahead": dict(num_stages=1, lookahead=d),
-        "2-stage + lookahead": dict(num_stages=2, lookahead=d),
-    }
     rows = []
-    for workers in (1, 2):
-        for schedule, kw in engine_kw.items():
+    for label, workers, config_kw, loop in configs:
+        for schedule in schedules:
             ahead = "lookahead" in schedule
             scenario = Scenario(
                 num_envs=args.envs,
@@ -206,31 +244,72 @@ def validate(args) -> dict:
                 chunk_len=args.chunk,
                 base_ms=args.base_ms,
                 per_item_ms=args.per_item_ms,
-                loop_call_ms=call_ms,
-                loop_env_ms=env_ms,
+                loop_call_ms=loop.call_ms,
+                loop_env_ms=loop.env_ms,
                 lookahead=d,
             )
-            predicted = predict(scenario, schedule)["decisions_per_s"]
+            apart = predict(scenario, schedule)["decisions_per_s"]
+            scenario = replace(
+                scenario,
+                shared_cores=cores,
+                loop_cpu_call_ms=loop.cpu_call_ms,
+                loop_cpu_env_ms=loop.cpu_env_ms,
+            )
+            predicted = predict(scenario, schedule)
             policy = LatencyPolicy(
                 state_dim=16, chunk_len=args.chunk, base_ms=args.base_ms,
                 per_item_ms=args.per_item_ms,
             )  # fmt: skip
+            kw = dict(ENGINE_KW[schedule], **config_kw, lookahead=d if ahead else 0)
             with RolloutEngine(
                 "toy", policy, num_envs=args.envs, num_workers=workers, env_kwargs=toy, **kw
             ) as engine:
-                measured = measure(engine, args.decisions, args.windows)["decisions_per_s"]
-            error = predicted / measured - 1
+                m = measure(engine, args.decisions, args.windows)
+            measured = m["decisions_per_s"]
+            busy = sorted(w["policy_s"] / w["wall_s"] for w in m["windows"])[len(m["windows"]) // 2]
+            error = predicted["decisions_per_s"] / measured - 1
             rows.append(
-                dict(workers=workers, schedule=schedule, predicted=predicted,
-                     measured=measured, error=error)
+                dict(config=label, workers=workers, schedule=schedule,
+                     predicted=predicted["decisions_per_s"], measured=measured, error=error,
+                     predicted_own_cores=apart, error_own_cores=apart / measured - 1,
+                     predicted_gpu_busy=predicted["gpu_busy"], measured_gpu_busy=busy)
             )  # fmt: skip
             print(
-                f"  {workers:<8}{schedule:<22}{predicted:>10.1f}{measured:>10.1f}{error:>+8.0%}",
+                f"  {label:<24}{schedule:<22}{predicted['decisions_per_s']:>10.1f}"
+                f"{measured:>10.1f}{error:>+8.0%}{apart:>17.1f}{apart / measured - 1:>+8.0%}",
                 flush=True,
             )
-    errors = sorted(abs(r["error"]) for r in rows)
-    print(f"  median |error| {errors[len(errors) // 2]:.0%}, largest {errors[-1]:.0%}")
-    return {"step_ms": step_ms, "loop_call_ms": call_ms, "loop_env_ms": env_ms, "rows": rows}
+    for key in ("error", "error_own_cores"):
+        errors = sorted(abs(r[key]) for r in rows)
+        print(
+            f"  {'shared-cores' if key == 'error' else 'own-cores'} model: median |error| "
+            f"{errors[len(errors) // 2]:.0%}, largest {errors[-1]:.0%}"
+        )
+    return rows
+
+
+def validate(args) -> dict:
+    from benchmarks.engine import calibrate_env_ms
+
+    toy = dict(state_dim=16, episode_len=10_000, step_cost_us=args.step_cost_us)
+    step_ms = calibrate_env_ms(toy, args.chunk) / args.chunk
+    loop = calibrate_loop(args)
+    print(
+        f"validate: toy envs at {step_ms:.2f} ms per control step (measured), chunks of "
+        f"{args.chunk} (lookahead: {args.lookahead} of them frozen, windows of "
+        f"{args.chunk - args.lookahead}), {args.envs} envs, LatencyPolicy L(B) = "
+        f"{args.base_ms} + {args.per_item_ms} ms x B; loop cost measured {loop_text(loop)}"
+    )
+    configs = [(f"local, {w} worker{'s' * (w > 1)}", w, {}, loop) for w in (1, 2)]
+    rows = compare(args, step_ms, configs)
+    return {"step_ms": step_ms, "loop": dataclasses.asdict(loop), "rows": rows}
+
+
+def loop_text(loop: LoopCost) -> str:
+    return (
+        f"{loop.call_ms:.3f} ms per call + {loop.env_ms:.3f} ms per env (wall), "
+        f"{loop.cpu_call_ms:.3f} + {loop.cpu_env_ms:.3f} ms (machine CPU)"
+    )
 
 
 # -- the seed scenario -------------------------------------------------------------------------
@@ -326,7 +405,11 @@ def _plot(out: dict, args) -> None:
     ax1.set_ylabel("env steps / s")
     ax2.set_ylabel("GPU busy (%)")
     ax2.axhline(90, color="grey", ls="--", lw=1)
-    ax1.set_title(f"seed scenario, {args.sweep_envs} envs: throughput (model)")
+    ax1.set_title(
+        f"seed scenario, {args.sweep_envs} envs, transport {args.bandwidth_gbs:g} GB/s: "
+        "throughput (model)",
+        fontsize=10,
+    )
     ax2.set_title("GPU busy (model); dashed: 90%")
     ax1.legend(fontsize=8)
     fig.tight_layout()

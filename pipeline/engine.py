@@ -130,6 +130,18 @@ class RolloutEngine:
     is unaffected (see ``engine.failures``). ``"raise"`` raises instead. Errors not recovered
     raise an :class:`EngineError` subclass and close the engine; nothing is left running,
     and the shared memory (an anonymous memfd) is gone with the last process.
+
+    Scale-out: ``backend="ray"`` runs the workers on the nodes of a Ray cluster,
+    ``workers_per_node`` to a node (default: all on one), each node's share in a Ray actor
+    with its own shared memory; inference stays in this process, and the output is bitwise
+    the local backend's (:mod:`pipeline.ray_pool`). It connects to ``ray_address`` unless
+    Ray is already initialized. A lost node actor is replaced like a dead worker (its
+    workers' episodes aborted and re-run), under the same ``max_restarts``.
+
+    Example:
+        >>> ray.init(address="auto")
+        >>> engine = RolloutEngine("tabletop/pick-place", policy, num_envs=256,
+        ...                        num_workers=64, backend="ray", workers_per_node=16)
     """
 
     def __init__(
