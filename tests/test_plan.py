@@ -40,3 +40,18 @@ def test_lookahead_removes_the_wait_when_d_steps_cover_the_turn():
 def test_unknown_schedule_is_named():
     with pytest.raises(ValueError, match="schedule='fifo'"):
         predict(SEED, "fifo")
+
+
+def test_shared_cores_bound_a_cycle_by_its_cpu():
+    # 2 workers on 2 cores: 8 envs x 8 ms of physics per cycle; 2 stages' calls take 3 ms of
+    # loop and transport CPU each on the same cores. Own cores: the workers' 32 ms bound it;
+    # shared: (64 + 2 x 3) / 2 = 35 ms.
+    s = Scenario(num_envs=8, workers=2, step_ms=1.0, exec_len=8, chunk_len=8,
+                 base_ms=1.0, per_item_ms=0.0)  # fmt: skip
+    shared = replace(s, shared_cores=2, loop_cpu_call_ms=3.0)
+    assert 1000 / predict(s, "2-stage")["decisions_per_s"] * 8 == pytest.approx(32.0)
+    assert 1000 / predict(shared, "2-stage")["decisions_per_s"] * 8 == pytest.approx(35.0)
+    # Dynamic batching pays the call's CPU per batch: never faster than cores / (c + cpu/B).
+    dyn = predict(shared, "dynamic")
+    assert dyn["decisions_per_s"] <= 1000 * 2 / (8 + 3.0 / dyn["batch"]) + 1e-9
+    assert dyn["decisions_per_s"] < predict(s, "dynamic")["decisions_per_s"]
