@@ -39,3 +39,18 @@ def failing_env(**kw):
 
     env._apply = bad
     return env
+
+
+def stuck_env(**kw):
+    """A toy env whose first chunk never ends (for the watchdog)."""
+    import time
+
+    import envs
+
+    env = envs.make("toy", **kw)
+
+    def stuck(actions):
+        time.sleep(3600)
+
+    env.step_chunk = stuck
+    return env

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_identical
+from helpers import assert_identical, stuck_env
 
 import envs
 from pipeline import RolloutEngine, WorkerStuckError
@@ -154,24 +154,10 @@ def test_dynamic_batches_give_bitwise_the_synchronous_trajectories():
     assert len(seen) >= 3, f"batch sizes {sorted(seen)}: the compositions did not vary"
 
 
-def _sleeps_forever(**kw):
-    import time
-
-    import envs as E
-
-    env = E.make("toy", **kw)
-
-    def stuck(actions):
-        time.sleep(3600)
-
-    env.step_chunk = stuck
-    return env
-
-
 def test_a_stuck_worker_is_found_by_the_dynamic_loop_too():
     policy = LatencyPolicy(state_dim=8, chunk_len=4)
     e = RolloutEngine(
-        _sleeps_forever, policy, num_envs=4, schedule="dynamic", env_kwargs=dict(state_dim=8),
+        stuck_env, policy, num_envs=4, schedule="dynamic", env_kwargs=dict(state_dim=8),
         hang_timeout_s=2.0, on_worker_failure="raise",
     )  # fmt: skip
     with pytest.raises(WorkerStuckError, match="is stuck: its progress counter stayed at"):

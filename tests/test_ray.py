@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_identical, failing_env, shm_segments
+from helpers import assert_identical, failing_env, shm_segments, stuck_env
 
 from benchmarks.ray_cluster import LOOPBACK, loopback_cluster, ray_processes
-from pipeline import EnvError, RolloutEngine
+from pipeline import EnvError, RolloutEngine, WorkerStuckError
 from pipeline.policies import LatencyPolicy
 
 ray = pytest.importorskip("ray")
@@ -155,6 +155,16 @@ def test_env_error_on_a_node_reaches_the_caller_with_its_traceback(cluster):
     assert engine.closed
     for pid in pids:
         assert not _alive(pid)
+
+
+def test_stuck_worker_on_a_node_is_found_by_its_watchdog(cluster):
+    engine = RolloutEngine(
+        stuck_env, _policy(), num_envs=4, num_workers=2, env_kwargs=dict(state_dim=8),
+        hang_timeout_s=2.0, on_worker_failure="raise", backend="ray", workers_per_node=1,
+    )  # fmt: skip
+    with pytest.raises(WorkerStuckError, match="is stuck: its progress counter stayed at"):
+        engine.rollout(2)
+    assert engine.closed
 
 
 def test_profile_shows_each_nodes_workers(cluster):
