@@ -187,7 +187,22 @@ class RestartBudget:
         )  # fmt: skip
 
 
-class WorkerPool:
+class Budgeted:
+    """A pool's view of its :class:`RestartBudget`: what the engine reports as
+    ``engine.failures`` and ``engine.restarts``, whichever backend runs the workers."""
+
+    budget: RestartBudget
+
+    @property
+    def failures(self) -> deque[Failure]:
+        return self.budget.failures
+
+    @property
+    def restarts(self) -> int:
+        return self.budget.restarts
+
+
+class WorkerPool(Budgeted):
     """``num_workers`` env worker processes around one shared segment.
 
     Example:
@@ -354,14 +369,6 @@ class WorkerPool:
         raise EngineTimeout(f"worker {w} did not finish {doing} within {timeout:.0f} s", worker=w)
 
     # -- running -----------------------------------------------------------------------------
-    @property
-    def failures(self) -> deque[Failure]:
-        return self.budget.failures
-
-    @property
-    def restarts(self) -> int:
-        return self.budget.restarts
-
     def pids(self) -> list[int]:
         return [self.procs[w].pid for w in self.local]
 

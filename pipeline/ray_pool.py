@@ -38,7 +38,7 @@ from envs.spec import EnvSpec
 from pipeline import errors
 from pipeline.errors import EngineError, EngineTimeout, WorkerDiedError, WorkerStuckError
 from pipeline.layout import Layout, SharedBuffers
-from pipeline.pool import Failure, RestartBudget
+from pipeline.pool import Budgeted, RestartBudget
 from pipeline.profiler.spans import SpanRing
 from pipeline.ray_node import POLL_PERIOD_S, NodeActor, stage_rows
 
@@ -101,7 +101,7 @@ class _Node:
         self.pids: list[int] = []
 
 
-class RayPool:
+class RayPool(Budgeted):
     """The engine's workers on Ray nodes, ``workers_per_node`` to a node.
 
     Example:
@@ -357,14 +357,6 @@ class RayPool:
         return frames
 
     # -- failures ----------------------------------------------------------------------------
-    @property
-    def failures(self) -> deque[Failure]:
-        return self.budget.failures
-
-    @property
-    def restarts(self) -> int:
-        return self.budget.restarts
-
     def can_replace(self, exc: BaseException) -> bool:
         return (
             isinstance(exc, EngineError)
