@@ -36,7 +36,13 @@ import numpy as np
 
 from envs.spec import EnvSpec
 from pipeline import errors
-from pipeline.errors import EngineError, EngineTimeout, WorkerDiedError, WorkerStuckError
+from pipeline.errors import (
+    EngineError,
+    EngineTimeout,
+    EnvError,
+    WorkerDiedError,
+    WorkerStuckError,
+)
 from pipeline.layout import Layout, SharedBuffers
 from pipeline.pool import Budgeted, RestartBudget
 from pipeline.profiler.spans import SpanRing
@@ -223,7 +229,7 @@ class RayPool(Budgeted):
                 self._new_actor(node)
             hellos = [n.actor.hello.remote(start_timeout_s) for n in self.nodes]
             specs = [
-                self._get(n, ref, start_timeout_s + 60, "creating its envs")
+                self._hello_or_restart(n, ref, start_timeout_s)
                 for n, ref in zip(self.nodes, hellos, strict=True)
             ]
             if any(repr(s) != repr(specs[0]) for s in specs):
@@ -239,6 +245,29 @@ class RayPool(Budgeted):
             self.close()
             raise
         return self.spec
+
+    def _hello_or_restart(self, node: _Node, ref, timeout: float) -> EnvSpec:
+        """The env spec of ``node``'s workers. A node whose start fails (a worker's env
+        factory raised or its process died, or the actor was lost) starts again while the
+        restart budget lasts, as a local worker does; the failure is charged to the worker
+        named. The whole node restarts: its pool closed every worker on the error."""
+        while True:
+            try:
+                return self._get(node, ref, timeout + 60, "creating its envs")
+            except (EnvError, WorkerDiedError) as exc:
+                w = exc.worker if exc.worker is not None else node.workers[0]
+                self.budget.charge(w, exc, -1, self.env_ids[w])  # re-raises when spent
+                self._restart_actor(node)
+                ref = node.actor.hello.remote(timeout)
+
+    def _restart_actor(self, node: _Node) -> None:
+        """Kill ``node``'s actor and start a new one, on the same Ray node if it is alive."""
+        with contextlib.suppress(Exception):
+            self.ray.kill(node.actor)
+        alive = {n["NodeID"] for n in self.ray.nodes() if n["Alive"]}
+        if node.ray_node_id not in alive:
+            node.ray_node_id = self._ray_nodes()[0]
+        self._new_actor(node)
 
     def _attach(self, node: _Node, timeout: float, slots: dict | None) -> None:
         lay = self.layout
@@ -386,12 +415,7 @@ class RayPool(Budgeted):
         return [w]
 
     def _replace_node(self, node: _Node, timeout: float) -> None:
-        with contextlib.suppress(Exception):
-            self.ray.kill(node.actor)
-        alive = {n["NodeID"] for n in self.ray.nodes() if n["Alive"]}
-        if node.ray_node_id not in alive:
-            node.ray_node_id = self._ray_nodes()[0]
-        self._new_actor(node)
+        self._restart_actor(node)
         spec = self._get(node, node.actor.hello.remote(timeout), timeout + 60, "creating its envs")
         if repr(spec) != repr(self.spec):
             raise EngineError(f"replacement node {node.index} has another env spec: {spec}")

@@ -1,6 +1,34 @@
 import os
 import warnings
 
+import pytest
+
 # One BLAS/OpenMP thread per process: the suite must pass on a loaded 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", message="Failed to find system libvulkan")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes of 2 CPUs on loopback (``ray.cluster_utils.Cluster``), once per test
+    module; shutting it down must leave no Ray process and no shared-memory file."""
+    # Imported before Ray: it sets what makes Ray bind loopback only.
+    from benchmarks.ray_cluster import loopback_cluster, ray_processes
+
+    pytest.importorskip("ray")
+
+    before = set(os.listdir("/dev/shm"))
+    with loopback_cluster(nodes=2, cpus_per_node=2) as cluster:
+        yield cluster
+    assert not ray_processes()
+    assert set(os.listdir("/dev/shm")) <= before
+
+
+@pytest.fixture(params=["local", "ray"])
+def backend(request) -> dict:
+    """The engine arguments of each backend, for the behaviour tests that must hold on both:
+    ``RolloutEngine(..., **backend)``. Ray: one worker per node of :func:`ray_cluster`."""
+    if request.param == "local":
+        return {}
+    request.getfixturevalue("ray_cluster")
+    return dict(backend="ray", workers_per_node=1)

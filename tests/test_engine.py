@@ -76,9 +76,9 @@ def test_tinyvla_stochastic_sync_equals_pipelined():
 
 
 # -- 2. nothing misplaced ------------------------------------------------------------------------
-def test_every_byte_lands_at_its_env_and_decision():
+def test_every_byte_lands_at_its_env_and_decision(backend):
     policy = _latency()
-    with _engine(policy, exec_len=3) as e:
+    with _engine(policy, exec_len=3, **backend) as e:
         td = e.rollout(12)
     state = td["observation", "state"].numpy()
     image = td["observation", "image", "cam"].permute(0, 1, 3, 4, 2).numpy()
@@ -114,8 +114,8 @@ def test_every_byte_lands_at_its_env_and_decision():
     assert resets > 8  # auto-resets happened mid-rollout
 
 
-def test_episodes_grouped_and_complete():
-    with _engine(_latency(), num_envs=4, num_stages=2) as e:
+def test_episodes_grouped_and_complete(backend):
+    with _engine(_latency(), num_envs=4, num_stages=2, **backend) as e:
         eps = e.collect_episodes(num_groups=3, group_size=4)
     assert eps.batch_size == (12,)
     seeds = eps["reset_seed"][:, 0]
@@ -139,8 +139,8 @@ def test_episodes_grouped_and_complete():
     assert len(set(eps["env_id"][:, 0].tolist())) == 4
 
 
-def test_rollout_without_auto_reset_masks_finished_envs():
-    with _engine(_latency(), auto_reset=False) as e:
+def test_rollout_without_auto_reset_masks_finished_envs(backend):
+    with _engine(_latency(), auto_reset=False, **backend) as e:
         td = e.rollout(6)  # toy episodes are at most 2 decisions of 4 steps (7 steps)
         assert not td["mask"][:, 2:].any() and td["mask"][:, 0].all()
         idle = ~td["mask"]  # entries without a decision read as zeros and -1 ids
@@ -152,9 +152,9 @@ def test_rollout_without_auto_reset_masks_finished_envs():
         assert td2["is_init"][:, 0].all() and td2["mask"][:, 0].all()
 
 
-def test_policy_version_tracks_weight_updates():
+def test_policy_version_tracks_weight_updates(backend):
     policy = _latency()
-    with _engine(policy) as e:
+    with _engine(policy, **backend) as e:
         a = e.rollout(2)
         with torch.no_grad():
             policy.weight.add_(0.01)  # what an optimizer step does
@@ -188,19 +188,20 @@ def test_env_exception_names_worker_env_and_traceback():
     _assert_gone(pids, before)
 
 
-def test_env_factory_exception_is_reported():
+def test_env_factory_exception_is_reported(backend):
     def factory():
         raise RuntimeError("no such robot")
 
     with pytest.raises(EnvError, match=r"worker \d, env \d .*create.*no such robot"):
         RolloutEngine(
-            factory, _latency(), num_envs=2, num_workers=2, num_stages=1, on_worker_failure="raise"
-        )
+            factory, _latency(), num_envs=2, num_workers=2, num_stages=1,
+            on_worker_failure="raise", **backend,
+        )  # fmt: skip
 
 
-def test_sigkilled_worker_is_detected_within_the_timeout():
+def test_sigkilled_worker_is_detected_within_the_timeout(backend):
     before = shm_segments()
-    e = _engine(_latency(base_ms=50), hang_timeout_s=20, on_worker_failure="raise")
+    e = _engine(_latency(base_ms=50), hang_timeout_s=20, on_worker_failure="raise", **backend)
     pids = e.worker_pids()
     e.rollout(1)
     os.kill(pids[1], signal.SIGKILL)
@@ -244,15 +245,15 @@ class _BadPolicy(torch.nn.Module):
 @pytest.mark.parametrize(
     "kind,match", [("shape", "shape"), ("dtype", "dtype"), ("nan", "NaN"), ("inf", "inf")]
 )
-def test_bad_policy_output_raises_before_the_physics(kind, match):
-    e = _engine(_BadPolicy(kind))
+def test_bad_policy_output_raises_before_the_physics(kind, match, backend):
+    e = _engine(_BadPolicy(kind), **backend)
     with pytest.raises(PolicyOutputError, match=match):
         e.rollout(1)  # an EnvError would mean the bad chunk reached an env
     assert e.closed
 
 
-def test_use_after_close_raises():
-    e = _engine(_latency())
+def test_use_after_close_raises(backend):
+    e = _engine(_latency(), **backend)
     e.close()
     e.close()  # idempotent
     with pytest.raises(EngineClosedError):
@@ -486,8 +487,8 @@ def test_a_result_still_held_is_never_overwritten_and_a_dropped_one_is_reused():
         assert (fresh["observation", "state"][pad] == 0).all()
 
 
-def test_record_obs_keeps_only_the_named_observations():
-    with _engine(_latency(), record_obs=["state"]) as e:
+def test_record_obs_keeps_only_the_named_observations(backend):
+    with _engine(_latency(), record_obs=["state"], **backend) as e:
         td = e.rollout(3)
     assert ("observation", "state") in td.keys(include_nested=True)
     assert ("observation", "image", "cam") not in td.keys(include_nested=True)

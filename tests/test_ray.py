@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_identical, failing_env, shm_segments, stuck_env
 
-from benchmarks.ray_cluster import LOOPBACK, loopback_cluster, ray_processes
+from benchmarks.ray_cluster import LOOPBACK
 from pipeline import EnvError, RolloutEngine, WorkerStuckError
 from pipeline.policies import LatencyPolicy
 
@@ -19,18 +19,9 @@ ray = pytest.importorskip("ray")
 TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=9)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    before = shm_files()
-    with loopback_cluster(nodes=2, cpus_per_node=2) as c:
-        yield c
-    # Shutting the cluster down leaves nothing: no Ray process, no shared-memory file.
-    assert not ray_processes()
-    assert shm_files() <= before
-
-
-def shm_files() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+@pytest.fixture
+def cluster(ray_cluster):
+    return ray_cluster  # conftest: shutting it down must leave no Ray process or shm file
 
 
 def _policy():

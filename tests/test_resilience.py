@@ -75,12 +75,13 @@ def _bad_obs_env(kind, bad_env=1, **kw):
         ("missing", r"missing \['image/cam'\]"),
     ],
 )
-def test_bad_observation_names_env_field_and_expectation(kind, match):
+def test_bad_observation_names_env_field_and_expectation(kind, match, backend):
     e = _engine(
         _bad_obs_env,
         _latency(),
         env_kwargs=dict(TOY, kind=kind, episode_len=50),
         on_worker_failure="raise",
+        **backend,
     )
     with pytest.raises(ObservationError, match=match) as info:
         e.rollout(4)
@@ -191,8 +192,8 @@ class _HalfPolicy(torch.nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_low_and_high_precision_action_chunks_are_accepted(dtype):
-    with _engine("toy", _HalfPolicy(dtype)) as e:
+def test_low_and_high_precision_action_chunks_are_accepted(dtype, backend):
+    with _engine("toy", _HalfPolicy(dtype), **backend) as e:
         td = e.rollout(3)
     chunk = td[schema.ACTION_CHUNK]
     assert chunk.dtype == torch.float32 and td["mask"].all()
@@ -268,7 +269,7 @@ def _flaky_factory(marker_dir, how, crashes=1, **kw):
     return env
 
 
-def _rollout_pair(tmp_path, how, crashes, schedule="stages"):
+def _rollout_pair(tmp_path, how, crashes, schedule="stages", backend=None):
     """The same calls without and with the fault (the faulted run on ``schedule``)."""
     kwargs = dict(TOY, episode_len=9)
     runs = {}
@@ -277,7 +278,8 @@ def _rollout_pair(tmp_path, how, crashes, schedule="stages"):
         marker_dir.mkdir()
         env_kwargs = dict(kwargs, marker_dir=str(marker_dir), how=how, crashes=crashes * fault)
         sched = dict(schedule=schedule if fault else "stages")
-        with _engine(_flaky_factory, _latency(), num_envs=8, env_kwargs=env_kwargs, **sched) as e:
+        kw = dict(num_envs=8, env_kwargs=env_kwargs, **sched, **(backend or {}))
+        with _engine(_flaky_factory, _latency(), **kw) as e:
             runs[fault] = (e.rollout(10), e.collect_episodes(2, 4), e.stats.restarts, e.failures)
     return runs
 
@@ -293,9 +295,9 @@ def _rollout_pair(tmp_path, how, crashes, schedule="stages"):
     ],
 )
 def test_failed_worker_is_replaced_and_other_envs_are_bitwise_unchanged(
-    tmp_path, how, crashes, schedule
+    tmp_path, how, crashes, schedule, backend
 ):
-    runs = _rollout_pair(tmp_path, how, crashes, schedule)
+    runs = _rollout_pair(tmp_path, how, crashes, schedule, backend)
     clean, clean_eps, clean_restarts, _ = runs[False]
     td, eps, restarts, failures = runs[True]
     assert clean_restarts == 0 and restarts == crashes and len(failures) == crashes
@@ -336,7 +338,7 @@ def test_failed_worker_is_replaced_and_other_envs_are_bitwise_unchanged(
     assert_identical(eps, clean_eps)
 
 
-def test_episode_groups_come_back_complete_after_a_fault(tmp_path):
+def test_episode_groups_come_back_complete_after_a_fault(tmp_path, backend):
     """A fault inside collect_episodes: the aborted member re-runs with the same reset seed;
     every episode is bitwise the fault-free one except which env ran it."""
     eps = {}
@@ -346,7 +348,7 @@ def test_episode_groups_come_back_complete_after_a_fault(tmp_path):
         env_kwargs = dict(
             TOY, episode_len=9, marker_dir=str(marker_dir), how="kill", crashes=int(fault)
         )
-        with _engine(_flaky_factory, _latency(), num_envs=8, env_kwargs=env_kwargs) as e:
+        with _engine(_flaky_factory, _latency(), num_envs=8, env_kwargs=env_kwargs, **backend) as e:
             eps[fault] = e.collect_episodes(3, 4)
             assert e.stats.restarts == int(fault)
     clean, got = eps[False], eps[True]
@@ -370,8 +372,9 @@ def _bad_factory(marker_dir, **kw):
     return E.make("toy", **kw)
 
 
-def test_factory_failing_once_at_start_up_is_replaced(tmp_path):
-    with _engine(_bad_factory, _latency(), env_kwargs=dict(TOY, marker_dir=str(tmp_path))) as e:
+def test_factory_failing_once_at_start_up_is_replaced(tmp_path, backend):
+    kw = dict(env_kwargs=dict(TOY, marker_dir=str(tmp_path)), **backend)
+    with _engine(_bad_factory, _latency(), **kw) as e:
         assert e.rollout(2)["mask"].all()
         (failure,) = e.failures
     assert failure.worker == 1 and "license server unreachable" in failure.error
@@ -381,9 +384,9 @@ def _always_fails(**kw):
     raise OSError("no such robot")
 
 
-def test_factory_that_always_fails_does_not_loop_forever():
+def test_factory_that_always_fails_does_not_loop_forever(backend):
     with pytest.raises(EnvError, match="no such robot") as info:
-        _engine(_always_fails, _latency(), max_restarts=50)
+        _engine(_always_fails, _latency(), max_restarts=50, **backend)
     assert any("in a row" in note for note in info.value.__notes__)
 
 
@@ -399,8 +402,8 @@ def _always_crashes(**kw):
     return env
 
 
-def test_restart_budget_is_finite():
-    e = _engine(_always_crashes, _latency(), max_restarts=2)
+def test_restart_budget_is_finite(backend):
+    e = _engine(_always_crashes, _latency(), max_restarts=2, **backend)
     with pytest.raises(EnvError, match="diverged") as info:
         e.rollout(4)
     assert any("budget of 2 is spent" in note for note in info.value.__notes__)
@@ -422,7 +425,7 @@ def _sleeps_forever(**kw):
     return env
 
 
-def test_stuck_worker_is_reported_with_its_stack():
+def test_stuck_worker_is_reported_with_its_stack(backend):
     import inspect
 
     line = (
@@ -433,7 +436,9 @@ def test_stuck_worker_is_reported_with_its_stack():
         )
         + inspect.getsourcelines(_sleeps_forever)[1]
     )
-    e = _engine(_sleeps_forever, _latency(), hang_timeout_s=2.0, on_worker_failure="raise")
+    e = _engine(
+        _sleeps_forever, _latency(), hang_timeout_s=2.0, on_worker_failure="raise", **backend
+    )
     with pytest.raises(WorkerStuckError) as info:
         e.rollout(2)
     msg = str(info.value)
