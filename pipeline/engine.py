@@ -389,6 +389,11 @@ class RolloutEngine:
     def worker_pids(self) -> list[int]:
         return self._pool.pids()
 
+    def local_worker_pids(self) -> list[int | None]:
+        """Per worker, its pid if it runs on this machine, else None (a Ray node elsewhere):
+        what the profiler's CPU sampler can watch."""
+        return self._pool.local_pids()
+
     def placement(self) -> list[dict]:
         """Where the workers run, per node: ``{"node", "address", "workers", "pids"}`` (and
         ``"ray_node_id"`` on the Ray backend). The local backend is one node.

@@ -372,6 +372,10 @@ class WorkerPool(Budgeted):
     def pids(self) -> list[int]:
         return [self.procs[w].pid for w in self.local]
 
+    def local_pids(self) -> list[int | None]:
+        """Per worker, its pid where this machine's psutil can watch it: all of them here."""
+        return self.pids()
+
     def placement(self) -> list[dict]:
         """Where the workers run: one node, this machine."""
         return [{"node": 0, "address": "local", "workers": list(self.local), "pids": self.pids()}]

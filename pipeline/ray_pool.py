@@ -433,6 +433,22 @@ class RayPool(Budgeted):
     def pids(self) -> list[int]:
         return [pid for node in self.nodes for pid in node.pids]
 
+    def local_pids(self) -> list[int | None]:
+        """Per worker, its pid if its node runs on this machine (same address as the
+        driver), else None: a pid from another machine names some other process here."""
+        address = {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes()}
+        here = self.driver_address
+        return [
+            pid if address.get(n.ray_node_id) == here else None
+            for n in self.nodes
+            for pid in n.pids
+        ]
+
+    @functools.cached_property
+    def driver_address(self) -> str:
+        """The address of the driver's machine, as Ray's nodes report theirs."""
+        return self.ray.util.get_node_ip_address()
+
     def placement(self) -> list[dict]:
         """Where each node runs: its Ray node id and address, its workers and their pids."""
         address = {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes()}

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -168,6 +169,24 @@ def test_profile_shows_each_nodes_workers(cluster):
     for w in range(4):
         physics = report.phase(f"node {w // 2} worker {w}", "physics")
         assert physics["wall_s"] > 0 and physics["cpu_s"] > 0
+
+
+def test_workers_on_another_machine_are_not_sampled_by_pid(cluster):
+    # A pid from another machine names some other process here: psutil must not read it.
+    with _engine(backend="ray", num_workers=4, workers_per_node=2) as e:
+        assert e.local_worker_pids() == e.worker_pids()  # every loopback node is here
+        e._pool.driver_address = "10.0.0.1"  # as if the driver ran on another machine
+        assert e.local_worker_pids() == [None] * 4
+        with e.profile() as prof:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.5:  # a few of the sampler's 0.5 s periods
+                e.rollout(6)
+    report = prof.report()
+    loop, *workers = report.processes
+    assert loop.sampled_cpu_pct >= 0  # the driver is sampled
+    for p in workers:
+        assert p.sampled_cpu_pct != p.sampled_cpu_pct  # NaN: not sampled
+        assert report.phase(p.name, "physics")["cpu_s"] > 0  # its own clocks still count
 
 
 def test_closing_leaves_no_worker_or_actor(cluster):

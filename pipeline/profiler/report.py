@@ -104,8 +104,8 @@ class ProfileReport:
         for w, spans in enumerate(s.worker_spans):
             name = f"node {nodes[w]} worker {w}" if nodes else f"worker {w}"
             procs.append(_process(name, s.pids[w + 1], spans, t0, t1, idle, WORKER_PHASES))
-        for p in procs:
-            vals = [per.get(p.pid) for _, per, _, _ in s.sampler.samples if p.pid in per]
+        for p, pid in zip(procs, s.local_pids, strict=True):
+            vals = [per[pid] for _, per, _, _ in s.sampler.samples if pid in per]
             if vals:
                 p.sampled_cpu_pct = float(np.nanmean(vals))
         report = cls(

@@ -73,6 +73,8 @@ class Profiled(Protocol):
 
     def worker_pids(self) -> list[int]: ...
 
+    def local_worker_pids(self) -> list[int | None]: ...
+
     def worker_rings(self) -> list[SpanRing]: ...
 
     def set_profiling(self, clock: PhaseClock | None) -> None: ...
@@ -115,7 +117,10 @@ class ProfileSession:
         policy = e.policy
         self.simulated = hasattr(policy, "device_intervals")
         self.sim_start = len(policy.device_intervals) if self.simulated else 0
-        self.sampler = CpuSampler([os.getpid(), *e.worker_pids()])
+        # psutil sees this machine only: workers on other machines (Ray) are not sampled,
+        # their CPU per phase comes from their own clocks.
+        self.local_pids = [os.getpid(), *e.local_worker_pids()]
+        self.sampler = CpuSampler([pid for pid in self.local_pids if pid is not None])
         self.sampler.start()
         if getattr(e.device, "type", None) == "cuda":
             import torch
