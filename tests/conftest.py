@@ -2,6 +2,7 @@ import os
 import warnings
 
 import pytest
+from helpers import BACKENDS, backend_args
 
 # One BLAS/OpenMP thread per process: the suite must pass on a loaded 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -17,18 +18,21 @@ def ray_cluster():
 
     pytest.importorskip("ray")
 
+    import psutil
+
     before = set(os.listdir("/dev/shm"))
     with loopback_cluster(nodes=2, cpus_per_node=2) as cluster:
         yield cluster
-    assert not ray_processes()
+        # This cluster's processes are this process's descendants (another Ray on the
+        # machine is not this test's business).
+        ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    left = [p for p in ray_processes() if int(p.split()[0]) in ours]
+    assert not left, left
     assert set(os.listdir("/dev/shm")) <= before
 
 
-@pytest.fixture(params=["local", "ray"])
+@pytest.fixture(params=BACKENDS)
 def backend(request) -> dict:
     """The engine arguments of each backend, for the behaviour tests that must hold on both:
-    ``RolloutEngine(..., **backend)``. Ray: one worker per node of :func:`ray_cluster`."""
-    if request.param == "local":
-        return {}
-    request.getfixturevalue("ray_cluster")
-    return dict(backend="ray", workers_per_node=1)
+    ``RolloutEngine(..., **backend)``."""
+    return backend_args(request)

@@ -54,3 +54,15 @@ def stuck_env(**kw):
 
     env.step_chunk = stuck
     return env
+
+
+BACKENDS = ["local", "ray"]
+
+
+def backend_args(request) -> dict:
+    """``RolloutEngine`` arguments for the backend a parametrized fixture's ``request``
+    names: none for local; Ray: one worker per node of the ``ray_cluster`` fixture."""
+    if request.param == "local":
+        return {}
+    request.getfixturevalue("ray_cluster")
+    return dict(backend="ray", workers_per_node=1)

@@ -19,9 +19,9 @@ def _engine(policy, **kw) -> RolloutEngine:
     return RolloutEngine("toy", policy, **kw)
 
 
-def test_windows_run_the_frozen_prefix_then_the_chunk_and_the_record_says_so():
+def test_windows_run_the_frozen_prefix_then_the_chunk_and_the_record_says_so(backend):
     policy = LatencyPolicy(state_dim=8, chunk_len=8)
-    with _engine(policy, lookahead=2, mode="sync", num_stages=1) as engine:
+    with _engine(policy, lookahead=2, mode="sync", num_stages=1, **backend) as engine:
         assert engine.exec_len == 6  # chunk_len - lookahead leaves room for the prefix
         td = engine.rollout(14)
     chunk, n = td[schema.ACTION_CHUNK], td[schema.PREFIX_LEN]
@@ -156,10 +156,11 @@ def test_flow_guidance_pulls_the_chunk_towards_the_previous_one():
     assert (a[:, soft] - y[:, soft]).abs().mean() < (u[:, soft] - y[:, soft]).abs().mean()
 
 
-def test_auto_lookahead_covers_the_measured_latency():
+def test_auto_lookahead_covers_the_measured_latency(backend):
     policy = LatencyPolicy(state_dim=8, chunk_len=8, base_ms=6)
     kw = dict(state_dim=8, cameras=(), episode_len=200, step_cost_us=1000)
-    with _engine(policy, lookahead="auto", env_kwargs=kw, mode="sync", num_stages=1) as e:
+    args = dict(lookahead="auto", env_kwargs=kw, mode="sync", num_stages=1, **backend)
+    with _engine(policy, **args) as e:
         assert (e.exec_len, e.lookahead.max_d) == (4, 3)
         td = e.rollout(12)
     n = td[schema.PREFIX_LEN][:, 1:]  # a policy call of >= 6 ms needs >= 6 steps of 1 ms:

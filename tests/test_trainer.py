@@ -88,9 +88,9 @@ def _latency():
     return LatencyPolicy(state_dim=8, chunk_len=4, per_item_ms=1)
 
 
-def test_update_weights_during_an_async_call_waits_for_the_call_to_end():
+def test_update_weights_during_an_async_call_waits_for_the_call_to_end(backend):
     trainer_policy = _latency()
-    kw = dict(num_envs=4, num_workers=2, env_kwargs={"state_dim": 8, "episode_len": 7})
+    kw = dict(num_envs=4, num_workers=2, env_kwargs={"state_dim": 8, "episode_len": 7}, **backend)
     with RolloutEngine("toy", copy.deepcopy(trainer_policy), **kw) as e:
         fut = e.collect_episodes_async(2, 2)
         with pytest.raises(Exception, match="still running"):
@@ -108,12 +108,12 @@ def test_update_weights_during_an_async_call_waits_for_the_call_to_end():
     assert (second["policy_version"] == 1).all()
 
 
-def test_max_staleness_drops_and_recollects_old_data():
+def test_max_staleness_drops_and_recollects_old_data(backend):
     torch.manual_seed(0)
     trainer_policy = TinyVLA(state_dim=8, cameras=(), chunk_len=4, temperature=1.0)
     # toy reach: episodes end at different lengths, so outputs hold padding entries
     # (policy_version -1), which must not read as old data
-    kw = dict(num_envs=4, num_workers=2, env_kwargs=REACH)
+    kw = dict(num_envs=4, num_workers=2, env_kwargs=REACH, **backend)
     with RolloutEngine("toy", copy.deepcopy(trainer_policy), max_staleness=0, **kw) as e:
         fut = e.collect_episodes_async(4, 4)
         e.update_weights(trainer_policy, version=1)
@@ -128,8 +128,8 @@ def test_max_staleness_drops_and_recollects_old_data():
             e.update_weights({"weight": torch.zeros(8, 28)}, 2)
 
 
-def test_collect_episodes_with_given_reset_seeds():
-    kw = dict(num_envs=4, num_workers=2, env_kwargs={"state_dim": 8, "episode_len": 7})
+def test_collect_episodes_with_given_reset_seeds(backend):
+    kw = dict(num_envs=4, num_workers=2, env_kwargs={"state_dim": 8, "episode_len": 7}, **backend)
     with RolloutEngine("toy", _latency(), **kw) as e:
         eps = e.collect_episodes(3, 2, reset_seeds=[11, 12, 13])
         again = e.collect_episodes(3, 2, reset_seeds=[11, 12, 13])

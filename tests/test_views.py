@@ -10,12 +10,12 @@ from pipeline.views import steps
 TOY = dict(state_dim=8, cameras=("cam",), image_size=16, episode_len=9)
 
 
-def test_steps_of_episodes_and_rollouts():
+def test_steps_of_episodes_and_rollouts(backend):
     spec = envs.make("toy", **TOY).spec
     torch.manual_seed(0)
     policy = TinyVLA.from_spec(spec, chunk_len=4).eval()
     with RolloutEngine(
-        "toy", policy, num_envs=4, num_workers=2, num_stages=2, env_kwargs=TOY, seed=1
+        "toy", policy, num_envs=4, num_workers=2, num_stages=2, env_kwargs=TOY, seed=1, **backend
     ) as e:
         eps = e.collect_episodes(num_groups=2, group_size=2)
         td = e.rollout(3)
