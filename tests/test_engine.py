@@ -387,9 +387,9 @@ def test_parent_signals_leave_no_workers_or_segments(tmp_path, sig):
         proc.kill()
 
 
-def test_idle_workers_use_no_cpu_while_the_policy_is_slow():
+def test_idle_workers_use_no_cpu_while_the_policy_is_slow(backend):
     policy = _latency(base_ms=200)
-    with _engine(policy, num_stages=1, num_envs=4) as e:
+    with _engine(policy, num_stages=1, num_envs=4, **backend) as e:
         e.rollout(1)
         procs = [psutil.Process(p) for p in e.worker_pids()]
         before = [sum(p.cpu_times()[:2]) for p in procs]
@@ -404,15 +404,14 @@ def test_idle_workers_use_no_cpu_while_the_policy_is_slow():
 
 
 # -- real workload ------------------------------------------------------------------------------
-def test_engine_runs_sapien_pick_place_with_the_expert():
+def test_engine_runs_sapien_pick_place_with_the_expert(backend):
     """Real SAPIEN physics in the workers, images through shared memory, chunked expert."""
     from pipeline.policies import ExpertPolicy
 
     kwargs = dict(cameras=("head",), image_size=64)
     policy = ExpertPolicy("tabletop/pick-place", chunk_len=4)
-    with RolloutEngine(
-        "tabletop/pick-place", policy, num_envs=4, num_workers=2, num_stages=2, env_kwargs=kwargs
-    ) as e:
+    kw = dict(num_envs=4, num_workers=2, num_stages=2, env_kwargs=kwargs, **backend)
+    with RolloutEngine("tabletop/pick-place", policy, **kw) as e:
         eps = e.collect_episodes(num_groups=2, group_size=2)
         td = e.rollout(3)
     assert eps["success"].float().mean() >= 0.75, eps["success"]
