@@ -436,13 +436,9 @@ class RayPool(Budgeted):
     def local_pids(self) -> list[int | None]:
         """Per worker, its pid if its node runs on this machine (same address as the
         driver), else None: a pid from another machine names some other process here."""
-        address = {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes()}
         here = self.driver_address
-        return [
-            pid if address.get(n.ray_node_id) == here else None
-            for n in self.nodes
-            for pid in n.pids
-        ]
+        nodes = self.placement()
+        return [pid if n["address"] == here else None for n in nodes for pid in n["pids"]]
 
     @functools.cached_property
     def driver_address(self) -> str:
