@@ -2,6 +2,7 @@
 
     python bench.py ray                    # every part
     python bench.py ray --part overhead    # what going through Ray costs per decision
+    python bench.py ray --part channel     # a Ray call against a direct TCP channel
 
 Parts:
 
@@ -14,6 +15,10 @@ Parts:
   dynamic batching; each against the capacity planner's prediction with the backend's own
   measured loop cost (``bench.py plan``'s model), so the planner is validated on 1 and 2
   simulated nodes too.
+- ``channel``: what a direct channel could save. Round trips between the driver and an
+  actor on another simulated node, a small request and a reply of a stage's observations
+  (state only; with a 128x128 camera), as a Ray method call against the actor's own TCP
+  connection on loopback, interleaved; medians.
 
 Every simulated node is a raylet on this machine and binds 127.0.0.1. The nodes share this
 machine's 2 cores with each other and with the inference loop: 2 nodes double the worker
@@ -111,7 +116,79 @@ def nodes(args) -> dict:
     }
 
 
-PARTS = {"overhead": overhead, "nodes": nodes}
+class ChannelProbe:
+    """A node-side actor that hands the driver ``n`` bytes two ways: as the result of a
+    Ray method call (the object store, as the backend's replies travel), and over a TCP
+    connection of its own on loopback (``multiprocessing.connection``: length-prefixed
+    pickles), the direct channel the issue names as the alternative."""
+
+    def reply(self, n: int):
+        import numpy as np
+
+        return np.zeros(n, np.uint8)
+
+    def listen(self, authkey: bytes) -> tuple[str, int]:
+        import threading
+        from multiprocessing.connection import Listener
+
+        self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self._listener.address
+
+    def _serve(self) -> None:
+        import numpy as np
+
+        with self._listener.accept() as conn:
+            while True:
+                try:
+                    n = conn.recv()
+                except EOFError:
+                    return
+                conn.send(np.zeros(n, np.uint8))
+
+
+def channel(args) -> dict:
+    """Round trips to an actor on another simulated node: a Ray call against a direct TCP
+    connection, for a state-only reply and one with a 128x128 camera per env."""
+    import os
+    import statistics
+    import time
+    from multiprocessing.connection import Client
+
+    import ray
+
+    probe = ray.remote(num_cpus=1, resources={"node1": 1})(ChannelProbe).remote()
+    key = os.urandom(16)
+    conn = Client(tuple(ray.get(probe.listen.remote(key))), authkey=key)
+    sizes = {"state (8 envs x 16 floats)": 8 * 16 * 4, "+ 128x128 camera (8 envs)": 8 * 49_152}
+    print(
+        f"channel: driver <-> an actor on another simulated node, a small request and a reply "
+        f"of n bytes; median round trip of {args.round_trips} (after 20 warm-up)"
+    )
+    print(f"  {'reply':<30}{'Ray call ms':>12}{'TCP ms':>10}{'Ray / TCP':>11}")
+    rows = []
+    for label, n in sizes.items():
+        times = {"ray": [], "tcp": []}
+        for i in range(20 + args.round_trips):
+            t0 = time.perf_counter()
+            ray.get(probe.reply.remote(n))
+            t1 = time.perf_counter()
+            conn.send(n)
+            conn.recv()
+            t2 = time.perf_counter()
+            if i >= 20:  # interleaved, so both see the same machine load
+                times["ray"].append(t1 - t0)
+                times["tcp"].append(t2 - t1)
+        ray_ms = 1e3 * statistics.median(times["ray"])
+        tcp_ms = 1e3 * statistics.median(times["tcp"])
+        rows.append(dict(reply=label, bytes=n, ray_ms=ray_ms, tcp_ms=tcp_ms))
+        print(f"  {label:<30}{ray_ms:>12.3f}{tcp_ms:>10.3f}{ray_ms / tcp_ms:>10.1f}x")
+    conn.close()
+    ray.kill(probe)
+    return {"rows": rows}
+
+
+PARTS = {"overhead": overhead, "nodes": nodes, "channel": channel}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-item-ms", type=float, default=1.0)
     ap.add_argument("--decisions", type=int, default=20, help="per window and env")
     ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--round-trips", type=int, default=300, help="channel: per reply size")
     ap.add_argument("--json", default="bench_results/ray.json")
     args = ap.parse_args(argv)
     with loopback_cluster(nodes=2, cpus_per_node=args.cpus_per_node):
