@@ -8,7 +8,9 @@ shared-memory segment, the watchdog), and moves data in bulk:
   arrays (action chunks, exec lengths, seeds to start) and the frames for its workers;
 * ``poll``: blocks until every worker of the node has answered some stage's command, then
   returns those replies with the slot rows they wrote (observations, results, instructions,
-  prefixes): a stage's data leaves the node in one object, whatever its number of workers.
+  prefixes): a stage's data leaves the node in one message, whatever its number of workers.
+  A thread of the actor pushes each poll's result to the driver over a TCP connection of
+  its own (``open_channel``), not through Ray's object store.
 
 Replies are tagged with the worker's *generation* (how many times the node replaced it), so
 the driver can drop a reply a replaced worker sent before it was replaced.
@@ -104,6 +106,12 @@ class NodeActor:
         self._waiting: dict[tuple[int, int], set[int]] = {}
         self._held: dict[tuple[int, int], list[tuple[int, int, tuple]]] = {}
         self._next_command = 0
+        # The reply channel: after an error the push thread waits for the driver's respawn
+        # (the node would report the same failure again: a dead worker's sentinel stays
+        # readable), and ends with the node.
+        self._resume = threading.Event()
+        self._resume.set()
+        self._closing = False
 
     # -- start-up ----------------------------------------------------------------------------
     def hello(self, start_timeout_s: float) -> EnvSpec | tuple:
@@ -224,6 +232,37 @@ class NodeActor:
                     data.append({k: a[k][slot, rows] for k in self.pool.layout.slot_keys})
         return replies, data
 
+    # -- the reply channel -------------------------------------------------------------------
+    def open_channel(self, host: str, authkey: bytes) -> tuple[str, int]:
+        """Listen on ``host`` for the driver's connection, then push every :meth:`poll`
+        result down it as it comes (empty ones are heartbeats). A TCP connection of the
+        node's own: 4.5-5x faster per round trip than a Ray call here (``bench.py ray --part
+        channel``). Commands stay Ray calls, ordered with every other call."""
+        from multiprocessing.connection import Listener
+
+        listener = Listener((host, 0), authkey=authkey)
+        threading.Thread(target=self._push, args=(listener,), daemon=True).start()
+        return listener.address
+
+    def _push(self, listener) -> None:
+        with listener, listener.accept() as conn:
+            while True:
+                self._resume.wait()
+                if self._closing:
+                    return
+                try:
+                    replies, data, error = self.poll(POLL_PERIOD_S)
+                except Exception:
+                    if self._closing:  # the pool closed under the poll
+                        return
+                    raise
+                if error is not None:
+                    self._resume.clear()  # until respawn()
+                try:
+                    conn.send((replies, data, error))
+                except OSError:  # the driver is gone
+                    return
+
     # -- failures ----------------------------------------------------------------------------
     def respawn(self, w: int, start_timeout_s: float) -> int | tuple:
         """Replace worker ``w`` (attached to the node's memory); forget what it had in flight.
@@ -239,6 +278,8 @@ class NodeActor:
                 self.pool.respawn(w, start_timeout_s)
             except EngineError as exc:
                 return ("error", *error_payload(exc))
+            finally:
+                self._resume.set()
             return self.generation[w]
 
     # -- profiling and shutdown ---------------------------------------------------------------
@@ -255,5 +296,7 @@ class NodeActor:
 
     def close(self) -> None:
         """Stop the node's workers and release its memory."""
+        self._closing = True
+        self._resume.set()
         with self._pool_lock:
             self.pool.close()

@@ -46,7 +46,7 @@ from pipeline.errors import (
 from pipeline.layout import Layout, SharedBuffers
 from pipeline.pool import Budgeted, RestartBudget
 from pipeline.profiler.spans import SpanRing
-from pipeline.ray_node import POLL_PERIOD_S, NodeActor, stage_rows
+from pipeline.ray_node import NodeActor, stage_rows
 
 log = logging.getLogger("pipeline")
 
@@ -101,8 +101,8 @@ class _Node:
     def __init__(self, index: int, workers: list[int], ray_node_id: str) -> None:
         self.index, self.workers, self.ray_node_id = index, workers, ray_node_id
         self.actor = None
-        self.poll = None  # the ObjectRef of the poll in flight
-        self.poll_since = 0.0
+        self.conn = None  # the node's reply channel (multiprocessing.connection.Connection)
+        self.poll_since = 0.0  # when the node last sent anything (replies or a heartbeat)
         self.commands = 0  # calls sent to this actor (it checks their order)
         self.pids: list[int] = []
 
@@ -175,9 +175,9 @@ class RayPool(Budgeted):
     def _new_actor(self, node: _Node):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # The poll that blocks on replies runs in a thread of its own; every other call runs
-        # in the default group's one thread, in the order it was sent.
-        actor_cls = self.ray.remote(concurrency_groups={"poll": 1})(NodeActor).options(
+        # Every call runs in the default group's one thread, in the order it was sent; the
+        # replies come back over the node's channel, from a thread of its own.
+        actor_cls = self.ray.remote(NodeActor).options(
             num_cpus=len(node.workers),
             # soft: a replacement lands elsewhere when the node is gone.
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.ray_node_id, soft=True),
@@ -189,7 +189,8 @@ class RayPool(Budgeted):
             pin_workers=self.pin_workers, profile=self.profile,
             hang_timeout_s=self.hang_timeout_s,
         )  # fmt: skip
-        node.commands, node.poll = 0, None
+        node.commands = 0
+        self._close_channel(node)
 
     def _get(self, node: _Node, ref, timeout: float, doing: str):
         """``ray.get`` of one call on ``node``; a lost actor or a timeout raise engine errors,
@@ -273,11 +274,29 @@ class RayPool(Budgeted):
         lay = self.layout
         ref = node.actor.attach.remote(lay.num_envs, lay.chunk_len, lay.num_workers, timeout, slots)
         node.pids = self._get(node, ref, timeout + 60, "attaching shared memory")
-        self._poll(node)
+        self._open_channel(node)
 
-    def _poll(self, node: _Node) -> None:
-        node.poll = node.actor.poll.options(concurrency_group="poll").remote(POLL_PERIOD_S)
+    def _open_channel(self, node: _Node) -> None:
+        """Connect to the node's reply channel (on the node's own address)."""
+        from multiprocessing.connection import Client
+
+        key = os.urandom(16)
+        host = self._address_of(node)
+        ref = node.actor.open_channel.remote(host, key)
+        address = self._get(node, ref, 60, "opening its reply channel")
+        node.conn = Client(tuple(address), authkey=key)
         node.poll_since = time.monotonic()
+
+    def _address_of(self, node: _Node) -> str:
+        return next(
+            n["NodeManagerAddress"] for n in self.ray.nodes() if n["NodeID"] == node.ray_node_id
+        )
+
+    @staticmethod
+    def _close_channel(node: _Node) -> None:
+        conn, node.conn = node.conn, None
+        if conn is not None:
+            conn.close()
 
     # -- commands ----------------------------------------------------------------------------
     def send_all(self, frames: dict[int, list[tuple]], doing: str) -> EngineError | None:
@@ -305,17 +324,17 @@ class RayPool(Budgeted):
     def _pump(self, timeout: float | None, doing: str) -> None:
         """Take every node reply that is in; with none in, wait up to ``timeout`` seconds
         for one (``None``: until one comes)."""
-        ray = self.ray
-        live = [n for n in self.nodes if n.poll is not None]
+        from multiprocessing.connection import wait
+
+        live = [n for n in self.nodes if n.conn is not None]
         if not live:
             return
-        refs = [n.poll for n in live]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        conns = [n.conn for n in live]
+        ready = wait(conns, timeout=0)
         if not ready and timeout != 0:
-            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        done = set(ready)
+            ready = wait(conns, timeout=timeout)
         for node in live:
-            if node.poll in done:
+            if node.conn in ready:
                 self._apply(node, doing)
             elif time.monotonic() - node.poll_since > self.hang_timeout_s + _NODE_GRACE_S:
                 raise WorkerStuckError(
@@ -325,8 +344,12 @@ class RayPool(Budgeted):
                 )
 
     def _apply(self, node: _Node, doing: str) -> None:
-        ref, node.poll = node.poll, None
-        replies, data, error = self._get(node, ref, 0, doing)
+        try:
+            replies, data, error = node.conn.recv()
+        except (EOFError, OSError) as exc:  # the actor died, or its node went away
+            self._close_channel(node)
+            raise self._lost(node, doing, exc) from None
+        node.poll_since = time.monotonic()
         a = self.shm.arrays
         for (w, gen, frame), rows_data in zip(replies, data, strict=True):
             if gen != self.generation[w]:
@@ -335,11 +358,8 @@ class RayPool(Budgeted):
             for key, value in rows_data.items():
                 a[key][slot, rows] = value
             self.inbox[w].append(frame)
-        if error is not None:
-            # No new poll until the worker is replaced: the node would report the same
-            # failure again (a dead worker's sentinel stays readable).
+        if error is not None:  # the node sends nothing more until the worker is replaced
             _raise_payload(error)
-        self._poll(node)
 
     def drain(self, doing: str) -> None:
         self._pump(0, doing)
@@ -410,8 +430,7 @@ class RayPool(Budgeted):
         )  # fmt: skip
         self.inbox[w].clear()
         node.pids = self._get(node, node.actor.pids.remote(), 60, "listing its workers")
-        if node.poll is None:
-            self._poll(node)
+        node.poll_since = time.monotonic()  # the node resumed its replies
         return [w]
 
     def _replace_node(self, node: _Node, timeout: float) -> None:
@@ -490,7 +509,8 @@ class RayPool(Budgeted):
                     ray.kill(n.actor)
             for n in nodes:
                 _await_death(ray, n.actor, deadline=time.monotonic() + 10)
-                n.actor, n.poll = None, None
+                n.actor = None
+                self._close_channel(n)
         shm, self.shm = getattr(self, "shm", None), None
         if shm is not None:
             shm.close()
