@@ -381,9 +381,11 @@ class WorkerPool(Budgeted):
         return [{"node": 0, "address": "local", "workers": list(self.local), "pids": self.pids()}]
 
     def death(self, w: int, doing: str) -> str:
-        """How worker ``w`` died, for an error message (joins it briefly)."""
+        """How worker ``w`` died, for an error message. Called once its pipe is closed or its
+        sentinel fired; a killed process closes its pipe before it can be reaped, so this
+        waits up to 2 s for the exit status (at once when it is already there)."""
         proc = self.procs[w]
-        proc.join(0.1)
+        proc.join(2.0)
         code = proc.exitcode
         how = f"exit code {code}"
         if code is not None and code < 0:
