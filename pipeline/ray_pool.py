@@ -98,13 +98,13 @@ class _NodeRing(SpanRing):
 
 
 class _Node:
-    """The driver's handle on one node: its actor, workers, and the poll in flight."""
+    """The driver's handle on one node: its actor, workers, and reply channel."""
 
     def __init__(self, index: int, workers: list[int], ray_node_id: str) -> None:
         self.index, self.workers, self.ray_node_id = index, workers, ray_node_id
         self.actor = None
         self.conn = None  # the node's reply channel (multiprocessing.connection.Connection)
-        self.poll_since = 0.0  # when the node last sent anything (replies or a heartbeat)
+        self.heard_at = 0.0  # when the node last sent anything (replies or a heartbeat)
         self.commands = 0  # calls sent to this actor (it checks their order)
         self.pids: list[int] = []
 
@@ -283,16 +283,15 @@ class RayPool(Budgeted):
         from multiprocessing.connection import Client
 
         key = os.urandom(16)
-        host = self._address_of(node)
+        host = self._addresses()[node.ray_node_id]
         ref = node.actor.open_channel.remote(host, key)
         address = self._get(node, ref, 60, "opening its reply channel")
         node.conn = Client(tuple(address), authkey=key)
-        node.poll_since = time.monotonic()
+        node.heard_at = time.monotonic()
 
-    def _address_of(self, node: _Node) -> str:
-        return next(
-            n["NodeManagerAddress"] for n in self.ray.nodes() if n["NodeID"] == node.ray_node_id
-        )
+    def _addresses(self) -> dict[str, str]:
+        """Ray node id -> the address its raylet reports."""
+        return {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes()}
 
     @staticmethod
     def _close_channel(node: _Node) -> None:
@@ -338,10 +337,10 @@ class RayPool(Budgeted):
         for node in live:
             if node.conn in ready:
                 self._apply(node, doing)
-            elif time.monotonic() - node.poll_since > self.hang_timeout_s + _NODE_GRACE_S:
+            elif time.monotonic() - node.heard_at > self.hang_timeout_s + _NODE_GRACE_S:
                 raise WorkerStuckError(
                     f"node {node.index} (workers {node.workers}) has not answered for "
-                    f"{time.monotonic() - node.poll_since:.0f} s while {doing}",
+                    f"{time.monotonic() - node.heard_at:.0f} s while {doing}",
                     worker=node.workers[0],
                 )
 
@@ -351,7 +350,7 @@ class RayPool(Budgeted):
         except (EOFError, OSError) as exc:  # the actor died, or its node went away
             self._close_channel(node)
             raise self._lost(node, doing, exc) from None
-        node.poll_since = time.monotonic()
+        node.heard_at = time.monotonic()
         a = self.shm.arrays
         for (w, gen, frame), rows_data in zip(replies, data, strict=True):
             if gen != self.generation[w]:
@@ -432,7 +431,7 @@ class RayPool(Budgeted):
         )  # fmt: skip
         self.inbox[w].clear()
         node.pids = self._get(node, node.actor.pids.remote(), 60, "listing its workers")
-        node.poll_since = time.monotonic()  # the node resumed its replies
+        node.heard_at = time.monotonic()  # the node resumed its replies
         return [w]
 
     def _replace_node(self, node: _Node, timeout: float) -> None:
@@ -468,7 +467,7 @@ class RayPool(Budgeted):
 
     def placement(self) -> list[dict]:
         """Where each node runs: its Ray node id and address, its workers and their pids."""
-        address = {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes()}
+        address = self._addresses()
         return [
             {
                 "node": n.index,
