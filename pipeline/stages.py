@@ -103,7 +103,8 @@ class StageBatcher:
         self._gathered: dict[str, torch.Tensor] | None = None  # gather()'s reused buffers
         self._seed_base = np.zeros(n, np.int64)  # sample_seeds(seed, episode, 0) cache
         self._seed_episode = np.full(n, -2, np.int64)
-        self._instruction_cache: dict[int, NonTensorStack] = {}  # per stage, until a reset
+        # Per stage: (the episode ids its rows held, their instructions' stack).
+        self._instruction_cache: dict[int, tuple[np.ndarray, NonTensorStack]] = {}
         self.episode_text: dict[int, NonTensorData] = {}  # this call's episodes' instructions
         # Per (stage, slot), the observation TensorDict of zero-copy views a stage batch is
         # made of, built on first use; each turn only wraps it with seeds and instructions.
@@ -144,7 +145,7 @@ class StageBatcher:
             # a shallow copy, so a policy that adds observation keys cannot alter the cache
             schema.OBSERVATION: obs._new_unsafe(dict(obs._tensordict), obs.batch_size),
             schema.SAMPLE_SEED: torch.from_numpy(self._sample_seeds(s)),
-            schema.INSTRUCTION: self._instructions(s),
+            schema.INSTRUCTION: self._instructions(s.slot, s.env_ids, stage=s.index),
         }
         if self.overlap is not None:
             source["vla_action"] = self._prefix(s.slot, s.env_ids)
@@ -181,11 +182,10 @@ class StageBatcher:
             for key, out in self._gathered.items()
         }
         obs = self._observation(fields, b)
-        texts = [self._text(int(slot), int(env)) for slot, env in zip(slots, envs, strict=True)]
         source = {
             schema.OBSERVATION: obs,
             schema.SAMPLE_SEED: torch.from_numpy(self._seeds_at(slots, envs)),
-            schema.INSTRUCTION: NonTensorStack(*texts),
+            schema.INSTRUCTION: self._instructions(slots, envs),
         }
         if self.overlap is not None:
             source["vla_action"] = self._prefix(slots, envs)
@@ -210,10 +210,10 @@ class StageBatcher:
             self._seed_episode[envs[stale]] = episode[stale]
         return self._seed_base[envs] + self.a["t"][slots, envs]
 
-    def _text(self, slot: int, env: int) -> NonTensorData:
-        """The instruction of the episode in ``[slot, env]``, decoded once per episode (and
-        kept for the trajectory store)."""
-        episode = int(self.a["episode_id"][slot, env])
+    def _text(self, slot: int, env: int, episode: int) -> NonTensorData:
+        """The instruction of ``episode``, read from ``[slot, env]`` the first time the call
+        meets it (and kept for the trajectory store): an episode's text is written with its
+        reset and never changes, so the episode id is the whole key."""
         item = self.episode_text.get(episode)
         if item is None:
             n = self.a["instruction_len"][slot, env]
@@ -221,13 +221,27 @@ class StageBatcher:
             item = self.episode_text[episode] = NonTensorData(text)
         return item
 
-    def _instructions(self, s: Stage) -> NonTensorStack:
-        """The stage's instructions as the batch's NonTensorStack. An instruction changes only
-        when an episode starts (``is_init``), so the stack is cached per stage until then.
-        Each episode's text is also kept for the trajectory store."""
-        cached = self._instruction_cache.get(s.index)
-        if cached is not None and not self.a["is_init"][s.slot, s.lo : s.hi].any():
-            return cached
-        items = [self._text(s.slot, env) for env in range(s.lo, s.hi)]
-        stack = self._instruction_cache[s.index] = NonTensorStack(*items)
+    def _instructions(
+        self, slots: int | np.ndarray, envs: np.ndarray, stage: int | None = None
+    ) -> NonTensorStack:
+        """The instructions of the observations in ``[slots, envs]``, the one path for stage
+        batches and gathers. A stage's stack is reused while its rows hold the same episodes
+        (compared by id, whatever batches met them in between), so a turn without a new
+        episode builds nothing."""
+        episodes = self.a["episode_id"][slots, envs]
+        if stage is not None:
+            cached = self._instruction_cache.get(stage)
+            if cached is not None and np.array_equal(cached[0], episodes):
+                return cached[1]
+        slots = np.broadcast_to(slots, episodes.shape)
+        stack = NonTensorStack(
+            *[
+                self._text(slot, env, episode)
+                for slot, env, episode in zip(
+                    slots.tolist(), envs.tolist(), episodes.tolist(), strict=True
+                )
+            ]
+        )
+        if stage is not None:
+            self._instruction_cache[stage] = (episodes.copy(), stack)
         return stack

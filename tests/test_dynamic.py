@@ -140,7 +140,7 @@ def test_dynamic_batches_give_bitwise_the_synchronous_trajectories():
 
     sync_td, sync_eps, sync_sizes = _run(policy, mode="sync", num_stages=1)
     assert set(sync_sizes) == {8}
-    seen, diverged = set(), []
+    seen = set()
     for kw in (
         dict(schedule="dynamic"),
         dict(schedule="dynamic", min_batch=2, max_batch=3, max_wait_us=300),
@@ -150,14 +150,9 @@ def test_dynamic_batches_give_bitwise_the_synchronous_trajectories():
         assert max(sizes) <= kw.get("max_batch", 8)
         # rollout(): rows are envs, and env ids match too. collect_episodes: which env ran
         # an episode depends on timing; nothing else should.
-        try:
-            assert_identical(td, sync_td)
-            assert_identical(eps.exclude("env_id"), sync_eps.exclude("env_id"))
-        except AssertionError as exc:  # an open bug: see the README's "Known issues"
-            diverged.append(repr(exc))
+        assert_identical(td, sync_td)
+        assert_identical(eps.exclude("env_id"), sync_eps.exclude("env_id"))
     assert len(seen) >= 3, f"batch sizes {sorted(seen)}: the compositions did not vary"
-    if diverged:
-        pytest.xfail(f"known issue: dynamic batching diverged from sync: {diverged}")
 
 
 def test_a_stuck_worker_is_found_by_the_dynamic_loop_too():

@@ -71,17 +71,11 @@ def test_lookahead_is_bitwise_identical_across_schedules_with_a_conditioned_poli
             runs[name] = (e.rollout(9), e.collect_episodes(2, 3))
     td = runs["sync"][0]
     assert td[schema.PREFIX_CONDITIONED][td[schema.PREFIX_LEN] > 0].all()
-    diverged = []
     for name in ("stages", "dynamic"):
         episodes, ref = runs[name][1], runs["sync"][1]
-        try:
-            assert_identical(runs["sync"][0], runs[name][0])
-            # which env ran an episode depends on timing
-            assert_identical(ref.exclude("env_id"), episodes.exclude("env_id"))
-        except AssertionError as exc:  # an open bug: see the README's "Known issues"
-            diverged.append(f"{name}: {exc!r}")
-    if diverged:
-        pytest.xfail(f"known issue: TinyVLA diverged across schedules: {diverged}")
+        assert_identical(runs["sync"][0], runs[name][0])
+        # which env ran an episode depends on timing
+        assert_identical(ref.exclude("env_id"), episodes.exclude("env_id"))
 
 
 def test_token_head_log_probs_recompute_from_the_recorded_data_alone():
