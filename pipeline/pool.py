@@ -122,6 +122,31 @@ def shutdown(procs: list, conns: list, shm: SharedBuffers | None) -> None:
         shm.close()
 
 
+def exit_status(proc, timeout: float) -> int | None:
+    """A child's exit code (``-signal`` when killed), or None if it is still running after
+    ``timeout`` seconds; the child is not reaped.
+
+    ``os.waitid(..., WNOWAIT)`` reads the status and leaves the zombie in place, so any number
+    of threads can ask (on the Ray backend a node's command thread and its reply thread can
+    both find the same death). ``Process.join`` reaps instead: the second of two joining
+    threads then got ECHILD and reported ``exit code None`` while the first, which had the
+    status, had not yet stored it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code = proc._popen.returncode if proc._popen is not None else None
+        if code is not None:  # reaped already, by this Process object
+            return code
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        except ChildProcessError:
+            info = None  # just reaped by a join in another thread: its returncode is next
+        if info is not None:
+            return -info.si_status if info.si_code != os.CLD_EXITED else info.si_status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.001)
+
+
 def failure_error(failure: P.WorkerFailure, env_name: str) -> EnvError:
     """The exception a worker's ERROR report raises in the parent."""
     cls = ObservationError if failure.kind == "observation" else EnvError
@@ -382,11 +407,10 @@ class WorkerPool(Budgeted):
 
     def death(self, w: int, doing: str) -> str:
         """How worker ``w`` died, for an error message. Called once its pipe is closed or its
-        sentinel fired; a killed process closes its pipe before it can be reaped, so this
+        sentinel fired; a killed process closes its pipe before it becomes a zombie, so this
         waits up to 2 s for the exit status (at once when it is already there)."""
         proc = self.procs[w]
-        proc.join(2.0)
-        code = proc.exitcode
+        code = exit_status(proc, 2.0)
         how = f"exit code {code}"
         if code is not None and code < 0:
             with contextlib.suppress(ValueError):
