@@ -18,6 +18,7 @@ import numpy as np
 from envs.spec import ChunkedEnvMixin, EnvSpec, FieldSpec
 
 REACH_STEP, REACH_RADIUS, REACH_GOAL = 0.1, 0.15, 0.6  # task="reach": move, hit, goal box
+_WORDS = ("pick", "up", "the", "red", "cube", "and", "place", "it", "on", "blue", "plate", "gently")
 _JITTER = random.Random()  # deliberately unseeded: timing noise only, never results
 
 
@@ -45,6 +46,9 @@ class ToyEnv(ChunkedEnvMixin):
     episode succeeds when it comes within ``REACH_RADIUS`` of a seeded goal. ``state`` is
     ``[t / episode_len, point (2), goal (2), 0...]``.
 
+    ``instruction_words=n`` makes each episode's instruction 1 to ``n`` words drawn by the
+    reset seed (texts of many lengths, for checks that instructions reach the policy intact).
+
     ``static_images=True`` returns the same frames every step (made once): an env whose
     rendering is free, to measure what moving frames costs and nothing else.
 
@@ -67,6 +71,7 @@ class ToyEnv(ChunkedEnvMixin):
         step_cost_cv: float = 0.0,
         task: str = "timer",
         static_images: bool = False,
+        instruction_words: int = 0,
     ) -> None:
         if task not in ("timer", "reach"):
             raise ValueError(f"toy: task={task!r}: choose 'timer' or 'reach'")
@@ -74,6 +79,8 @@ class ToyEnv(ChunkedEnvMixin):
             raise ValueError(f"toy: state_dim={state_dim} must be >= 5")
         if task == "reach" and action_dim < 2:
             raise ValueError("toy: task='reach' needs action_dim >= 2")
+        if instruction_words < 0:
+            raise ValueError(f"toy: instruction_words={instruction_words} must be >= 0")
         if action_dim < 1 or episode_len < 1 or image_size < 1:
             raise ValueError("toy: action_dim, episode_len and image_size must be >= 1")
         if step_cost_us < 0 or step_jitter_us < 0 or step_cost_cv < 0:
@@ -88,6 +95,7 @@ class ToyEnv(ChunkedEnvMixin):
         self.step_cost_cv = float(step_cost_cv)
         self._cost_factor = 1.0
         self.instruction = ""
+        self.instruction_words = int(instruction_words)
         self._ramp = (np.arange(image_size * image_size * 3, dtype=np.int64) % 251).reshape(
             image_size, image_size, 3
         )
@@ -114,8 +122,14 @@ class ToyEnv(ChunkedEnvMixin):
         self._success = False
         self._point = np.zeros(2)
         self._goal = rng.uniform(-REACH_GOAL, REACH_GOAL, 2)
-        self.instruction = "reach the goal" if self.task == "reach" else f"toy task {seed % 97}"
+        self.instruction = self._instruction(seed, rng)
         return self._observe(), {"seed": self._seed, **self._info()}
+
+    def _instruction(self, seed: int, rng: np.random.Generator) -> str:
+        if self.instruction_words:
+            n = int(rng.integers(1, self.instruction_words + 1))
+            return " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), n))
+        return "reach the goal" if self.task == "reach" else f"toy task {seed % 97}"
 
     def _apply(self, a: np.ndarray) -> tuple[float, bool, bool]:
         if self._x is None:
