@@ -24,38 +24,6 @@ def assert_identical(a: TensorDict, b: TensorDict) -> None:
             assert va.tolist() == vb.tolist(), key
 
 
-def failing_env(**kw):
-    """A toy env (``envs.make("toy", **kw)``) whose control steps raise after the fifth."""
-    import envs
-
-    env = envs.make("toy", **kw)
-    apply, count = env._apply, [0]
-
-    def bad(action):
-        count[0] += 1
-        if count[0] > 5:
-            raise ValueError("the gripper fell off")
-        return apply(action)
-
-    env._apply = bad
-    return env
-
-
-def stuck_env(**kw):
-    """A toy env whose first chunk never ends (for the watchdog)."""
-    import time
-
-    import envs
-
-    env = envs.make("toy", **kw)
-
-    def stuck(actions):
-        time.sleep(3600)
-
-    env.step_chunk = stuck
-    return env
-
-
 BACKENDS = ["local", "ray"]
 
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_identical, stuck_env
+from factories import stuck_env
+from helpers import assert_identical
 
 import envs
 from pipeline import RolloutEngine, WorkerStuckError
@@ -74,7 +75,9 @@ def _rows(policy, idx, spec, generator_seed=0):
     image = torch.randint(0, 255, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
     obs = TensorDict({"state": state[idx]}, [len(idx)])
     obs.set(("image", "head"), image[idx])
-    texts = NonTensorStack(*[NonTensorData(f"task {i % 3}") for i in idx])
+    # texts of 1 to 12 words: rows of every length share batches
+    words = "pick up the red cube and place it on the blue plate".split()
+    texts = NonTensorStack(*[NonTensorData(" ".join(words[: 1 + i % 12])) for i in idx])
     seeds = torch.arange(n)[idx] + 1000
     td = {"observation": obs, "sample_seed": seeds, "language_instruction": texts}
     return policy(TensorDict(td, [len(idx)]))

@@ -11,7 +11,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import assert_identical, failing_env, shm_segments
+from factories import failing_env
+from helpers import assert_identical, shm_segments
 
 import envs
 from pipeline import (
@@ -285,6 +286,18 @@ class _ThreadsSeen(LatencyPolicy):
     def forward(self, td):
         self.seen.append(torch.get_num_threads())
         return super().forward(td)
+
+
+def test_auto_inference_threads_leave_the_workers_their_cores(monkeypatch):
+    from pipeline.engine import _inference_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert _inference_threads("auto", 2, torch.device("cpu")) == 6
+    assert _inference_threads("auto", 8, torch.device("cpu")) == 1  # never fewer than one
+    assert _inference_threads("auto", 2, torch.device("cuda")) == 1  # the host only launches
+    assert _inference_threads(None, 2, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="inference_threads=0"):
+        _inference_threads(0, 2, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("option, expected", [("auto", 1), (1, 1), (None, 3)])

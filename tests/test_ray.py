@@ -8,14 +8,14 @@ import sys
 import time
 
 import pytest
+import ray
 import torch
-from helpers import assert_identical, failing_env, shm_segments, stuck_env
+from factories import failing_env, stuck_env
+from helpers import assert_identical, shm_segments
 
 from benchmarks.ray_cluster import LOOPBACK
 from pipeline import EnvError, RolloutEngine, WorkerStuckError
 from pipeline.policies import LatencyPolicy
-
-ray = pytest.importorskip("ray")
 
 TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=9)
 
@@ -183,7 +183,7 @@ def test_workers_on_another_machine_are_not_sampled_by_pid(cluster):
                 e.rollout(6)
     report = prof.report()
     loop, *workers = report.processes
-    assert loop.sampled_cpu_pct >= 0  # the driver is sampled
+    assert loop.sampled_cpu_pct > 0  # the driver is sampled (it ran rollouts for 1.5 s)
     for p in workers:
         assert p.sampled_cpu_pct != p.sampled_cpu_pct  # NaN: not sampled
         assert report.phase(p.name, "physics")["cpu_s"] > 0  # its own clocks still count

@@ -6,7 +6,18 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import assert_identical, failing_env
+from factories import (
+    always_crashes,
+    always_fails,
+    bad_obs_env,
+    failing_env,
+    fails_in_worker_1,
+    fails_once_at_start,
+    flaky_env,
+    sleeps_forever,
+    slow_steps,
+)
+from helpers import assert_identical
 
 from pipeline import (
     EngineError,
@@ -34,38 +45,6 @@ def _engine(env, policy, **kw):
 
 
 # -- bad observations -----------------------------------------------------------------------------
-def _bad_obs_env(kind, bad_env=1, **kw):
-    """A toy env that turns bad on its second chunk, in env ``bad_env`` only."""
-    import multiprocess
-
-    import envs as E
-
-    env = E.make("toy", **kw)
-    observe = env._observe
-    calls = [0]
-    name = multiprocess.current_process().name  # rollout-worker-W in a worker
-    worker = int(name.rsplit("-", 1)[-1]) if name.startswith("rollout-worker-") else 0
-
-    def bad():
-        obs = observe()
-        calls[0] += 1
-        if calls[0] < 3 or worker != bad_env % 2:
-            return obs
-        if kind == "shape":
-            obs["state"] = obs["state"][:-1]
-        elif kind == "dtype":
-            obs["image/cam"] = obs["image/cam"].astype(np.float32)
-        elif kind == "nan":
-            obs["state"] = obs["state"].copy()
-            obs["state"][2] = np.nan
-        elif kind == "missing":
-            del obs["image/cam"]
-        return obs
-
-    env._observe = bad
-    return env
-
-
 @pytest.mark.parametrize(
     "kind,match",
     [
@@ -77,7 +56,7 @@ def _bad_obs_env(kind, bad_env=1, **kw):
 )
 def test_bad_observation_names_env_field_and_expectation(kind, match, backend):
     e = _engine(
-        _bad_obs_env,
+        bad_obs_env,
         _latency(),
         env_kwargs=dict(TOY, kind=kind, episode_len=50),
         on_worker_failure="raise",
@@ -96,7 +75,7 @@ def test_bad_observation_is_not_written(tmp_path):
     from pipeline.layout import Layout, SharedBuffers
     from pipeline.worker import BadObservation, WorkerConfig, _Worker
 
-    env = _bad_obs_env("nan", bad_env=0, **dict(TOY, episode_len=50))
+    env = bad_obs_env("nan", bad_env=0, **dict(TOY, episode_len=50))
     w = _Worker(WorkerConfig(0, None, {}, [0], [0], True, os.getpid()), conn=None)
     w.envs = {0: env}
     layout = Layout(env.spec, num_envs=1, chunk_len=4)
@@ -115,29 +94,10 @@ def test_bad_observation_is_not_written(tmp_path):
 
 
 # -- start-up failure (bug: healthy workers were SIGKILLed, never seeing CLOSE) -------------------
-def _fails_in_worker_1(marker_dir, **kw):
-    import multiprocess
-
-    import envs as E
-
-    if multiprocess.current_process().name.endswith("-1"):
-        raise RuntimeError("no robot on worker 1")
-    env = E.make("toy", **kw)
-    close = env.close
-
-    def closing():
-        with open(os.path.join(marker_dir, f"closed-{os.getpid()}"), "w"):
-            pass
-        close()
-
-    env.close = closing
-    return env
-
-
 def test_startup_failure_closes_the_healthy_workers_cleanly(tmp_path):
     with pytest.raises(EnvError, match="worker 1.*no robot on worker 1"):
         _engine(
-            _fails_in_worker_1,
+            fails_in_worker_1,
             _latency(),
             env_kwargs=dict(TOY, marker_dir=str(tmp_path)),
             on_worker_failure="raise",
@@ -229,46 +189,6 @@ def test_dropped_cuda_engine_unregisters_before_unmapping():
 
 
 # -- respawn --------------------------------------------------------------------------------------
-def _crashes(marker_dir, how, crashes=1, at_chunk=3, **kw):
-    """A toy env that fails ``crashes`` times machine-wide (counted by marker files): worker
-    1's first env, at its ``at_chunk``-th chunk. ``how``: "kill" (SIGKILL itself),
-    "segfault", "raise" (an exception in step_chunk)."""
-    import signal as sig
-
-    import multiprocess
-
-    import envs as E
-
-    env = E.make("toy", **kw)
-    step_chunk, chunks = env.step_chunk, [0]
-
-    def flaky(actions):
-        chunks[0] += 1
-        # The name is read now: a spare is renamed when it takes worker 1's place.
-        here = env.first and multiprocess.current_process().name.endswith("-1")
-        done = len(os.listdir(marker_dir))
-        if chunks[0] == at_chunk and here and done < crashes:
-            open(os.path.join(marker_dir, f"crashed-{done}"), "w").close()
-            if how == "kill":  # what the OOM killer does
-                os.kill(os.getpid(), sig.SIGKILL)
-            if how == "segfault":  # a real one: a read of address 0
-                import ctypes
-
-                ctypes.string_at(0)
-            raise RuntimeError("the simulator lost its contact cache")
-        return step_chunk(actions)
-
-    env.step_chunk = flaky
-    return env
-
-
-def _flaky_factory(marker_dir, how, crashes=1, **kw):
-    env = _crashes(marker_dir, how, crashes, **kw)
-    env.first = not getattr(_flaky_factory, "made", False)  # the process's first env: env 1
-    _flaky_factory.made = True
-    return env
-
-
 def _rollout_pair(tmp_path, how, crashes, schedule="stages", backend=None):
     """The same calls without and with the fault (the faulted run on ``schedule``)."""
     kwargs = dict(TOY, episode_len=9)
@@ -279,7 +199,7 @@ def _rollout_pair(tmp_path, how, crashes, schedule="stages", backend=None):
         env_kwargs = dict(kwargs, marker_dir=str(marker_dir), how=how, crashes=crashes * fault)
         sched = dict(schedule=schedule if fault else "stages")
         kw = dict(num_envs=8, env_kwargs=env_kwargs, **sched, **(backend or {}))
-        with _engine(_flaky_factory, _latency(), **kw) as e:
+        with _engine(flaky_env, _latency(), **kw) as e:
             runs[fault] = (e.rollout(10), e.collect_episodes(2, 4), e.stats.restarts, e.failures)
     return runs
 
@@ -325,10 +245,10 @@ def test_failed_worker_is_replaced_and_other_envs_are_bitwise_unchanged(
         for t in range(10):
             if td["mask"][i, t]:
                 key = (int(td["episode_id"][i, t]), int(td["sample_seed"][i, t]))
-                if key in ref:
-                    j, u = ref[key]
-                    assert_identical(td[i, t], clean[j, u])
-                    kept += 1
+                assert key in ref, f"env {i}, decision {t}: {key} is no fault-free decision"
+                j, u = ref[key]
+                assert_identical(td[i, t], clean[j, u])
+                kept += 1
     assert kept > 0
     # collect_episodes after the fault: complete groups, identical to the fault-free run
     # (with dynamic batching, which env ran an episode depends on timing).
@@ -348,7 +268,7 @@ def test_episode_groups_come_back_complete_after_a_fault(tmp_path, backend):
         env_kwargs = dict(
             TOY, episode_len=9, marker_dir=str(marker_dir), how="kill", crashes=int(fault)
         )
-        with _engine(_flaky_factory, _latency(), num_envs=8, env_kwargs=env_kwargs, **backend) as e:
+        with _engine(flaky_env, _latency(), num_envs=8, env_kwargs=env_kwargs, **backend) as e:
             eps[fault] = e.collect_episodes(3, 4)
             assert e.stats.restarts == int(fault)
     clean, got = eps[False], eps[True]
@@ -359,51 +279,22 @@ def test_episode_groups_come_back_complete_after_a_fault(tmp_path, backend):
     assert_identical(got, clean)
 
 
-def _bad_factory(marker_dir, **kw):
-    """Fails at creation in worker 1 the first time only (a transient start-up error)."""
-    import multiprocess
-
-    import envs as E
-
-    marker = os.path.join(marker_dir, "failed")
-    if multiprocess.current_process().name.endswith("-1") and not os.path.exists(marker):
-        open(marker, "w").close()
-        raise OSError("license server unreachable")
-    return E.make("toy", **kw)
-
-
 def test_factory_failing_once_at_start_up_is_replaced(tmp_path, backend):
     kw = dict(env_kwargs=dict(TOY, marker_dir=str(tmp_path)), **backend)
-    with _engine(_bad_factory, _latency(), **kw) as e:
+    with _engine(fails_once_at_start, _latency(), **kw) as e:
         assert e.rollout(2)["mask"].all()
         (failure,) = e.failures
     assert failure.worker == 1 and "license server unreachable" in failure.error
 
 
-def _always_fails(**kw):
-    raise OSError("no such robot")
-
-
 def test_factory_that_always_fails_does_not_loop_forever(backend):
     with pytest.raises(EnvError, match="no such robot") as info:
-        _engine(_always_fails, _latency(), max_restarts=50, **backend)
+        _engine(always_fails, _latency(), max_restarts=50, **backend)
     assert any("in a row" in note for note in info.value.__notes__)
 
 
-def _always_crashes(**kw):
-    import envs as E
-
-    env = E.make("toy", **kw)
-
-    def crash(actions):
-        raise RuntimeError("diverged")
-
-    env.step_chunk = crash
-    return env
-
-
 def test_restart_budget_is_finite(backend):
-    e = _engine(_always_crashes, _latency(), max_restarts=2, **backend)
+    e = _engine(always_crashes, _latency(), max_restarts=2, **backend)
     with pytest.raises(EnvError, match="diverged") as info:
         e.rollout(4)
     assert any("budget of 2 is spent" in note for note in info.value.__notes__)
@@ -411,57 +302,27 @@ def test_restart_budget_is_finite(backend):
 
 
 # -- the watchdog ---------------------------------------------------------------------------------
-def _sleeps_forever(**kw):
-    import time
-
-    import envs as E
-
-    env = E.make("toy", **kw)
-
-    def stuck(actions):
-        time.sleep(3600)  # the line the watchdog must point at
-
-    env.step_chunk = stuck
-    return env
-
-
 def test_stuck_worker_is_reported_with_its_stack(backend):
     import inspect
 
     line = (
         next(
             i
-            for i, text in enumerate(inspect.getsource(_sleeps_forever).splitlines())
+            for i, text in enumerate(inspect.getsource(sleeps_forever).splitlines())
             if "time.sleep(3600)" in text
         )
-        + inspect.getsourcelines(_sleeps_forever)[1]
+        + inspect.getsourcelines(sleeps_forever)[1]
     )
     e = _engine(
-        _sleeps_forever, _latency(), hang_timeout_s=2.0, on_worker_failure="raise", **backend
+        sleeps_forever, _latency(), hang_timeout_s=2.0, on_worker_failure="raise", **backend
     )
     with pytest.raises(WorkerStuckError) as info:
         e.rollout(2)
     msg = str(info.value)
     assert "is stuck: its progress counter stayed at" in msg
-    assert f"test_resilience.py:{line}" in msg, msg  # py-spy's frame of the env
+    assert f"factories.py:{line}" in msg, msg  # py-spy's frame of the env
     assert "--- inference loop stack ---" in msg and "_collect" in msg
     assert e.closed
-
-
-def _slow_steps(step_sleep_s, **kw):
-    import time
-
-    import envs as E
-
-    env = E.make("toy", **kw)
-    apply = env._apply
-
-    def slow(action):
-        time.sleep(step_sleep_s)
-        return apply(action)
-
-    env._apply = slow
-    return env
 
 
 def test_slow_worker_is_not_stuck():
@@ -469,7 +330,7 @@ def test_slow_worker_is_not_stuck():
     policy = LatencyPolicy(state_dim=8, chunk_len=10)
     env_kwargs = dict(TOY, episode_len=50, step_sleep_s=0.2)  # 2 s a chunk, 0.2 s a step
     with _engine(
-        _slow_steps, policy, env_kwargs=env_kwargs, hang_timeout_s=1.0, on_worker_failure="raise"
+        slow_steps, policy, env_kwargs=env_kwargs, hang_timeout_s=1.0, on_worker_failure="raise"
     ) as e:
         td = e.rollout(1)
     assert td["mask"].all() and (td["next", "steps_executed"] == 10).all()
