@@ -63,8 +63,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overlap, lookahead", [(False, 0), (True, 1)])
-def test_grpo_learns_toy_reach(tmp_path, overlap, lookahead):
+@pytest.mark.parametrize("overlap, lookahead, iterations", [(False, 0, 40), (True, 1, 25)])
+def test_grpo_learns_toy_reach(tmp_path, overlap, lookahead, iterations):
     # Success in toy reach depends on the actions. A weak warm start (few BC steps) leaves
     # room; GRPO must raise the held-out success of the policy it trains (sampled) over
     # fixed reset seeds. Everything is seeded, so the run is the same on every machine with
@@ -72,8 +72,12 @@ def test_grpo_learns_toy_reach(tmp_path, overlap, lookahead):
     # The second run learns with both of the trainer's other paths at once (each of them
     # alone was a run of its own, 60-95 s each): rollouts overlapped with training, and
     # lookahead, where the policy conditions on each chunk's frozen prefix (cloned with
-    # random delays) and GRPO trains its sampled tokens only.
-    cfg = toy_reach_config(overlap=overlap, lookahead=lookahead, out=str(tmp_path))
+    # random delays) and GRPO trains its sampled tokens only. Its warm start is weaker
+    # (sampled success 0.27, against 0.63), so 25 iterations leave a wide margin over the
+    # ~0.07 noise of 48 held-out episodes: 0.27 -> 0.67 after 25 (0.71 after 40).
+    cfg = toy_reach_config(
+        overlap=overlap, lookahead=lookahead, iterations=iterations, out=str(tmp_path)
+    )
     curve = train(cfg, log=lambda m: None)
     before, after = curve["evals"][0]["sampled"], curve["evals"][-1]["sampled"]
     assert after > before, curve["evals"]
