@@ -112,7 +112,7 @@ def check_batch_invariance(head: str) -> None:
     "head,isa",
     [("tokens", None), ("flow", None), ("tokens", "AVX2")],
 )
-def test_tinyvla_rows_are_batch_invariant_with_the_token_head(head, isa):
+def test_tinyvla_rows_are_batch_invariant(head, isa):
     # In a fresh process, so that torch's thread count and MKL's instruction set are this
     # test's. MKL picks GEMM kernels by instruction set: "AVX2" runs the kernels of CPUs
     # without AVX-512, on which torch's own transformer layers were not batch-invariant.
