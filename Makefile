@@ -22,7 +22,7 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=10 $(ARGS)
 
 # The suite three times while two busy loops hog both cores (what a shared CI machine does).
 test-loaded: $(STAMP)
