@@ -1,4 +1,6 @@
+import contextlib
 import os
+import time
 import warnings
 
 import pytest
@@ -26,9 +28,29 @@ def ray_cluster():
         # This cluster's processes are this process's descendants (another Ray on the
         # machine is not this test's business).
         ours = {p.pid for p in psutil.Process().children(recursive=True)}
-    left = [p for p in ray_processes() if int(p.split()[0]) in ours]
-    assert not left, left
+    # A process Ray has let go may take a moment to exit (it notices its raylet is gone):
+    # each has 10 s to end. An exited process can stay a zombie until its new parent reaps
+    # it; that is not a process left running.
+    left = [int(p.split()[0]) for p in ray_processes() if int(p.split()[0]) in ours]
+    running = []
+    for pid in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            running.append(psutil.Process(pid))
+    deadline = time.monotonic() + 10.0
+    while running and time.monotonic() < deadline:
+        time.sleep(0.1)
+        running = [p for p in running if _still_running(p)]
+    assert not running, [f"{p.pid} {p.name()}" for p in running]
     assert set(os.listdir("/dev/shm")) <= before
+
+
+def _still_running(p) -> bool:
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture(params=BACKENDS)
