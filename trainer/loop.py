@@ -78,7 +78,8 @@ def toy_reach_config(**overrides) -> TrainConfig:
     moves by about 0.07 from noise alone, and after 20 iterations the gain was smaller than
     that on some CPUs (with overlap on an AMD EPYC: 0.625 -> 0.521). After 40 it was
     0.625 -> 0.79 (overlap), 0.625 -> 0.83 (synchronous, evaluated every 10) and
-    0.27 -> 0.85 (lookahead 1), and 0.27 -> 0.71 with overlap and lookahead 1 together (0.67 after 25).
+    0.27 -> 0.85 (lookahead 1), and 0.27 -> 0.71 with overlap and lookahead 1 together
+    (0.67 after 25).
 
     Example:
         >>> curve = train(toy_reach_config(iterations=40))
