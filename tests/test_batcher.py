@@ -48,7 +48,9 @@ def test_a_solo_batch_after_a_gathered_episode_start_sees_the_new_instruction(ce
     _write(a, 0, 0, episode=6, text="stack it", is_init=False)
     assert _texts(batcher.batch(c0)) == ["stack it"]
     assert {e: t.data for e, t in batcher.episode_text.items()} == {
-        2: "pick the red cube", 4: "open the drawer", 6: "stack it"
+        2: "pick the red cube",
+        4: "open the drawer",
+        6: "stack it",
     }
 
 

@@ -1,11 +1,13 @@
 """Lookahead (latency-aware chunk execution): what runs, what is recorded, determinism."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_identical
 from tensordict import TensorDict
 
 from pipeline import RolloutEngine, schema
+from pipeline.lookahead import Lookahead
 from pipeline.policies import LatencyPolicy, TinyVLA
 from pipeline.views import steps
 
@@ -19,13 +21,27 @@ def _engine(policy, **kw) -> RolloutEngine:
     return RolloutEngine("toy", policy, **kw)
 
 
+def _assert_state_sums_the_executed_actions(td: TensorDict) -> None:
+    """state[2] sums every action the env executed: each next observation must show exactly
+    the recorded windows' executed actions (frozen prefix included)."""
+    chunk, executed = td[schema.ACTION_CHUNK], td[schema.ACTION_IS_PAD].logical_not()
+    asum = td[schema.STATE][..., 2].double()
+    for i in range(td.shape[0]):
+        total = 0.0
+        for t in range(td.shape[1] - 1):
+            if td["is_init"][i, t]:
+                total = 0.0
+            total += float(chunk[i, t][executed[i, t]].double().sum())
+            if not td["next", "done"][i, t, 0]:
+                assert asum[i, t + 1] == pytest.approx(total, abs=1e-3)
+
+
 def test_windows_run_the_frozen_prefix_then_the_chunk_and_the_record_says_so(backend):
     policy = LatencyPolicy(state_dim=8, chunk_len=8)
     with _engine(policy, lookahead=2, mode="sync", num_stages=1, **backend) as engine:
         assert engine.exec_len == 6  # chunk_len - lookahead leaves room for the prefix
         td = engine.rollout(14)
     chunk, n = td[schema.ACTION_CHUNK], td[schema.PREFIX_LEN]
-    executed = td[schema.ACTION_IS_PAD].logical_not()
     prefix = td[schema.ACTION_PREFIX]
     assert set(n.unique().tolist()) == {0, 2}
     assert (n[td["is_init"]] == 0).all()  # an episode's first decision has no prefix
@@ -35,17 +51,7 @@ def test_windows_run_the_frozen_prefix_then_the_chunk_and_the_record_says_so(bac
                 assert torch.equal(prefix[i, t, :2], chunk[i, t - 1, 6:8])
                 assert torch.equal(chunk[i, t, :2], prefix[i, t, :2])  # and it is what ran
                 assert (prefix[i, t, 2:] == 0).all()  # H - exec_len = 2 actions reach past
-    # state[2] sums every action the env executed: the next observation must show exactly
-    # the recorded windows' executed actions (frozen prefix included).
-    asum = td[schema.STATE][..., 2].double()
-    for i in range(4):
-        total = 0.0
-        for t in range(13):
-            if td["is_init"][i, t]:
-                total = 0.0
-            total += float(chunk[i, t][executed[i, t]].double().sum())
-            if not td["next", "done"][i, t, 0]:
-                assert asum[i, t + 1] == pytest.approx(total, abs=1e-3)
+    _assert_state_sums_the_executed_actions(td)
     # Episodes of 20 steps in windows of 6 end inside a frozen prefix: that window ran the
     # prefix only, and the env restarted without one.
     ended_in_prefix = td["next", "done"][..., 0] & (td["next", "steps_executed"] <= n) & (n > 0)
@@ -150,17 +156,50 @@ def test_flow_guidance_pulls_the_chunk_towards_the_previous_one():
     assert (a[:, soft] - y[:, soft]).abs().mean() < (u[:, soft] - y[:, soft]).abs().mean()
 
 
-def test_auto_lookahead_covers_the_measured_latency(backend):
-    # 60 ms against 1 ms steps: steps slowed up to 20-fold by a loaded machine (or by Ray's
-    # processes on the same cores) still leave the delay longer than the chunk allows.
-    policy = LatencyPolicy(state_dim=8, chunk_len=8, base_ms=60)
-    kw = dict(state_dim=8, cameras=(), episode_len=200, step_cost_us=1000)
+def test_auto_delay_is_the_longest_recent_latency_in_median_steps():
+    la = Lookahead.check("auto", chunk_len=16, exec_len=None)
+    assert (la.exec_len, la.max_d) == (8, 7)
+    assert la.delay() == 7  # nothing measured yet: as much as the chunk allows
+    ms = 1_000_000
+    steps4 = np.full(4, 5)
+    la.observe(int(2.5 * ms), np.full(4, 5 * ms), steps4)  # 1 ms a step
+    assert la.delay() == 3  # 2.5 steps of latency: covered by 3
+    la.observe(int(0.5 * ms), np.full(4, 5 * ms), steps4)
+    assert la.delay() == 3  # the longest latency in the window counts, not the last
+    la.observe(int(0.5 * ms), np.full(4, 20 * ms), steps4)
+    la.observe(int(0.5 * ms), np.full(4, 20 * ms), steps4)
+    assert la.delay() == 1  # the median step is now 4 ms: 2.5 ms is one step
+    la.observe(int(100 * ms), np.full(4, 20 * ms), steps4)
+    assert la.delay() == 7  # capped at what the chunk allows
+    for _ in range(32):  # the window forgets: only the last 32 decisions count
+        la.observe(int(6 * ms), np.full(4, 5 * ms), steps4)
+    assert la.delay() == 6
+    la.observe(int(6 * ms), np.zeros(4), np.zeros(4, int))  # nothing stepped: no step time
+    assert la.delay() == 6
+    fixed = Lookahead.check(2, chunk_len=8, exec_len=None)
+    fixed.observe(int(100 * ms), np.full(4, ms), steps4)
+    assert fixed.delay() == 2
+
+
+def test_auto_lookahead_records_what_ran(backend):
+    # The delay follows the machine (a loaded one steps slower), so what must hold is that
+    # every recorded prefix is in range, is the previous chunk's actions, and is what ran.
+    policy = LatencyPolicy(state_dim=8, chunk_len=8, base_ms=20)
+    kw = dict(TIMER, episode_len=200, step_cost_us=1000)
     args = dict(lookahead="auto", env_kwargs=kw, mode="sync", num_stages=1, **backend)
     with _engine(policy, **args) as e:
         assert (e.exec_len, e.lookahead.max_d) == (4, 3)
         td = e.rollout(12)
-    n = td[schema.PREFIX_LEN][:, 1:]  # a policy call of >= 60 ms needs >= 60 steps of 1 ms:
-    assert (n == 3).all()  # more than the chunk allows, so all of it
+    n = td[schema.PREFIX_LEN]
+    assert (n[:, 0] == 0).all()  # the first decision has no prefix
+    assert ((n[:, 1:] >= 1) & (n[:, 1:] <= 3)).all()  # any latency needs one step at least
+    chunk, prefix = td[schema.ACTION_CHUNK], td[schema.ACTION_PREFIX]
+    for i in range(4):
+        for t in range(1, 12):
+            k = int(n[i, t])
+            assert torch.equal(prefix[i, t], torch.cat([chunk[i, t - 1, 4:], torch.zeros(4, 7)]))
+            assert torch.equal(chunk[i, t, :k], prefix[i, t, :k])
+    _assert_state_sums_the_executed_actions(td)
 
 
 @pytest.mark.parametrize(
