@@ -35,7 +35,7 @@ from benchmarks import parts
 from benchmarks.engine import calibrate_env_ms, measure
 from pipeline import RolloutEngine, schema
 from pipeline.policies import ExpertPolicy, LatencyPolicy, TinyVLA
-from pipeline.views import steps
+from pipeline.record.views import steps
 
 CHUNK, EXEC = 12, 8
 DELAYS = (0, 1, 2, 4)

@@ -5,7 +5,7 @@ Example:
     >>> from pipeline import RolloutEngine
     >>> from pipeline.policies import TinyVLA
 
-Attributes are imported lazily: worker processes import ``pipeline.worker`` and must not pay
+Attributes are imported lazily: worker processes import ``pipeline.runtime.worker`` and must not pay
 for torch.
 """
 

@@ -1,20 +1,20 @@
 """RolloutEngine: configuration, lifecycle and the inference loop.
 
-The envs are split into ``num_stages`` fixed groups (:mod:`pipeline.stages`). Every worker
+The envs are split into ``num_stages`` fixed groups (:mod:`pipeline.schedule.stages`). Every worker
 holds envs of every stage. In ``mode="pipelined"`` the loop infers for stage g while the
 workers step the other stages; in ``mode="sync"`` each stage is inferred, stepped and awaited
 in turn (with ``num_stages=1`` that is the SimpleVLA-RL lock-step baseline). Both modes make
 the same decisions in the same order for every stage, and every seed is derived from ids, so
 their trajectories are bitwise identical. ``schedule="dynamic"`` makes every env a stage of
-its own and infers for whichever are ready (:mod:`pipeline.dynamic`); a batch-invariant
+its own and infers for whichever are ready (:mod:`pipeline.schedule.dynamic`); a batch-invariant
 policy then gives the same trajectories too, in whatever batches.
 
 A stage turn: batch the stage's observations straight from shared memory, run the policy,
 validate its output, write the action chunks into shared memory, send one 16-byte STEP frame
 to each worker, then record the decision while the workers step. Around it the parts are:
-:mod:`pipeline.pool` (processes and frames), :mod:`pipeline.plans` (what a call records),
-:mod:`pipeline.stages` (batches), :mod:`pipeline.cuda` (device copies) and
-:mod:`pipeline.stats`.
+:mod:`pipeline.backends.local` (processes and frames), :mod:`pipeline.record.plans` (what a
+call records), :mod:`pipeline.schedule.stages` (batches), :mod:`pipeline.cuda` (device
+copies) and :mod:`pipeline.stats`.
 """
 
 from __future__ import annotations
@@ -33,24 +33,24 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from pipeline import protocol as P
 from pipeline import schema
-from pipeline.dynamic import WAIT_FOR_REPLY, Batching
+from pipeline.backends.local import WorkerPool
 from pipeline.errors import (
     EngineClosedError,
     EngineError,
     PolicyOutputError,
 )
-from pipeline.layout import Layout
-from pipeline.lookahead import Lookahead, prefix_fields
-from pipeline.overlap import RolloutFuture, WeightSync
-from pipeline.plans import EpisodeIds, EpisodePlan, Plan, RolloutPlan
-from pipeline.pool import WorkerPool
 from pipeline.profiler.session import ProfileSession
-from pipeline.profiler.spans import PhaseClock, SpanRing
-from pipeline.recorder import BufferPool
-from pipeline.stages import Stage, StageBatcher, StageState, fixed_stages
+from pipeline.record.plans import EpisodeIds, EpisodePlan, Plan, RolloutPlan
+from pipeline.record.store import BufferPool
+from pipeline.runtime import protocol as P
+from pipeline.runtime.layout import Layout
+from pipeline.runtime.spans import PhaseClock, SpanRing
+from pipeline.schedule.dynamic import WAIT_FOR_REPLY, Batching
+from pipeline.schedule.lookahead import Lookahead, prefix_fields
+from pipeline.schedule.stages import Stage, StageBatcher, StageState, fixed_stages
 from pipeline.stats import EngineStats
+from pipeline.weights import RolloutFuture, WeightSync
 
 
 def _release(cuda_path, pool) -> None:
@@ -134,7 +134,7 @@ class RolloutEngine:
     Scale-out: ``backend="ray"`` runs the workers on the nodes of a Ray cluster,
     ``workers_per_node`` to a node (default: all on one), each node's share in a Ray actor
     with its own shared memory; inference stays in this process, and the output is bitwise
-    the local backend's (:mod:`pipeline.ray_pool`). It connects to ``ray_address`` unless
+    the local backend's (:mod:`pipeline.backends.ray.pool`). It connects to ``ray_address`` unless
     Ray is already initialized. A lost node actor is replaced like a dead worker (its
     workers' episodes aborted and re-run), under the same ``max_restarts``.
 
@@ -271,7 +271,7 @@ class RolloutEngine:
             max_restarts=max_restarts if on_worker_failure == "restart" else 0,
         )
         if backend == "ray":
-            from pipeline.ray_pool import RayPool  # Ray is imported only for this backend
+            from pipeline.backends.ray.pool import RayPool  # Ray is imported only for this backend
 
             self._pool = RayPool(
                 env,
@@ -720,8 +720,8 @@ class RolloutEngine:
                 return
 
     def _loop_dynamic(self, plan: Plan) -> None:
-        """First-ready batching (:mod:`pipeline.dynamic`): every stage is one env; infer for
-        the envs that are ready, longest-waiting first, as the batching rule allows."""
+        """First-ready batching (:mod:`pipeline.schedule.dynamic`): every stage is one env;
+        infer for the envs that are ready, longest-waiting first, as the batching rule allows."""
         rule, cells = self.batching, self.stages
         while True:
             self._harvest(0)
@@ -983,7 +983,8 @@ class RolloutEngine:
     # -- recovery ----------------------------------------------------------------------------
     @property
     def failures(self) -> list:
-        """Every worker failure recovered from, oldest first (:class:`pipeline.pool.Failure`)."""
+        """Every worker failure recovered from, oldest first
+        (:class:`pipeline.backends.local.Failure`)."""
         return list(self._pool.failures)
 
     def _recover(self, exc: EngineError, plan: Plan) -> None:

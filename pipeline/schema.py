@@ -18,9 +18,9 @@ ACTION_CHUNK = ("vla_action", "chunk")
 ACTION_TOKENS = ("vla_action", "tokens")
 SAMPLE_LOG_PROB = "sample_log_prob"
 ACTION_IS_PAD = "action_is_pad"
-# Lookahead (pipeline.lookahead): the previous chunk's actions from this observation on, how
-# many of them are frozen (executed whatever the policy says), how far that chunk reaches,
-# and whether the policy conditioned on them (False: "naive async").
+# Lookahead (pipeline.schedule.lookahead): the previous chunk's actions from this
+# observation on, how many of them are frozen (executed whatever the policy says), how far
+# that chunk reaches, and whether the policy conditioned on them (False: "naive async").
 ACTION_PREFIX = ("vla_action", "prefix")
 PREFIX_LEN = ("vla_action", "prefix_len")
 PREFIX_OVERLAP = ("vla_action", "prefix_overlap")

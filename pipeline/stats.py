@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.layout import RESULT_DTYPE
+from pipeline.runtime.layout import RESULT_DTYPE
 
 TURN_SAMPLES = 1 << 16  # bounded: an engine may live for millions of turns
 

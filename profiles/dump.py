@@ -18,7 +18,7 @@ import sys
 
 import psutil
 
-from pipeline.stacks import dump_stacks, pyspy_path
+from pipeline.runtime.stacks import dump_stacks, pyspy_path
 
 
 def _workers_of(p: psutil.Process) -> list[psutil.Process]:

@@ -5,8 +5,8 @@ import pytest
 
 import envs
 from pipeline import schema
-from pipeline.layout import Layout
-from pipeline.stages import Stage, StageBatcher
+from pipeline.runtime.layout import Layout
+from pipeline.schedule.stages import Stage, StageBatcher
 
 
 def _write(a, slot: int, env: int, episode: int, text: str, is_init: bool) -> None:

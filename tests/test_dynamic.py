@@ -13,8 +13,8 @@ from helpers import assert_identical
 
 import envs
 from pipeline import RolloutEngine, WorkerStuckError
-from pipeline.dynamic import WAIT_FOR_REPLY, Batching
 from pipeline.policies import LatencyPolicy, TinyVLA
+from pipeline.schedule.dynamic import WAIT_FOR_REPLY, Batching
 
 # Step costs drawn per chunk with CV 1 (unseeded): which envs are ready together differs
 # from run to run and from turn to turn; the results must not.

@@ -444,7 +444,7 @@ def test_engine_runs_sapien_pick_place_with_the_expert(backend):
 def test_stage_rows_land_in_their_own_episode_rows_in_any_order():
     # A stage's envs hold episodes in any order; rows [17, 16, 19, 20] span 17..20 like a
     # block but are not one (this once wrote episode 16's decision into row 18).
-    from pipeline.recorder import Dest
+    from pipeline.record.store import Dest
 
     rows = np.array([17, 16, 19, 20])
     dest = Dest(rows, np.zeros(4, np.int64), np.arange(4), stage_len=4)
@@ -457,7 +457,7 @@ def test_stage_rows_land_in_their_own_episode_rows_in_any_order():
 
 # -- trajectory memory reused across calls ---------------------------------------------------
 def test_buffer_pool_reuses_only_what_nobody_references():
-    from pipeline.recorder import BufferPool
+    from pipeline.record.store import BufferPool
 
     pool = BufferPool(keep=2)
     a = pool.take((4, 3), np.float32)

@@ -16,7 +16,7 @@ from probe import Probe, row_inputs
 import envs
 from pipeline import RolloutEngine, schema
 from pipeline.policies import TinyVLA
-from pipeline.views import steps
+from pipeline.record.views import steps
 
 ENV = dict(
     state_dim=8, cameras=("head",), image_size=16, episode_len=16, step_cost_us=300,

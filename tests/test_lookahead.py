@@ -7,9 +7,9 @@ from helpers import assert_identical
 from tensordict import TensorDict
 
 from pipeline import RolloutEngine, schema
-from pipeline.lookahead import Lookahead
 from pipeline.policies import LatencyPolicy, TinyVLA
-from pipeline.views import steps
+from pipeline.record.views import steps
+from pipeline.schedule.lookahead import Lookahead
 
 TIMER = dict(state_dim=8, cameras=(), episode_len=20)  # state[2]: sum of executed actions
 

@@ -8,7 +8,7 @@ from helpers import BACKENDS, backend_args
 
 from pipeline import EngineError, RolloutEngine
 from pipeline.policies import LatencyPolicy
-from pipeline.profiler.spans import PHASE_ID, PHASES, PhaseClock, SpanRing, union_ns
+from pipeline.runtime.spans import PHASE_ID, PHASES, PhaseClock, SpanRing, union_ns
 
 TOY = dict(state_dim=8, step_cost_us=1500, episode_len=400)
 

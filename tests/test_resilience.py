@@ -72,8 +72,8 @@ def test_bad_observation_names_env_field_and_expectation(kind, match, backend):
 
 def test_bad_observation_is_not_written(tmp_path):
     """Caught before the copy: the slot keeps the last good observation."""
-    from pipeline.layout import Layout, SharedBuffers
-    from pipeline.worker import BadObservation, WorkerConfig, _Worker
+    from pipeline.runtime.layout import Layout, SharedBuffers
+    from pipeline.runtime.worker import BadObservation, WorkerConfig, _Worker
 
     env = bad_obs_env("nan", bad_env=0, **dict(TOY, episode_len=50))
     w = _Worker(WorkerConfig(0, None, {}, [0], [0], True, os.getpid()), conn=None)

@@ -5,7 +5,7 @@ import torch
 import envs
 from pipeline import RolloutEngine, schema
 from pipeline.policies import TinyVLA
-from pipeline.views import steps
+from pipeline.record.views import steps
 
 TOY = dict(state_dim=8, cameras=("cam",), image_size=16, episode_len=9)
 

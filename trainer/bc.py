@@ -15,7 +15,7 @@ from tensordict import TensorDict
 from pipeline import RolloutEngine, schema
 from pipeline.policies import ExpertPolicy
 from pipeline.policies.tinyvla import NUM_BINS, action_tokens
-from pipeline.views import steps
+from pipeline.record.views import steps
 
 
 def collect_demos(

@@ -1,7 +1,7 @@
 """GRPO on the engine's output: group advantages, dynamic sampling, the clipped loss, eval.
 
 Each function is small enough to copy into a trainer of your own. The data they take is what
-``RolloutEngine.collect_episodes`` returns, flattened by :func:`pipeline.views.steps`.
+``RolloutEngine.collect_episodes`` returns, flattened by :func:`pipeline.record.views.steps`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from tensordict import TensorDict
 
 from pipeline import schema
-from pipeline.overlap import produced_by
-from pipeline.views import steps
+from pipeline.record.views import steps
+from pipeline.weights import produced_by
 
 
 def group_advantages(success: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline import schema
 from pipeline.policies.sampling import row_normal
-from pipeline.profiler.spans import mark
+from pipeline.runtime.spans import mark
 
 
 class SimulatedDevice:

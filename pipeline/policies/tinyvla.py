@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import schema
 from pipeline.policies.sampling import row_normal, row_uniform, sample_categorical
-from pipeline.profiler.spans import mark
+from pipeline.runtime.spans import mark
 
 NUM_BINS = 256
 RTC_MAX_GUIDANCE = 5.0  # the guidance weight's clip (beta in Black et al. 2025)

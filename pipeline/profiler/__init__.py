@@ -7,9 +7,9 @@ Example:
     >>> print(report.table())
     >>> report.save("bench_results/run")   # summary.json, trace.json, timeline.png, report.html
 
-This package imports no torch at module level: workers use :mod:`pipeline.profiler.spans`.
+This package imports no torch at module level: workers use :mod:`pipeline.runtime.spans`.
 """
 
-from pipeline.profiler.spans import PHASES, PhaseClock, SpanRing, mark
+from pipeline.runtime.spans import PHASES, PhaseClock, SpanRing, mark
 
 __all__ = ["PHASES", "PhaseClock", "SpanRing", "mark"]

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from pipeline.profiler.spans import PHASE_ID, PHASES, SPAN_DTYPE, union_ns
+from pipeline.runtime.spans import PHASE_ID, PHASES, SPAN_DTYPE, union_ns
 
 GPU_PID = 0  # no real process has pid 0: the device's row in the trace
 COLOURS = {

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.profiler.spans import (
+from pipeline.runtime.spans import (
     LOOP_PHASES,
     PHASE_ID,
     PHASES,

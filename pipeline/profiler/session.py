@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 import psutil
 
-from pipeline.profiler.spans import PHASE_ID, PhaseClock, SpanRing, set_active
+from pipeline.runtime.spans import PHASE_ID, PhaseClock, SpanRing, set_active
 
 
 class CpuSampler(threading.Thread):

@@ -1,7 +1,7 @@
 """The Ray backend: the engine's workers spread over Ray nodes, behind the pool interface.
 
-:class:`RayPool` stands where :class:`~pipeline.pool.WorkerPool` stands for the engine. On
-each node a :class:`~pipeline.ray_node.NodeActor` runs that node's workers with a local
+:class:`RayPool` stands where :class:`~pipeline.backends.local.WorkerPool` stands for the engine. On
+each node a :class:`~pipeline.backends.ray.node.NodeActor` runs that node's workers with a local
 pool and its own shared memory. The driver keeps a *mirror* of the engine's layout, so the
 engine, the stage batcher, the recorder and the CUDA path read and write exactly what they
 do locally:
@@ -38,6 +38,8 @@ import numpy as np
 
 from envs.spec import EnvSpec
 from pipeline import errors
+from pipeline.backends.local import Budgeted, RestartBudget
+from pipeline.backends.ray.node import NodeActor, stage_rows
 from pipeline.errors import (
     EngineError,
     EngineTimeout,
@@ -45,10 +47,8 @@ from pipeline.errors import (
     WorkerDiedError,
     WorkerStuckError,
 )
-from pipeline.layout import Layout, SharedBuffers
-from pipeline.pool import Budgeted, RestartBudget
-from pipeline.profiler.spans import SpanRing
-from pipeline.ray_node import NodeActor, stage_rows
+from pipeline.runtime.layout import Layout, SharedBuffers
+from pipeline.runtime.spans import SpanRing
 
 log = logging.getLogger("pipeline")
 

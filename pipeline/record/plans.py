@@ -20,10 +20,10 @@ from tensordict import NonTensorData, TensorDict
 
 from pipeline import schema
 from pipeline.errors import EngineError
-from pipeline.layout import Layout
-from pipeline.recorder import BufferPool, Dest, TrajectoryStore
+from pipeline.record.store import BufferPool, Dest, TrajectoryStore
+from pipeline.runtime.layout import Layout
+from pipeline.schedule.stages import Stage
 from pipeline.seeding import GROUP, RESET, derive
-from pipeline.stages import Stage
 
 
 class EpisodeIds:

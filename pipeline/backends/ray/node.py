@@ -1,7 +1,7 @@
 """One node of the Ray backend: its share of the engine's workers, run by a local pool.
 
 A :class:`NodeActor` lives on one Ray node. It runs the node's env workers with the same
-:class:`~pipeline.pool.WorkerPool` as the local backend (processes, frames, its own
+:class:`~pipeline.backends.local.WorkerPool` as the local backend (processes, frames, its own
 shared-memory segment, the watchdog), and moves data in bulk:
 
 * ``command``: one call per node per engine command carries the node's rows of the control
@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from envs.spec import EnvSpec
+from pipeline.backends.local import WorkerPool
 from pipeline.errors import EngineError
-from pipeline.layout import Layout
-from pipeline.pool import WorkerPool
+from pipeline.runtime.layout import Layout
 
 # A poll with nothing to report returns after this long, so the driver notices a node that
 # stopped answering without waiting on a call that never ends.
@@ -65,7 +65,7 @@ def error_payload(exc: EngineError) -> tuple[str, str, int | None]:
 class NodeActor:
     """The node's workers and shared memory (wrapped in ``ray.remote`` by the driver).
 
-    Example (what :class:`pipeline.ray_pool.RayPool` does):
+    Example (what :class:`pipeline.backends.ray.pool.RayPool` does):
         >>> node = ray.remote(NodeActor).remote(0, "toy", {}, env_ids, env_stage, True,
         ...                                     "toy", workers=[0, 1])
         >>> spec = ray.get(node.hello.remote(60.0))

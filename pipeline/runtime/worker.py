@@ -4,7 +4,7 @@ States: STARTING (limit threads, create envs) -> HELLO (send the spec) -> ATTACH
 shared memory received over the pipe) -> RUNNING (serve RESET/STEP in order) -> CLOSED; a
 CLOSE in place of ATTACH (start-up abandoned) goes straight to CLOSED. Any env exception, and
 any observation that breaks the spec, is sent back as a
-:class:`~pipeline.protocol.WorkerFailure` and the worker exits. While RUNNING it counts its
+:class:`~pipeline.runtime.protocol.WorkerFailure` and the worker exits. While RUNNING it counts its
 progress (control steps, resets, chunks) in shared memory for the parent's watchdog. The
 worker also exits when its parent dies: the kernel kills it (``PR_SET_PDEATHSIG``) and, as a
 second line, its command pipe reaches EOF.
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import protocol as P
-from pipeline.layout import Layout, ResultRecord, SharedBuffers
-from pipeline.profiler.spans import PHASE_ID, PhaseClock, SpanRing
+from pipeline.runtime import protocol as P
+from pipeline.runtime.layout import Layout, ResultRecord, SharedBuffers
+from pipeline.runtime.spans import PHASE_ID, PhaseClock, SpanRing
 
 
 @dataclass

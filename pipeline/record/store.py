@@ -22,7 +22,7 @@ import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict
 
 from pipeline import schema
-from pipeline.layout import RESULT_DTYPE, Layout, raw_records
+from pipeline.runtime.layout import RESULT_DTYPE, Layout, raw_records
 from pipeline.seeding import sample_seeds
 
 # The results of a decision, from its result record: field -> (output key, dtype).

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from envs.spec import EnvSpec
-from pipeline.profiler.spans import RING_CAPACITY, SPAN_DTYPE
+from pipeline.runtime.spans import RING_CAPACITY, SPAN_DTYPE
 
 SHM_PREFIX = "vlare_"
 INSTRUCTION_BYTES = 256

@@ -1,4 +1,4 @@
-"""The worker pool: the parent's half of :mod:`pipeline.protocol`.
+"""The worker pool: the parent's half of :mod:`pipeline.runtime.protocol`.
 
 It spawns the env worker processes, runs the start-up hand-shake, owns the shared segment,
 waits on every worker's pipe and process sentinel in one poll set, reads replies into
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from envs.spec import EnvSpec
-from pipeline import protocol as P
 from pipeline.errors import (
     EngineError,
     EngineTimeout,
@@ -30,10 +29,11 @@ from pipeline.errors import (
     WorkerDiedError,
     WorkerStuckError,
 )
-from pipeline.layout import Layout, SharedBuffers
-from pipeline.profiler.spans import SpanRing
-from pipeline.stacks import dump_stacks, own_stacks
-from pipeline.worker import WorkerConfig, worker_main
+from pipeline.runtime import protocol as P
+from pipeline.runtime.layout import Layout, SharedBuffers
+from pipeline.runtime.spans import SpanRing
+from pipeline.runtime.stacks import dump_stacks, own_stacks
+from pipeline.runtime.worker import WorkerConfig, worker_main
 
 log = logging.getLogger("pipeline")
 

@@ -16,9 +16,9 @@ import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict
 
 from pipeline import schema
-from pipeline.layout import Layout
-from pipeline.lookahead import prefix_fields
-from pipeline.recorder import Dest
+from pipeline.record.store import Dest
+from pipeline.runtime.layout import Layout
+from pipeline.schedule.lookahead import prefix_fields
 from pipeline.seeding import sample_seeds
 
 

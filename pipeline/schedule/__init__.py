@@ -1,0 +1,1 @@
+"""How the loop orders decisions: fixed stages, first-ready dynamic batches, lookahead."""
