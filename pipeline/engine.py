@@ -39,6 +39,7 @@ from pipeline.errors import (
     EngineClosedError,
     EngineError,
     PolicyOutputError,
+    ProtocolError,
 )
 from pipeline.profiler.session import ProfileSession
 from pipeline.record.plans import EpisodeIds, EpisodePlan, Plan, RolloutPlan
@@ -752,9 +753,9 @@ class RolloutEngine:
         now = time.perf_counter_ns()
         for w in busy:
             for frame in self._pool.take_replies(w):
-                c = self.stages[frame[1]]
-                if c.state is not StageState.STEPPING or frame[3] != c.seq:
-                    raise EngineError(  # an engine bug, not the worker's: not "recovered"
+                c = self.stages[frame.stage]
+                if c.state is not StageState.STEPPING or frame.seq != c.seq:
+                    raise ProtocolError(  # an engine bug, not the worker's: not "recovered"
                         f"worker {w}: reply {frame} matches no command in flight (env {c.lo}, "
                         f"seq {c.seq}, {c.state.value})"
                     )
@@ -916,14 +917,14 @@ class RolloutEngine:
         slot: one write per worker, however many stages. A worker that is gone does not stop
         the others from getting theirs (a recovery relies on every healthy worker having
         its commands); its error is returned."""
-        frames: dict[int, list[tuple]] = {}
+        frames: dict[int, list[P.Frame]] = {}
         if kind == P.STEP and self.lookahead.fixed is None:
             self._set_delay(stages)
         for s in stages:
             s.seq += 1
             s.state, s.in_flight = StageState.STEPPING, kind
             for w in s.workers:
-                frames.setdefault(w, []).append((kind, s.index, 1 - s.slot, s.seq))
+                frames.setdefault(w, []).append(P.Frame(kind, s.index, 1 - s.slot, s.seq))
         doing = f"{P.NAMES[kind].lower()} stage {stages[0].index}" if stages else ""
         return self._pool.send_all(frames, doing)
 
@@ -962,7 +963,7 @@ class RolloutEngine:
     def _reply(s: Stage) -> Callable[[tuple], bool]:
         """Matches the workers' reply to the stage's last command."""
         index, seq = s.index, s.seq
-        return lambda frame: frame[1] == index and frame[3] == seq
+        return lambda frame: frame.stage == index and frame.seq == seq
 
     def _finish_command(self, s: Stage) -> None:
         s.slot = 1 - s.slot
@@ -1047,7 +1048,7 @@ class RolloutEngine:
             )
             a["reset_now"][mine] = 1
             try:
-                pool.send(w, [(P.RESET, s.index, target, s.seq)], "recovering")
+                pool.send(w, [P.Frame(P.RESET, s.index, target, s.seq)], "recovering")
                 pool.collect([w], self._reply(s), self.hang_timeout_s, "recovering")
             finally:
                 # What was queued after the retried episodes is queued again (the worker

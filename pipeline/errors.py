@@ -28,6 +28,20 @@ class WorkerDiedError(EngineError):
     """A worker process exited without being asked to (killed, crashed)."""
 
 
+class NodeLostError(WorkerDiedError):
+    """A Ray node's actor was lost (killed, crashed, or its node went away): every worker on
+    it is gone. ``worker`` is its first worker, ``workers`` all of them."""
+
+    def __init__(self, message: str, node: int, workers: list[int]) -> None:
+        super().__init__(message, worker=workers[0])
+        self.node, self.workers = node, list(workers)
+
+
+class ProtocolError(EngineError):
+    """A frame arrived that the protocol does not allow there: a bug in the engine or the
+    worker, never the env's doing, so it is not recovered from."""
+
+
 class EngineTimeout(EngineError, TimeoutError):
     """Workers did not answer within the timeout."""
 

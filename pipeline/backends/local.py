@@ -26,6 +26,7 @@ from pipeline.errors import (
     EngineTimeout,
     EnvError,
     ObservationError,
+    ProtocolError,
     WorkerDiedError,
     WorkerStuckError,
 )
@@ -107,7 +108,7 @@ def shutdown(procs: list, conns: list, shm: SharedBuffers | None) -> None:
     references no pool, so a finalizer can call it."""
     for conn in conns:
         with contextlib.suppress(OSError, ValueError):
-            P.send(conn, P.CLOSE)
+            P.send(conn, P.Frame(P.CLOSE))
     deadline = time.monotonic() + 2.0
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
@@ -234,7 +235,7 @@ class WorkerPool(Budgeted):
         >>> pool = WorkerPool("toy", {}, env_ids=[[0, 2], [1, 3]], env_stage=[0, 1, 0, 1],
         ...                   auto_reset=True, env_name="toy")
         >>> spec = pool.start(lambda spec: Layout(spec, 4, 8, 2), start_timeout_s=60)
-        >>> pool.send(0, [(P.RESET, 0, 1, 1)], "resetting")
+        >>> pool.send(0, [P.Frame(P.RESET, stage=0, slot=1, seq=1)], "resetting")
         >>> pool.close()
     """
 
@@ -374,7 +375,7 @@ class WorkerPool(Budgeted):
         ready = wait([conn, proc.sentinel], timeout)
         if conn in ready:
             try:
-                got, *_ = P.recv(conn)
+                got = P.recv(conn).kind
             except (EOFError, OSError):
                 raise WorkerDiedError(
                     self.death(w, doing) + ". Workers are spawned: a script that creates the "
@@ -384,9 +385,8 @@ class WorkerPool(Budgeted):
             if got == P.ERROR:
                 raise failure_error(conn.recv(), self.env_name)
             if got != kind:
-                raise EngineError(
-                    f"worker {w}: protocol error, expected {P.NAMES[kind]}, got "
-                    f"{P.NAMES.get(got, got)}"
+                raise ProtocolError(
+                    f"worker {w}: expected {P.NAMES[kind]}, got {P.NAMES.get(got, got)}"
                 )
             return
         if proc.sentinel in ready:
@@ -417,17 +417,17 @@ class WorkerPool(Budgeted):
                 how = f"signal {signal.Signals(-code).name}"
         return f"worker {w} (pid {proc.pid}) died ({how}) while {doing}"
 
-    def send(self, w: int, frames: list[tuple], doing: str) -> None:
-        """Send ``(kind, stage, slot, seq)`` frames to worker ``w``, in one write."""
+    def send(self, w: int, frames: list[P.Frame], doing: str) -> None:
+        """Send ``frames`` to worker ``w``, in one write."""
         try:
             if len(frames) == 1:
-                P.send(self.conns[w], *frames[0])
+                P.send(self.conns[w], frames[0])
             else:
                 P.send_many(self.conns[w], frames)
         except OSError:  # BrokenPipeError: the worker is gone
             raise WorkerDiedError(self.death(w, doing), worker=w) from None
 
-    def send_all(self, frames: dict[int, list[tuple]], doing: str) -> EngineError | None:
+    def send_all(self, frames: dict[int, list[P.Frame]], doing: str) -> EngineError | None:
         """Send each worker its frames (one write each). A worker that is gone does not stop
         the others from getting theirs (a recovery relies on every healthy worker having its
         commands): its error is returned, not raised."""
@@ -447,15 +447,15 @@ class WorkerPool(Budgeted):
         here = _sched_getcpu()
         return sorted(workers, key=lambda w: self.worker_cpu[w] == here)
 
-    def read_frame(self, w: int, doing: str) -> tuple:
+    def read_frame(self, w: int, doing: str) -> P.Frame:
         try:
             frame = P.recv(self.conns[w])
         except (EOFError, OSError):
             raise WorkerDiedError(self.death(w, doing), worker=w) from None
-        if frame[0] == P.ERROR:
+        if frame.kind == P.ERROR:
             raise failure_error(self.conns[w].recv(), self.env_name)
-        if frame[0] != P.DONE:
-            raise EngineError(f"worker {w}: protocol error: got {P.NAMES.get(frame[0], frame)}")
+        if frame.kind != P.DONE:
+            raise ProtocolError(f"worker {w}: expected DONE or ERROR, got {frame}")
         return frame
 
     def drain(self, doing: str) -> None:

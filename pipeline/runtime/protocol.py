@@ -40,8 +40,14 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
-FRAME = struct.Struct("<BBHIq")  # kind, slot, reserved, stage, seq (one stage per env: 32 bits)
+from pipeline.errors import ProtocolError
+
+# On the wire: kind, slot, reserved, stage, seq (the order packs into 16 bytes; one stage
+# per env needs 32 bits). Code reads frames only as :class:`Frame`, by name.
+_WIRE = struct.Struct("<BBHIq")
+FRAME_SIZE = _WIRE.size
 
 RESET, STEP, CLOSE, ATTACH = 1, 2, 3, 4
 DONE, ERROR, HELLO, ATTACHED = 10, 11, 12, 13
@@ -57,41 +63,67 @@ NAMES = {
 }
 
 
-def unpack(frame: bytes) -> tuple[int, int, int, int]:
-    kind, slot, _, stage, seq = FRAME.unpack(frame)
-    return kind, stage, slot, seq
+class Frame(NamedTuple):
+    """One message: a command, or the reply naming the command it answers.
+
+    Example:
+        >>> f = Frame(STEP, stage=3, slot=1, seq=7)
+        >>> Frame.unpack(f.pack()) == f, len(f.pack())
+        (True, 16)
+    """
+
+    kind: int
+    stage: int = 0
+    slot: int = 0
+    seq: int = 0
+
+    def pack(self) -> bytes:
+        return _WIRE.pack(self.kind, self.slot, 0, self.stage, self.seq)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Frame:
+        kind, slot, _, stage, seq = _WIRE.unpack(data)
+        return cls(kind, stage, slot, seq)
+
+    def answers(self, command: Frame) -> bool:
+        """Whether this reply is the one to ``command`` (same stage and sequence number)."""
+        return self.stage == command.stage and self.seq == command.seq
+
+    def __str__(self) -> str:
+        name = NAMES.get(self.kind, self.kind)
+        return f"{name}(stage={self.stage}, slot={self.slot}, seq={self.seq})"
 
 
-def send(conn, kind: int, stage: int = 0, slot: int = 0, seq: int = 0) -> None:
+def send(conn, frame: Frame) -> None:
     """Write one frame on ``conn``'s descriptor (16 bytes: a single atomic write)."""
-    os.write(conn.fileno(), FRAME.pack(kind, slot, 0, stage, seq))
+    os.write(conn.fileno(), frame.pack())
 
 
-def send_many(conn, frames: list[tuple[int, int, int, int]]) -> None:
-    """Write several ``(kind, stage, slot, seq)`` frames with one system call: the worker
-    reads them one at a time, in order, as if each had been sent alone."""
-    data = b"".join(FRAME.pack(kind, slot, 0, stage, seq) for kind, stage, slot, seq in frames)
+def send_many(conn, frames: list[Frame]) -> None:
+    """Write several frames with one system call: the worker reads them one at a time, in
+    order, as if each had been sent alone."""
+    data = b"".join(f.pack() for f in frames)
     view, fd = memoryview(data), conn.fileno()
     while view:  # a socket may take a long write in parts
         view = view[os.write(fd, view) :]
 
 
-def recv(conn) -> tuple[int, int, int, int]:
+def recv(conn) -> Frame:
     """Read exactly one frame; ``EOFError`` when the other side is gone."""
     fd, buf = conn.fileno(), b""
-    while len(buf) < FRAME.size:
-        chunk = os.read(fd, FRAME.size - len(buf))
+    while len(buf) < FRAME_SIZE:
+        chunk = os.read(fd, FRAME_SIZE - len(buf))
         if not chunk:
             raise EOFError("peer closed the connection")
         buf += chunk
-    return unpack(buf)
+    return Frame.unpack(buf)
 
 
 def send_attach(conn, shm_fd: int, num_envs: int, chunk_len: int, num_workers: int) -> None:
     """Hand-shake step 2 (parent side)."""
     from multiprocess import reduction
 
-    send(conn, ATTACH)
+    send(conn, Frame(ATTACH))
     conn.send((num_envs, chunk_len, num_workers))
     reduction.send_handle(conn, shm_fd, None)
 
@@ -101,11 +133,11 @@ def recv_attach(conn) -> tuple[int, int, int, int] | None:
     None when the parent sent ``CLOSE`` instead."""
     from multiprocess import reduction
 
-    kind, *_ = recv(conn)
-    if kind == CLOSE:
+    frame = recv(conn)
+    if frame.kind == CLOSE:
         return None
-    if kind != ATTACH:
-        raise RuntimeError(f"protocol error: expected ATTACH or CLOSE, got {NAMES.get(kind, kind)}")
+    if frame.kind != ATTACH:
+        raise ProtocolError(f"expected ATTACH or CLOSE, got {frame}")
     num_envs, chunk_len, num_workers = conn.recv()
     return reduction.recv_handle(conn), num_envs, chunk_len, num_workers
 

@@ -1,10 +1,12 @@
-"""The env worker process: one explicit state machine around a pipe and shared memory.
+"""The env worker: one explicit state machine (:class:`State`) around shared memory.
 
-States: STARTING (limit threads, create envs) -> HELLO (send the spec) -> ATTACHED (map the
-shared memory received over the pipe) -> RUNNING (serve RESET/STEP in order) -> CLOSED; a
-CLOSE in place of ATTACH (start-up abandoned) goes straight to CLOSED. Any env exception, and
-any observation that breaks the spec, is sent back as a
-:class:`~pipeline.runtime.protocol.WorkerFailure` and the worker exits. While RUNNING it counts its
+A :class:`Worker` creates its envs (STARTING), offers their spec (OFFERED), is bound to the
+shared memory (RUNNING: it handles RESET and STEP frames in order) and is closed (CLOSED);
+every move is checked against :data:`TRANSITIONS`. :func:`worker_main` runs one in a
+process, over a pipe (:mod:`pipeline.runtime.protocol`); the inline backend drives one in
+the caller's process, frame by frame. Any env exception, and any observation that breaks
+the spec, is sent back as a :class:`~pipeline.runtime.protocol.WorkerFailure` and the
+worker process exits. While RUNNING it counts its
 progress (control steps, resets, chunks) in shared memory for the parent's watchdog. The
 worker also exits when its parent dies: the kernel kills it (``PR_SET_PDEATHSIG``) and, as a
 second line, its command pipe reaches EOF.
@@ -15,6 +17,7 @@ every worker start-up time and memory for nothing.
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import sys
@@ -25,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from envs.spec import EnvSpec
+from pipeline.errors import ProtocolError
 from pipeline.runtime import protocol as P
 from pipeline.runtime.layout import Layout, ResultRecord, SharedBuffers
 from pipeline.runtime.spans import PHASE_ID, PhaseClock, SpanRing
@@ -81,9 +86,36 @@ def _make_env(cfg: WorkerConfig):
     return cfg.env_fn(**cfg.env_kwargs) if cfg.env_kwargs else cfg.env_fn()
 
 
-class _Worker:
-    def __init__(self, cfg: WorkerConfig, conn) -> None:
-        self.cfg, self.conn = cfg, conn
+class State(enum.Enum):
+    STARTING = "starting"  # creating its envs
+    OFFERED = "offered"  # the envs exist and their spec is out; waiting for shared memory
+    RUNNING = "running"  # bound to shared memory, handling RESET and STEP
+    CLOSED = "closed"
+
+
+# Every move a worker may make; anything else is a bug (ProtocolError).
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STARTING: frozenset({State.OFFERED, State.CLOSED}),
+    State.OFFERED: frozenset({State.RUNNING, State.CLOSED}),  # CLOSE: start-up abandoned
+    State.RUNNING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+
+class Worker:
+    """The envs of one worker and what they do with the frames they are sent.
+
+    Example (the inline backend drives one like this; a process runs :func:`worker_main`):
+        >>> w = Worker(cfg)
+        >>> spec = w.create_envs()
+        >>> w.bind(SharedBuffers.create(Layout(spec, num_envs=4, chunk_len=8, num_workers=1)))
+        >>> reply = w.handle(P.Frame(P.RESET, stage=0, slot=1, seq=1))   # DONE
+        >>> w.run_tails(); w.close()
+    """
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.state = State.STARTING
         self.envs: dict[int, Any] = {}
         self.by_stage: dict[int, list[int]] = {}
         for env_id, stage in zip(cfg.env_ids, cfg.env_stage, strict=True):
@@ -98,11 +130,21 @@ class _Worker:
         # executing them came to (reported with the next decision's results).
         self.tail: dict[int, np.ndarray] = {}
         self.carried: dict[int, _Carried] = {}
-        self.phase, self.current_env = "create", None
+        self.phase, self.current_env = "create", None  # where a failure happened
+        self.init_spans: list[tuple[int, int, int]] = []
+        self.clock: PhaseClock | None = None
+
+    def _to(self, state: State) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise ProtocolError(
+                f"worker {self.cfg.worker_id}: {self.state.value} -> {state.value} is not a "
+                "transition of the worker state machine"
+            )
+        self.state = state
 
     # -- start-up ----------------------------------------------------------------------------
-    def start(self) -> bool:
-        self.init_spans = []
+    def create_envs(self) -> EnvSpec:
+        """Create this worker's envs (timed for the profiler) and return their one spec."""
         for env_id in self.cfg.env_ids:
             self.current_env = env_id
             t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
@@ -113,23 +155,13 @@ class _Worker:
         specs = {repr(e.spec) for e in self.envs.values()}
         if len(specs) != 1:
             raise ValueError(f"envs in one worker disagree on their spec: {sorted(specs)}")
-        P.send(self.conn, P.HELLO)
-        self.conn.send(next(iter(self.envs.values())).spec)
-        attach = P.recv_attach(self.conn)
-        if attach is None:  # start-up abandoned: another worker failed
-            return False
-        fd, num_envs, chunk_len, num_workers = attach
-        spec = next(iter(self.envs.values())).spec
-        self.bind(SharedBuffers.attach(Layout(spec, num_envs, chunk_len, num_workers), fd))
-        for t0, t1, cpu in self.init_spans:  # env creation, timed before the rings existed
-            self.ring.add(PHASE_ID["env_init"], t0, t1, cpu)
-        if self.init_spans:  # then the hand-shake: the rest of start-up
-            self.ring.add(PHASE_ID["env_init"], self.init_spans[-1][1], time.perf_counter_ns(), 0)
-        P.send(self.conn, P.ATTACHED)
-        return True
+        self._to(State.OFFERED)
+        return next(iter(self.envs.values())).spec
 
     def bind(self, shm: SharedBuffers) -> None:
-        """Work on ``shm``: views of the arrays this worker reads and writes."""
+        """Work on ``shm``: views of the arrays this worker reads and writes. Env creation's
+        spans, timed before the rings existed, go into this worker's ring."""
+        self._to(State.RUNNING)
         self.shm = shm
         a = self.a = shm.arrays
         self.obs_arrays = [(key, a[f"obs/{key}"]) for key in shm.layout.obs_keys]
@@ -149,42 +181,50 @@ class _Worker:
         for env in self.envs.values():
             if hasattr(env, "on_step"):  # ChunkedEnvMixin envs count every control step
                 env.on_step = self._tick
+        for t0, t1, cpu in self.init_spans:
+            self.ring.add(PHASE_ID["env_init"], t0, t1, cpu)
+        if self.init_spans:  # then the hand-shake: the rest of start-up
+            self.ring.add(PHASE_ID["env_init"], self.init_spans[-1][1], time.perf_counter_ns(), 0)
+        self.init_spans.clear()
 
     def _tick(self) -> None:
         self.progress[0] += 1
 
     # -- serving -----------------------------------------------------------------------------
-    def serve(self) -> None:
-        self.clock = None
+    def handle(self, command: P.Frame) -> P.Frame:
+        """Carry out one RESET or STEP and return its DONE reply. The profiling switch is
+        read first, so the command is timed in full."""
+        self._follow_profiling()
+        if self.state is not State.RUNNING or command.kind not in (P.RESET, P.STEP):
+            raise ProtocolError(
+                f"worker {self.cfg.worker_id} ({self.state.value}) cannot handle {command}"
+            )
+        do, self.phase = (self._reset, "reset") if command.kind == P.RESET else (self._step, "step")
+        for env_id in self.by_stage.get(command.stage, ()):
+            do(env_id, command.slot, command.seq)
+        self.current_env = None
+        if self.clock:
+            self.clock.switch("signal")
+        return P.Frame(P.DONE, command.stage, command.slot, command.seq)
+
+    def idle(self) -> None:
+        """Between commands: the time until the next one is waiting for actions."""
+        if self.clock:
+            self.clock.switch("wait_actions")
+
+    def serve(self, conn) -> None:
+        """The process's loop: read a frame, handle it, reply, run the lookahead tails."""
         self._follow_profiling()  # profiling from creation: time the wait for the first command
         while True:
-            if self.clock:
-                self.clock.switch("wait_actions")
+            self.idle()
             try:
-                kind, stage, slot, seq = P.recv(self.conn)
+                command = P.recv(conn)
             except (EOFError, OSError):
                 return  # the parent is gone
-            # Checked after the wait, so the command that follows is timed in full.
-            self._follow_profiling()
-            if kind == P.CLOSE:
+            if command.kind == P.CLOSE:
                 return
-            if kind == P.RESET:
-                self.phase = "reset"
-                for env_id in self.by_stage.get(stage, ()):
-                    self._reset(env_id, slot, seq)
-            elif kind == P.STEP:
-                self.phase = "step"
-                for env_id in self.by_stage.get(stage, ()):
-                    self._step(env_id, slot, seq)
-            else:
-                raise RuntimeError(f"worker {self.cfg.worker_id}: unknown command {kind}")
-            self.current_env = None
-            if self.clock:
-                self.clock.switch("signal")
-            P.send(self.conn, P.DONE, stage, slot, seq)
-            if self.tail:  # lookahead: execute on while the next chunks are inferred
-                self.phase = "lookahead"
-                self._run_tails()
+            P.send(conn, self.handle(command))
+            self.run_tails()  # lookahead: execute on while the next chunks are inferred
 
     def _follow_profiling(self) -> None:
         """Start or stop the phase clock when the inference side flips the switch."""
@@ -267,9 +307,13 @@ class _Worker:
             **fields,
         )
 
-    def _run_tails(self) -> None:
-        """Execute every env's lookahead actions, without observing: physically they belong
-        to the next decision's window, whose results they are reported with."""
+    def run_tails(self) -> None:
+        """Execute every env's lookahead actions (after the reply), without observing:
+        physically they belong to the next decision's window, whose results they are
+        reported with."""
+        if not self.tail:
+            return
+        self.phase = "lookahead"
         if self.clock:
             self.clock.switch("physics")
         for env_id, tail in self.tail.items():
@@ -430,7 +474,24 @@ class _Worker:
             write_ns=write_ns,
         )
 
-    def close(self) -> None:
+    def failure(self, exc: BaseException) -> P.WorkerFailure:
+        """What this worker reports about ``exc``, raised by one of its envs or factories;
+        call it in the ``except`` block (it takes the traceback being handled)."""
+        return P.WorkerFailure(
+            worker=self.cfg.worker_id,
+            env_id=self.current_env,
+            phase=self.phase,
+            error=repr(exc),
+            traceback=traceback.format_exc(),
+            kind="observation" if isinstance(exc, BadObservation) else "env",
+        )
+
+    def close(self, unmap: bool = True) -> None:
+        """Close the envs and, with ``unmap``, this worker's mapping of the shared memory
+        (the inline backend's workers share the caller's, which it unmaps itself)."""
+        if self.state is State.CLOSED:
+            return
+        self._to(State.CLOSED)
         for env in self.envs.values():
             try:
                 env.close()
@@ -438,7 +499,23 @@ class _Worker:
                 pass
         if hasattr(self, "shm"):
             self.a = {}
-            self.shm.close()
+            if unmap:
+                self.shm.close()
+
+
+def _start(worker: Worker, conn) -> bool:
+    """The hand-shake, worker side: offer the spec, map the memory the parent sends, confirm.
+    False when the parent abandoned start-up (another worker failed)."""
+    spec = worker.create_envs()
+    P.send(conn, P.Frame(P.HELLO))
+    conn.send(spec)
+    attach = P.recv_attach(conn)
+    if attach is None:
+        return False
+    fd, num_envs, chunk_len, num_workers = attach
+    worker.bind(SharedBuffers.attach(Layout(spec, num_envs, chunk_len, num_workers), fd))
+    P.send(conn, P.Frame(P.ATTACHED))
+    return True
 
 
 def worker_main(cfg: WorkerConfig, conn) -> None:
@@ -453,21 +530,14 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
         cv2.setNumThreads(1)
     except ImportError:
         pass
-    worker = _Worker(cfg, conn)
+    worker = Worker(cfg)
     try:
-        if worker.start():
-            worker.serve()
+        if _start(worker, conn):
+            worker.serve(conn)
     except BaseException as exc:  # report everything, including KeyboardInterrupt in an env
-        failure = P.WorkerFailure(
-            worker=cfg.worker_id,
-            env_id=worker.current_env,
-            phase=worker.phase,
-            error=repr(exc),
-            traceback=traceback.format_exc(),
-            kind="observation" if isinstance(exc, BadObservation) else "env",
-        )
+        failure = worker.failure(exc)
         try:
-            P.send(conn, P.ERROR)
+            P.send(conn, P.Frame(P.ERROR))
             conn.send(failure)
         except (OSError, EOFError):
             pass

@@ -30,7 +30,8 @@ import numpy as np
 
 from envs.spec import EnvSpec
 from pipeline.backends.local import WorkerPool
-from pipeline.errors import EngineError
+from pipeline.errors import EngineError, ProtocolError
+from pipeline.runtime import protocol as P
 from pipeline.runtime.layout import Layout
 
 # A poll with nothing to report returns after this long, so the driver notices a node that
@@ -150,7 +151,7 @@ class NodeActor:
     def command(
         self,
         number: int,
-        frames: dict[int, list[tuple]],
+        frames: dict[int, list[P.Frame]],
         rows: np.ndarray,
         control: dict[str, np.ndarray],
         profile_on: bool,
@@ -160,7 +161,7 @@ class NodeActor:
         ``number`` counts the driver's calls to this node: Ray runs one submitter's calls in
         order, and this checks it (frames out of order would break the protocol)."""
         if number != self._next_command:
-            raise EngineError(
+            raise ProtocolError(
                 f"node {self.node}: command {number} arrived, expected {self._next_command}"
             )
         self._next_command += 1
@@ -171,8 +172,8 @@ class NodeActor:
         with self._book:
             for w, fs in frames.items():
                 self._busy[w] += len(fs)
-                for _, stage, _, seq in fs:
-                    self._waiting.setdefault((stage, seq), set()).add(w)
+                for f in fs:
+                    self._waiting.setdefault((f.stage, f.seq), set()).add(w)
             self._book.notify_all()
         # A worker that is gone is found by the poll (its sentinel), which reports it.
         self.pool.send_all(frames, "stepping")
@@ -214,7 +215,7 @@ class NodeActor:
         with self._book:
             for w in workers:
                 for frame in self.pool.take_replies(w):
-                    key = (frame[1], frame[3])
+                    key = (frame.stage, frame.seq)
                     self._busy[w] -= 1
                     self._waiting.get(key, set()).discard(w)
                     self._held.setdefault(key, []).append((w, self.generation[w], frame))
@@ -226,8 +227,8 @@ class NodeActor:
             for key in keys:
                 del self._waiting[key]
                 for w, gen, frame in self._held.pop(key, []):
-                    rows = self.rows[(w, frame[1])]
-                    slot = frame[2]
+                    rows = self.rows[(w, frame.stage)]
+                    slot = frame.slot
                     replies.append((w, gen, frame))
                     data.append({k: a[k][slot, rows] for k in self.pool.layout.slot_keys})
         return replies, data

@@ -44,9 +44,11 @@ from pipeline.errors import (
     EngineError,
     EngineTimeout,
     EnvError,
+    NodeLostError,
     WorkerDiedError,
     WorkerStuckError,
 )
+from pipeline.runtime import protocol as P
 from pipeline.runtime.layout import Layout, SharedBuffers
 from pipeline.runtime.spans import SpanRing
 
@@ -55,15 +57,6 @@ log = logging.getLogger("pipeline")
 # A node whose poll has not come back for this long past the hang timeout is not answering
 # (its own watchdog would have reported a stuck worker by then).
 _NODE_GRACE_S = 10.0
-
-
-class NodeLostError(WorkerDiedError):
-    """A node's actor was lost (killed, crashed, or its Ray node went away): every worker
-    on it is gone. ``worker`` is its first worker, ``workers`` all of them."""
-
-    def __init__(self, message: str, node: int, workers: list[int]) -> None:
-        super().__init__(message, worker=workers[0])
-        self.node, self.workers = node, list(workers)
 
 
 def import_ray():
@@ -300,7 +293,7 @@ class RayPool(Budgeted):
             conn.close()
 
     # -- commands ----------------------------------------------------------------------------
-    def send_all(self, frames: dict[int, list[tuple]], doing: str) -> EngineError | None:
+    def send_all(self, frames: dict[int, list[P.Frame]], doing: str) -> EngineError | None:
         """One call per node: its workers' frames and its rows of the control arrays."""
         a = self.shm.arrays
         by_node: dict[int, dict[int, list[tuple]]] = {}
@@ -315,7 +308,7 @@ class RayPool(Budgeted):
             node.commands += 1
         return None
 
-    def send(self, w: int, frames: list[tuple], doing: str) -> None:
+    def send(self, w: int, frames: list[P.Frame], doing: str) -> None:
         self.send_all({w: frames}, doing)
 
     def wake_order(self, workers: list[int]) -> list[int]:
@@ -355,7 +348,7 @@ class RayPool(Budgeted):
         for (w, gen, frame), rows_data in zip(replies, data, strict=True):
             if gen != self.generation[w]:
                 continue  # sent by a worker replaced since
-            slot, rows = frame[2], self.rows[(w, frame[1])]
+            slot, rows = frame.slot, self.rows[(w, frame.stage)]
             for key, value in rows_data.items():
                 a[key][slot, rows] = value
             self.inbox[w].append(frame)
