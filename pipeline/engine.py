@@ -34,7 +34,7 @@ import torch
 from tensordict import TensorDict
 
 from pipeline import schema
-from pipeline.backends.local import WorkerPool
+from pipeline.backends import BACKENDS, open_backend
 from pipeline.errors import (
     EngineClosedError,
     EngineError,
@@ -132,6 +132,10 @@ class RolloutEngine:
     raise an :class:`EngineError` subclass and close the engine; nothing is left running,
     and the shared memory (an anonymous memfd) is gone with the last process.
 
+    Debugging: ``backend="inline"`` steps every worker's envs in this process, one after
+    another (a breakpoint in an env works), with bitwise the same trajectories
+    (:mod:`pipeline.backends.inline`).
+
     Scale-out: ``backend="ray"`` runs the workers on the nodes of a Ray cluster,
     ``workers_per_node`` to a node (default: all on one), each node's share in a Ray actor
     with its own shared memory; inference stays in this process, and the output is bitwise
@@ -180,9 +184,9 @@ class RolloutEngine:
         workers_per_node: int | None = None,
     ) -> None:
         self._closed = True  # until start-up completes
-        if backend not in ("local", "ray"):
-            raise ValueError(f"backend={backend!r}: choose 'local' or 'ray'")
-        if backend == "local" and (ray_address, workers_per_node) != (None, None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: choose one of {', '.join(map(repr, BACKENDS))}")
+        if backend != "ray" and (ray_address, workers_per_node) != (None, None):
             raise ValueError("ray_address and workers_per_node apply to backend='ray'")
         if workers_per_node is not None and workers_per_node < 1:
             raise ValueError(f"workers_per_node={workers_per_node} must be >= 1")
@@ -272,18 +276,12 @@ class RolloutEngine:
             max_restarts=max_restarts if on_worker_failure == "restart" else 0,
         )
         if backend == "ray":
-            from pipeline.backends.ray.pool import RayPool  # Ray is imported only for this backend
-
-            self._pool = RayPool(
-                env,
-                env_kwargs or {},
-                workers_per_node=workers_per_node or num_workers,
+            pool_args.update(
+                workers_per_node=workers_per_node,
                 ray_address=ray_address,
                 hang_timeout_s=hang_timeout_s,
-                **pool_args,
             )
-        else:
-            self._pool = WorkerPool(env, env_kwargs or {}, **pool_args)
+        self._pool = open_backend(backend, env, env_kwargs or {}, **pool_args)
         # From here on a finalizer stops the workers even if the user never calls close().
         self._finalizer = weakref.finalize(self, _release, None, self._pool)
         self.spec = self._pool.start(
@@ -985,7 +983,7 @@ class RolloutEngine:
     @property
     def failures(self) -> list:
         """Every worker failure recovered from, oldest first
-        (:class:`pipeline.backends.local.Failure`)."""
+        (:class:`pipeline.backends.budget.Failure`)."""
         return list(self._pool.failures)
 
     def _recover(self, exc: EngineError, plan: Plan) -> None:

@@ -4,7 +4,7 @@ import time
 import warnings
 
 import pytest
-from helpers import BACKENDS, backend_args
+from helpers import BACKENDS, PROCESS_BACKENDS, backend_args
 
 # Before any test module imports Ray: this sets what makes Ray bind loopback only.
 from benchmarks.ray_cluster import loopback_cluster, ray_processes
@@ -55,6 +55,13 @@ def _still_running(p) -> bool:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> dict:
-    """The engine arguments of each backend, for the behaviour tests that must hold on both:
-    ``RolloutEngine(..., **backend)``."""
+    """The engine arguments of each backend, for the behaviour tests that must hold on all
+    of them: ``RolloutEngine(..., **backend)``."""
+    return backend_args(request)
+
+
+@pytest.fixture(params=PROCESS_BACKENDS)
+def process_backend(request) -> dict:
+    """The backends whose workers are processes: for what only a process can do (be
+    killed, hang under a watchdog, sleep without burning the caller's CPU)."""
     return backend_args(request)

@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from pipeline.runtime.worker import current_worker
+
 
 def failing_env(**kw):
     """A toy env (``envs.make("toy", **kw)``) whose control steps raise after the fifth."""
@@ -48,8 +50,6 @@ def crashing_env(marker_dir, how, crashes=1, at_chunk=3, **kw):
     "segfault", "raise" (an exception in step_chunk)."""
     import signal as sig
 
-    import multiprocess
-
     import envs as E
 
     env = E.make("toy", **kw)
@@ -57,8 +57,7 @@ def crashing_env(marker_dir, how, crashes=1, at_chunk=3, **kw):
 
     def flaky(actions):
         chunks[0] += 1
-        # The name is read now: a spare is renamed when it takes worker 1's place.
-        here = env.first and multiprocess.current_process().name.endswith("-1")
+        here = env.first and current_worker() == 1
         done = len(os.listdir(marker_dir))
         if chunks[0] == at_chunk and here and done < crashes:
             open(os.path.join(marker_dir, f"crashed-{done}"), "w").close()
@@ -77,24 +76,23 @@ def crashing_env(marker_dir, how, crashes=1, at_chunk=3, **kw):
 
 def flaky_env(marker_dir, how, crashes=1, **kw):
     """:func:`crashing_env` as the factory of every env of an engine: the first env each
-    process makes is the one that fails."""
+    worker makes is the one that fails (worker 1's is env 1)."""
     env = crashing_env(marker_dir, how, crashes, **kw)
-    env.first = not getattr(flaky_env, "made", False)  # the process's first env: env 1
-    flaky_env.made = True
+    made = flaky_env.__dict__.setdefault("made", set())  # per process: the workers seen
+    key = (marker_dir, current_worker())  # the inline backend runs every engine here
+    env.first = key not in made
+    made.add(key)
     return env
 
 
 def bad_obs_env(kind, bad_env=1, **kw):
     """A toy env that turns bad on its second chunk, in env ``bad_env`` only."""
-    import multiprocess
-
     import envs as E
 
     env = E.make("toy", **kw)
     observe = env._observe
     calls = [0]
-    name = multiprocess.current_process().name  # rollout-worker-W in a worker
-    worker = int(name.rsplit("-", 1)[-1]) if name.startswith("rollout-worker-") else 0
+    worker = current_worker()
 
     def bad():
         obs = observe()
@@ -117,11 +115,9 @@ def bad_obs_env(kind, bad_env=1, **kw):
 
 
 def fails_in_worker_1(marker_dir, **kw):
-    import multiprocess
-
     import envs as E
 
-    if multiprocess.current_process().name.endswith("-1"):
+    if current_worker() == 1:
         raise RuntimeError("no robot on worker 1")
     env = E.make("toy", **kw)
     close = env.close
@@ -137,12 +133,10 @@ def fails_in_worker_1(marker_dir, **kw):
 
 def fails_once_at_start(marker_dir, **kw):
     """Fails at creation in worker 1 the first time only (a transient start-up error)."""
-    import multiprocess
-
     import envs as E
 
     marker = os.path.join(marker_dir, "failed")
-    if multiprocess.current_process().name.endswith("-1") and not os.path.exists(marker):
+    if current_worker() == 1 and not os.path.exists(marker):
         open(marker, "w").close()
         raise OSError("license server unreachable")
     return E.make("toy", **kw)

@@ -24,13 +24,16 @@ def assert_identical(a: TensorDict, b: TensorDict) -> None:
             assert va.tolist() == vb.tolist(), key
 
 
-BACKENDS = ["local", "ray"]
+BACKENDS = ["local", "inline", "ray"]
+PROCESS_BACKENDS = ["local", "ray"]  # inline has no process to kill or watch
 
 
 def backend_args(request) -> dict:
     """``RolloutEngine`` arguments for the backend a parametrized fixture's ``request``
-    names: none for local; Ray: one worker per node of the ``ray_cluster`` fixture."""
+    names: none for local; inline; Ray: one worker per node of the ``ray_cluster`` fixture."""
     if request.param == "local":
         return {}
+    if request.param == "inline":
+        return dict(backend="inline")
     request.getfixturevalue("ray_cluster")
     return dict(backend="ray", workers_per_node=1)

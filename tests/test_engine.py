@@ -200,9 +200,11 @@ def test_env_factory_exception_is_reported(backend):
         )  # fmt: skip
 
 
-def test_sigkilled_worker_is_detected_within_the_timeout(backend):
+def test_sigkilled_worker_is_detected_within_the_timeout(process_backend):
     before = shm_segments()
-    e = _engine(_latency(base_ms=50), hang_timeout_s=20, on_worker_failure="raise", **backend)
+    e = _engine(
+        _latency(base_ms=50), hang_timeout_s=20, on_worker_failure="raise", **process_backend
+    )
     pids = e.worker_pids()
     e.rollout(1)
     os.kill(pids[1], signal.SIGKILL)
@@ -400,9 +402,9 @@ def test_parent_signals_leave_no_workers_or_segments(tmp_path, sig):
         proc.kill()
 
 
-def test_idle_workers_use_no_cpu_while_the_policy_is_slow(backend):
+def test_idle_workers_use_no_cpu_while_the_policy_is_slow(process_backend):
     policy = _latency(base_ms=200)
-    with _engine(policy, num_stages=1, num_envs=4, **backend) as e:
+    with _engine(policy, num_stages=1, num_envs=4, **process_backend) as e:
         e.rollout(1)
         procs = [psutil.Process(p) for p in e.worker_pids()]
         before = [sum(p.cpu_times()[:2]) for p in procs]

@@ -35,20 +35,25 @@ RUNS = {
     "killed-stages": dict(num_stages=2, kill=True),
     "killed-dynamic": dict(schedule="dynamic", kill=True),
     "ray-killed-stages": dict(num_stages=2, kill=True, ray=True),
+    "inline-dynamic-lookahead": dict(schedule="dynamic", lookahead=LOOKAHEAD, inline=True),
+    "inline-failed-stages": dict(num_stages=2, kill=True, inline=True),  # raises: no process
 }
 
 
-def _run(request, tmp_path, lookahead=0, ray=False, kill=False, **kw):
+def _run(request, tmp_path, lookahead=0, ray=False, inline=False, kill=False, **kw):
     """Two calls (a rollout, then GRPO-style episodes) of 8 envs on 2 workers; returns what
     the probe saw, the outputs and the engine's failures."""
     torch.manual_seed(0)
     spec = envs.make("toy", **ENV).spec
     probe = Probe(TinyVLA.from_spec(spec, chunk_len=8, prefix_conditioning=lookahead > 0))
     env, env_kwargs = "toy", ENV
-    if kill:  # worker 1 SIGKILLs itself in its third chunk, once
+    if kill:  # worker 1 SIGKILLs itself (inline: its env raises) in its third chunk, once
         marker = tmp_path / "crashes"
         marker.mkdir()
-        env, env_kwargs = flaky_env, dict(ENV, marker_dir=str(marker), how="kill")
+        how = "raise" if inline else "kill"
+        env, env_kwargs = flaky_env, dict(ENV, marker_dir=str(marker), how=how)
+    if inline:
+        kw.update(backend="inline")
     if ray:
         request.getfixturevalue("ray_cluster")
         kw.update(backend="ray", workers_per_node=1)
@@ -124,7 +129,8 @@ def test_every_policy_input_equals_lockstep(request, tmp_path, lockstep, name):
     ref_seen, _, _ = lockstep(request, tmp_path / "ref", kw.get("lookahead", 0))
     seen, outputs, failures = _run(request, tmp_path, **kw)
     if kw.get("kill"):
-        assert len(failures) == 1 and "SIGKILL" in failures[0].error, failures
+        why = "lost its contact cache" if kw.get("inline") else "SIGKILL"
+        assert len(failures) == 1 and why in failures[0].error, failures
         # A killed env's rollout() re-runs its episode, so it gets less far in that call.
         assert any(len(rows) > 1 for rows in seen.values()), "no decision was re-run"
     else:

@@ -73,11 +73,12 @@ def test_bad_observation_names_env_field_and_expectation(kind, match, backend):
 def test_bad_observation_is_not_written(tmp_path):
     """Caught before the copy: the slot keeps the last good observation."""
     from pipeline.runtime.layout import Layout, SharedBuffers
-    from pipeline.runtime.worker import BadObservation, WorkerConfig, _Worker
+    from pipeline.runtime.worker import BadObservation, Worker, WorkerConfig
 
-    env = bad_obs_env("nan", bad_env=0, **dict(TOY, episode_len=50))
-    w = _Worker(WorkerConfig(0, None, {}, [0], [0], True, os.getpid()), conn=None)
-    w.envs = {0: env}
+    make = lambda: bad_obs_env("nan", bad_env=0, **dict(TOY, episode_len=50))  # noqa: E731
+    w = Worker(WorkerConfig(0, make, {}, [0], [0], True, os.getpid()))
+    w.create_envs()  # as worker 0, the env that turns bad
+    env = w.envs[0]
     layout = Layout(env.spec, num_envs=1, chunk_len=4)
     shm = SharedBuffers.create(layout)
     try:
@@ -215,9 +216,20 @@ def _rollout_pair(tmp_path, how, crashes, schedule="stages", backend=None):
     ],
 )
 def test_failed_worker_is_replaced_and_other_envs_are_bitwise_unchanged(
-    tmp_path, how, crashes, schedule, backend
+    tmp_path, how, crashes, schedule, process_backend
 ):
-    runs = _rollout_pair(tmp_path, how, crashes, schedule, backend)
+    _assert_replaced(
+        _rollout_pair(tmp_path, how, crashes, schedule, process_backend), how, crashes, schedule
+    )
+
+
+@pytest.mark.parametrize("schedule", ["stages", "dynamic"])
+def test_inline_worker_whose_env_raises_is_replaced_and_others_unchanged(tmp_path, schedule):
+    runs = _rollout_pair(tmp_path, "raise", 1, schedule, dict(backend="inline"))
+    _assert_replaced(runs, "raise", 1, schedule)
+
+
+def _assert_replaced(runs: dict, how: str, crashes: int, schedule: str) -> None:
     clean, clean_eps, clean_restarts, _ = runs[False]
     td, eps, restarts, failures = runs[True]
     assert clean_restarts == 0 and restarts == crashes and len(failures) == crashes
@@ -261,12 +273,13 @@ def test_failed_worker_is_replaced_and_other_envs_are_bitwise_unchanged(
 def test_episode_groups_come_back_complete_after_a_fault(tmp_path, backend):
     """A fault inside collect_episodes: the aborted member re-runs with the same reset seed;
     every episode is bitwise the fault-free one except which env ran it."""
+    how = "raise" if backend.get("backend") == "inline" else "kill"  # inline: no process
     eps = {}
     for fault in (False, True):
         marker_dir = tmp_path / f"fault-{fault}"
         marker_dir.mkdir()
         env_kwargs = dict(
-            TOY, episode_len=9, marker_dir=str(marker_dir), how="kill", crashes=int(fault)
+            TOY, episode_len=9, marker_dir=str(marker_dir), how=how, crashes=int(fault)
         )
         with _engine(flaky_env, _latency(), num_envs=8, env_kwargs=env_kwargs, **backend) as e:
             eps[fault] = e.collect_episodes(3, 4)
@@ -302,7 +315,7 @@ def test_restart_budget_is_finite(backend):
 
 
 # -- the watchdog ---------------------------------------------------------------------------------
-def test_stuck_worker_is_reported_with_its_stack(backend):
+def test_stuck_worker_is_reported_with_its_stack(process_backend):
     import inspect
 
     line = (
@@ -314,7 +327,7 @@ def test_stuck_worker_is_reported_with_its_stack(backend):
         + inspect.getsourcelines(sleeps_forever)[1]
     )
     e = _engine(
-        sleeps_forever, _latency(), hang_timeout_s=2.0, on_worker_failure="raise", **backend
+        sleeps_forever, _latency(), hang_timeout_s=2.0, on_worker_failure="raise", **process_backend
     )
     with pytest.raises(WorkerStuckError) as info:
         e.rollout(2)

@@ -1,1 +1,141 @@
-"""Where the env workers run: processes on this machine, or Ray actors across a cluster."""
+"""Where the env workers run, behind one interface (:class:`WorkerBackend`).
+
+* ``local`` (:mod:`pipeline.backends.local`): worker processes on this machine, one pipe each.
+* ``inline`` (:mod:`pipeline.backends.inline`): the workers' envs in the calling process,
+  stepped one after another, for debugging an env (a breakpoint in it works).
+* ``ray`` (:mod:`pipeline.backends.ray`): each node's workers in a Ray actor.
+
+The engine speaks only this interface: frames out (``send``/``send_all``), replies into
+per-worker inboxes (``collect``/``ready``/``wait_any``/``take_replies``), the shared arrays
+(``shm.arrays``) and recovery (``can_replace``/``replace``). ``tests/test_backends.py``
+checks that every backend implements it. Nothing here imports torch: a Ray node imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from envs.spec import EnvSpec
+from pipeline.backends.budget import Failure
+from pipeline.errors import EngineError
+from pipeline.runtime.layout import Layout, SharedBuffers
+from pipeline.runtime.protocol import Frame
+from pipeline.runtime.spans import SpanRing
+
+BackendName = Literal["local", "inline", "ray"]
+BACKENDS: tuple[str, ...] = ("local", "inline", "ray")
+
+ReplyMatch = Callable[[Frame], bool]
+
+
+@runtime_checkable
+class WorkerBackend(Protocol):
+    """What the engine needs of the place its workers run.
+
+    Example:
+        >>> pool = open_backend("inline", "toy", {}, env_ids=[[0, 1]], env_stage=[0, 0],
+        ...                     auto_reset=True, env_name="toy")
+        >>> spec = pool.start(lambda spec: Layout(spec, 2, 8, 1), start_timeout_s=60)
+        >>> failed = pool.send_all({0: [Frame(RESET, stage=0, slot=1, seq=1)]}, "resetting")
+        >>> pool.collect([0], lambda f: f.seq == 1, 60.0, "resetting"); pool.close()
+    """
+
+    spec: EnvSpec | None
+    layout: Layout
+    shm: SharedBuffers | None
+
+    def start(self, make_layout: Callable[[EnvSpec], Layout], start_timeout_s: float) -> EnvSpec:
+        """Create every worker's envs, agree on their spec, create the shared memory from the
+        layout ``make_layout`` gives and bind every worker to it."""
+        ...
+
+    def send(self, w: int, frames: list[Frame], doing: str) -> None:
+        """Send worker ``w`` its frames; raise the :class:`EngineError` of a worker gone."""
+        ...
+
+    def send_all(self, frames: dict[int, list[Frame]], doing: str) -> EngineError | None:
+        """Send each worker its frames; a worker that is gone does not stop the others from
+        getting theirs: its error is returned, not raised."""
+        ...
+
+    def collect(
+        self, workers: list[int], match: ReplyMatch, hang_timeout: float, doing: str
+    ) -> None:
+        """Wait until each of ``workers`` has the reply ``match`` accepts, and take those."""
+        ...
+
+    def ready(self, workers: list[int], match: ReplyMatch, doing: str) -> bool:
+        """Whether each of ``workers`` has the reply ``match`` accepts (never blocks)."""
+        ...
+
+    def wait_any(
+        self, workers: list[int], timeout: float | None, hang_timeout: float, doing: str
+    ) -> None:
+        """Wait until one of ``workers`` has a reply in, or ``timeout`` seconds pass."""
+        ...
+
+    def take_replies(self, w: int) -> list[Frame]:
+        """Every reply in worker ``w``'s inbox, oldest first (the inbox emptied)."""
+        ...
+
+    def can_replace(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is about one worker that the restart budget lets it replace."""
+        ...
+
+    def replace(self, w: int, exc: BaseException, start_timeout_s: float) -> list[int]:
+        """Replace worker ``w`` (or re-raise ``exc``); returns every worker replaced."""
+        ...
+
+    @property
+    def failures(self) -> Sequence[Failure]:
+        """The failures recovered from, oldest first."""
+        ...
+
+    def pids(self) -> list[int]: ...
+
+    def local_pids(self) -> list[int | None]:
+        """Per worker, its pid where this machine's CPU sampler can watch it, else None."""
+        ...
+
+    def placement(self) -> list[dict]: ...
+
+    def worker_rings(self) -> list[SpanRing]: ...
+
+    def close(self) -> None:
+        """Stop every worker and release the shared memory. Idempotent."""
+        ...
+
+
+def open_backend(
+    name: BackendName,
+    env,
+    env_kwargs: dict,
+    *,
+    hang_timeout_s: float = 60.0,
+    workers_per_node: int | None = None,
+    ray_address: str | None = None,
+    **pool_args,
+) -> WorkerBackend:
+    """The backend ``name``, not yet started. ``pool_args`` are the workers' envs and
+    options, the same for every backend (see :class:`pipeline.backends.local.WorkerPool`)."""
+    if name == "ray":
+        from pipeline.backends.ray.pool import RayPool  # Ray is imported for this backend only
+
+        return RayPool(
+            env,
+            env_kwargs,
+            workers_per_node=workers_per_node or len(pool_args["env_ids"]),
+            ray_address=ray_address,
+            hang_timeout_s=hang_timeout_s,
+            **pool_args,
+        )
+    if name == "inline":
+        from pipeline.backends.inline import InlinePool
+
+        return InlinePool(env, env_kwargs, **pool_args)
+    if name == "local":
+        from pipeline.backends.local import WorkerPool
+
+        return WorkerPool(env, env_kwargs, **pool_args)
+    raise ValueError(f"backend={name!r}: choose one of {', '.join(map(repr, BACKENDS))}")

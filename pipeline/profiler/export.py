@@ -32,29 +32,41 @@ COLOURS = {
 }
 
 
+def _rows(processes) -> list[int]:
+    """Each process's row id in the trace: its pid, or, for a second one with the same pid
+    (the inline backend's workers run in the loop's process), ``-i``, which no process has."""
+    seen: set[int] = set()
+    rows = []
+    for i, p in enumerate(processes):
+        rows.append(p.pid if p.pid not in seen else -i)
+        seen.add(p.pid)
+    return rows
+
+
 def chrome_trace(report, path: str) -> dict:
     """Write the trace: one row per process, one for the device, CPU/GPU counters."""
     base = report.t0
     gpu_name = f"GPU: {report.device_source}"
+    rows = _rows(report.processes)
     events = [
-        {"ph": "M", "name": "process_name", "pid": p.pid, "tid": p.pid, "args": {"name": p.name}}
-        for p in report.processes
+        {"ph": "M", "name": "process_name", "pid": row, "tid": row, "args": {"name": p.name}}
+        for p, row in zip(report.processes, rows, strict=True)
     ]
     events.append(
         {"ph": "M", "name": "process_name", "pid": GPU_PID, "tid": 0, "args": {"name": gpu_name}}
     )
-    for i, p in enumerate(report.processes):
+    for i, row in enumerate(rows):
         events.append(
             {
                 "ph": "M",
                 "name": "process_sort_index",
-                "pid": p.pid,
-                "tid": p.pid,
+                "pid": row,
+                "tid": row,
                 "args": {"sort_index": i + 1},
             }
         )
     timed = []
-    for p in report.processes:
+    for p, row in zip(report.processes, rows, strict=True):
         for span in p.spans:
             t0, t1 = max(int(span["t0"]), report.t0), min(int(span["t1"]), report.t1)
             if t1 <= t0:
@@ -64,8 +76,8 @@ def chrome_trace(report, path: str) -> dict:
                     "ph": "X",
                     "name": PHASES[span["phase"]],
                     "cat": "phase",
-                    "pid": p.pid,
-                    "tid": p.pid,
+                    "pid": row,
+                    "tid": row,
                     "ts": (t0 - base) / 1e3,
                     "dur": (t1 - t0) / 1e3,
                     "args": {"cpu_ms": round(int(span["cpu"]) / 1e6, 4)},

@@ -86,6 +86,39 @@ def _make_env(cfg: WorkerConfig):
     return cfg.env_fn(**cfg.env_kwargs) if cfg.env_kwargs else cfg.env_fn()
 
 
+_current: int | None = None  # the worker whose envs run now, in this process
+
+
+def current_worker() -> int | None:
+    """The id of the worker whose envs are being created or stepped now (None outside one):
+    what an env factory or an env may ask, on every backend, to know where it runs.
+
+    Example:
+        >>> def make(**kw):
+        ...     env = envs.make("toy", **kw)
+        ...     env.worker = current_worker()   # 0 .. num_workers - 1
+        ...     return env
+    """
+    return _current
+
+
+class _Running:
+    """Marks ``worker`` as the one running (:func:`current_worker`) inside the block."""
+
+    __slots__ = ("worker", "saved")
+
+    def __init__(self, worker: int) -> None:
+        self.worker = worker
+
+    def __enter__(self) -> None:
+        global _current
+        self.saved, _current = _current, self.worker
+
+    def __exit__(self, *exc) -> None:
+        global _current
+        _current = self.saved
+
+
 class State(enum.Enum):
     STARTING = "starting"  # creating its envs
     OFFERED = "offered"  # the envs exist and their spec is out; waiting for shared memory
@@ -133,6 +166,7 @@ class Worker:
         self.phase, self.current_env = "create", None  # where a failure happened
         self.init_spans: list[tuple[int, int, int]] = []
         self.clock: PhaseClock | None = None
+        self._running = _Running(cfg.worker_id)
 
     def _to(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -148,7 +182,8 @@ class Worker:
         for env_id in self.cfg.env_ids:
             self.current_env = env_id
             t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
-            self.envs[env_id] = _make_env(self.cfg)
+            with self._running:
+                self.envs[env_id] = _make_env(self.cfg)
             if self.cfg.profile:
                 self.init_spans.append((t0, time.perf_counter_ns(), time.thread_time_ns() - c0))
         self.current_env = None
@@ -200,8 +235,9 @@ class Worker:
                 f"worker {self.cfg.worker_id} ({self.state.value}) cannot handle {command}"
             )
         do, self.phase = (self._reset, "reset") if command.kind == P.RESET else (self._step, "step")
-        for env_id in self.by_stage.get(command.stage, ()):
-            do(env_id, command.slot, command.seq)
+        with self._running:
+            for env_id in self.by_stage.get(command.stage, ()):
+                do(env_id, command.slot, command.seq)
         self.current_env = None
         if self.clock:
             self.clock.switch("signal")
@@ -320,7 +356,8 @@ class Worker:
             self.current_env = env_id
             t0 = time.perf_counter_ns()
             self._tick()
-            r = self.envs[env_id].step_chunk(tail, observe=False)
+            with self._running:
+                r = self.envs[env_id].step_chunk(tail, observe=False)
             self._tick()
             self.carried[env_id] = _Carried(
                 float(r.rewards.sum(dtype=np.float64)),

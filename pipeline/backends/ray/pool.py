@@ -38,7 +38,7 @@ import numpy as np
 
 from envs.spec import EnvSpec
 from pipeline import errors
-from pipeline.backends.local import Budgeted, RestartBudget
+from pipeline.backends.budget import Budgeted, RestartBudget
 from pipeline.backends.ray.node import NodeActor, stage_rows
 from pipeline.errors import (
     EngineError,
