@@ -158,22 +158,7 @@ class InlinePool(Budgeted):
         if not any(self.inbox[w] for w in workers):
             self._raise_failed(workers)
 
-    def take_replies(self, w: int) -> list[Frame]:
-        frames = list(self.inbox[w])
-        self.inbox[w].clear()
-        if frames:
-            self.budget.served(w)
-        return frames
-
     # -- failures ----------------------------------------------------------------------------
-    def can_replace(self, exc: BaseException) -> bool:
-        return (
-            isinstance(exc, EngineError)
-            and exc.worker is not None
-            and self.budget.max_restarts > 0
-            and self.shm is not None
-        )
-
     def replace(self, w: int, exc: BaseException, start_timeout_s: float) -> list[int]:
         """Create worker ``w``'s envs again and bind them to the same memory, or re-raise
         ``exc`` (see :meth:`RestartBudget.charge`)."""

@@ -493,15 +493,6 @@ class WorkerPool(Budgeted):
             elif now - since >= hang_timeout:
                 raise self._stuck(w, count, now - since, doing)
 
-    def take_replies(self, w: int) -> list[tuple]:
-        """Every reply of worker ``w`` in its inbox, oldest first (and the inbox emptied)."""
-        box = self.inbox[w]
-        frames = list(box)
-        box.clear()
-        if frames:
-            self.budget.served(w)  # it served a command: not a deterministic failure
-        return frames
-
     def _stuck(self, w: int, count: int, idle_s: float, doing: str) -> WorkerStuckError:
         pid = self.procs[w].pid
         return WorkerStuckError(
@@ -513,15 +504,6 @@ class WorkerPool(Budgeted):
         )
 
     # -- failures ----------------------------------------------------------------------------
-    def can_replace(self, exc: BaseException) -> bool:
-        """Whether ``exc`` is about one worker that the restart budget lets the pool replace."""
-        return (
-            isinstance(exc, EngineError)
-            and exc.worker is not None
-            and self.budget.max_restarts > 0
-            and self.shm is not None
-        )
-
     def _account(self, w: int, exc: BaseException) -> None:
         proc = self.procs[w]
         self.budget.charge(w, exc, proc.pid if proc else -1, self.env_ids[w])

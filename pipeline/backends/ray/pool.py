@@ -391,23 +391,7 @@ class RayPool(Budgeted):
                 return
             self._pump(min(1.0, left), doing)
 
-    def take_replies(self, w: int) -> list[tuple]:
-        box = self.inbox[w]
-        frames = list(box)
-        box.clear()
-        if frames:
-            self.budget.served(w)
-        return frames
-
     # -- failures ----------------------------------------------------------------------------
-    def can_replace(self, exc: BaseException) -> bool:
-        return (
-            isinstance(exc, EngineError)
-            and exc.worker is not None
-            and self.budget.max_restarts > 0
-            and self.shm is not None
-        )
-
     def replace(self, w: int, exc: BaseException, start_timeout_s: float) -> list[int]:
         """Replace worker ``w`` on its node, or the whole node when its actor was lost (one
         restart of the budget either way). Returns the workers replaced."""
