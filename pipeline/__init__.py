@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "EngineClosedError",
+    "EngineConfig",
     "EngineError",
     "EngineTimeout",
     "EnvError",
@@ -31,6 +32,10 @@ def __getattr__(name: str):
         from pipeline.engine import RolloutEngine
 
         return RolloutEngine
+    if name == "EngineConfig":
+        from pipeline.config import EngineConfig
+
+        return EngineConfig
     if name in __all__:
         from pipeline import errors
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tensordict import TensorDict
@@ -71,6 +71,102 @@ class WeightSync:
         with torch.no_grad():
             self.policy.load_state_dict(snapshot)
         return version
+
+
+class PolicyVersion:
+    """The version recorded with each decision: set by ``update_weights`` (or by hand), and
+    otherwise counted up whenever the policy's weights changed in place since the last call.
+
+    Example:
+        >>> v = PolicyVersion(policy)
+        >>> opt.step(); v.refresh()      # the weights changed: 1
+        1
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        self.policy, self.value = policy, 0
+        self._seen = self._fingerprint()
+
+    def _fingerprint(self) -> int:
+        # In-place updates (optimizer steps, load_state_dict) bump each tensor's version.
+        return sum(p._version for p in self.policy.parameters())
+
+    def set(self, version: int) -> None:
+        self.value = int(version)
+        self._seen = self._fingerprint()
+
+    def refresh(self) -> int:
+        fp = self._fingerprint()
+        if fp != self._seen:
+            self._seen = fp
+            self.value += 1
+        return self.value
+
+
+_THREAD = "rollout-async"
+
+
+def in_background() -> bool:
+    """Whether this thread is the one running a background call."""
+    return threading.current_thread().name.startswith(_THREAD)
+
+
+class Background:
+    """One engine call at a time in a background thread, and the weights handed over for
+    the calls after it.
+
+    Example:
+        >>> bg = Background(policy, max_staleness=1, on_version=engine.set_policy_version)
+        >>> fut = bg.submit(lambda: engine.collect_episodes(4, 8), on_drop=print)
+        >>> bg.update(trainer_policy, version=1)     # loaded once the call is done
+    """
+
+    def __init__(
+        self, policy: nn.Module, max_staleness: int | None, on_version: Callable[[int], None]
+    ) -> None:
+        self.weights = WeightSync(policy)
+        self.max_staleness, self.on_version = max_staleness, on_version
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight: Future | None = None
+
+    def busy(self) -> bool:
+        """A background call is running and this is not its thread."""
+        f = self._in_flight
+        return f is not None and not f.done() and not in_background()
+
+    def update(self, source: nn.Module | Mapping[str, torch.Tensor], version: int) -> None:
+        """Snapshot ``source`` now; load it at once if no call runs, else after it."""
+        self.weights.stage(source, version)
+        if self._in_flight is None or self._in_flight.done():
+            self.apply()
+
+    def apply(self) -> None:
+        """Between calls: load the newest snapshot, if one waits, and report its version."""
+        version = self.weights.apply()
+        if version is not None:
+            self.on_version(version)
+
+    def submit(
+        self, job: Callable[[], TensorDict], on_drop: Callable[[int], None]
+    ) -> RolloutFuture:
+        """Run ``job`` in the background; its future re-runs it when the result is stale."""
+        self.apply()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=_THREAD)
+        self._in_flight = self._executor.submit(job)
+        return RolloutFuture(
+            self._in_flight,
+            latest_version=lambda: self.weights.latest,
+            max_staleness=self.max_staleness,
+            recollect=job,
+            on_drop=on_drop,
+        )
+
+    def shutdown(self) -> None:
+        """Finish the call running (unless this is its thread: its error closes the engine)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=not in_background())
+            self._executor = None
 
 
 class RolloutFuture:

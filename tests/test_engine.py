@@ -24,6 +24,7 @@ from pipeline import (
     WorkerDiedError,
     schema,
 )
+from pipeline.config import EngineConfig
 from pipeline.policies import LatencyPolicy, TinyVLA
 
 TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=7)
@@ -291,15 +292,16 @@ class _ThreadsSeen(LatencyPolicy):
 
 
 def test_auto_inference_threads_leave_the_workers_their_cores(monkeypatch):
-    from pipeline.engine import _inference_threads
-
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert _inference_threads("auto", 2, torch.device("cpu")) == 6
-    assert _inference_threads("auto", 8, torch.device("cpu")) == 1  # never fewer than one
-    assert _inference_threads("auto", 2, torch.device("cuda")) == 1  # the host only launches
-    assert _inference_threads(None, 2, torch.device("cpu")) is None
+    threads = lambda value, workers, device: EngineConfig(
+        num_envs=16, num_workers=workers, inference_threads=value
+    ).threads_for(torch.device(device))
+    assert threads("auto", 2, "cpu") == 6
+    assert threads("auto", 8, "cpu") == 1  # never fewer than one
+    assert threads("auto", 2, "cuda") == 1  # the host only launches
+    assert threads(None, 2, "cpu") is None
     with pytest.raises(ValueError, match="inference_threads=0"):
-        _inference_threads(0, 2, torch.device("cpu"))
+        threads(0, 2, "cpu")
 
 
 @pytest.mark.parametrize("option, expected", [("auto", 1), (1, 1), (None, 3)])

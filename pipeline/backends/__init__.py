@@ -14,7 +14,7 @@ checks that every backend implements it. Nothing here imports torch: a Ray node 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 from envs.spec import EnvSpec
 from pipeline.backends.budget import Failure
@@ -24,7 +24,7 @@ from pipeline.runtime.protocol import Frame
 from pipeline.runtime.spans import SpanRing
 
 BackendName = Literal["local", "inline", "ray"]
-BACKENDS: tuple[str, ...] = ("local", "inline", "ray")
+BACKENDS: tuple[str, ...] = get_args(BackendName)
 
 ReplyMatch = Callable[[Frame], bool]
 

@@ -12,7 +12,8 @@ It never touches the engine: episode ids come from an :class:`EpisodeIds` alloca
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -58,6 +59,17 @@ class EpisodeIds:
         return first
 
 
+class Recording(NamedTuple):
+    """What every plan of one engine records with: its memory, ids and seed."""
+
+    layout: Layout
+    arrays: dict[str, np.ndarray]
+    ids: EpisodeIds
+    seed: int
+    pool: BufferPool | None = None  # trajectory memory, reused once a result is dropped
+    obs_keys: tuple[str, ...] | None = None  # the observation keys kept (None: all)
+
+
 class Plan(Protocol):
     """The interface the loop drives."""
 
@@ -80,21 +92,19 @@ class RolloutPlan:
 
     restart_all = False  # envs carry their episodes over from the previous call
 
-    def __init__(
-        self,
-        layout: Layout,
-        arrays: dict[str, np.ndarray],
-        ids: EpisodeIds,
-        seed: int,
-        num_stages: int,
-        num_decisions: int,
-        pool: BufferPool | None = None,
-        obs_keys: tuple[str, ...] | None = None,
-    ) -> None:
-        self.a, self.ids, self.seed, self.T = arrays, ids, seed, num_decisions
+    def __init__(self, rec: Recording, num_stages: int, num_decisions: int) -> None:
+        if (
+            isinstance(num_decisions, bool)
+            or not isinstance(num_decisions, int)
+            or num_decisions < 1
+        ):
+            raise ValueError(f"num_decisions={num_decisions!r} must be an int >= 1")
+        self.a, self.ids, self.seed, self.T = rec.arrays, rec.ids, rec.seed, num_decisions
         self.made = np.zeros(num_stages, np.int64)
-        rows = layout.num_envs
-        self.store = TrajectoryStore(layout, arrays, rows, num_decisions, pool, obs_keys)
+        rows = rec.layout.num_envs
+        self.store = TrajectoryStore(
+            rec.layout, rec.arrays, rows, num_decisions, rec.pool, rec.obs_keys
+        )
 
     def next_episode(self, i: int) -> None:
         """Queue a fresh episode (a new id and reset seed) for env ``i``."""
@@ -129,29 +139,42 @@ class EpisodePlan:
 
     def __init__(
         self,
-        layout: Layout,
-        arrays: dict[str, np.ndarray],
-        ids: EpisodeIds,
-        seed: int,
+        rec: Recording,
         call: int,
         exec_len: int,
         num_groups: int,
         group_size: int,
-        group_seeds: np.ndarray | None = None,
-        pool: BufferPool | None = None,
-        obs_keys: tuple[str, ...] | None = None,
+        group_seeds: Sequence[int] | None = None,
     ) -> None:
-        self.a, self.seed = arrays, seed
+        """``group_seeds`` gives each group's reset seed (default: derived from the seed and
+        the ``call`` count).
+
+        Raises:
+            ValueError: fewer than one group or member, or not one non-negative seed per group.
+        """
+        if num_groups < 1 or group_size < 1:
+            raise ValueError("num_groups and group_size must be >= 1")
+        if group_seeds is None:
+            group_seeds = derive(rec.seed, GROUP, call, np.arange(num_groups))
+        else:
+            given = np.asarray(list(group_seeds), np.int64)
+            if given.shape != (num_groups,) or (given < 0).any():
+                raise ValueError(
+                    f"reset_seeds: need {num_groups} non-negative seeds (one per group), got "
+                    f"{given.tolist()}"
+                )
+            group_seeds = given
+        self.a, self.seed = rec.arrays, rec.seed
         self.E = num_groups * group_size
         self.group_size = group_size
-        if group_seeds is None:
-            group_seeds = derive(seed, GROUP, call, np.arange(num_groups))
         self.seeds = np.repeat(group_seeds, group_size)
-        self.uid0 = ids.take(self.E)
+        self.uid0 = rec.ids.take(self.E)
         self.queue = 0  # next episode index to hand out
         self.restarts = np.zeros(self.E, np.int64)  # aborted attempts per episode
-        self.max_t = math.ceil(layout.spec.max_steps / exec_len) + 1
-        self.store = TrajectoryStore(layout, arrays, self.E, self.max_t, pool, obs_keys)
+        self.max_t = math.ceil(rec.layout.spec.max_steps / exec_len) + 1
+        self.store = TrajectoryStore(
+            rec.layout, rec.arrays, self.E, self.max_t, rec.pool, rec.obs_keys
+        )
 
     def next_episode(self, i: int) -> None:
         """Queue the next episode of the group-major queue for env ``i``; -1 parks it."""

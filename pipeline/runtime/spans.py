@@ -125,6 +125,27 @@ class PhaseClock:
         self.phase = -1
 
 
+class PhaseSwitch:
+    """The inference loop's phase switch, shared by the loop's parts: a no-op until a profile
+    hands it a clock.
+
+    Example:
+        >>> phase = PhaseSwitch()
+        >>> phase("inference")               # nothing: no profile is running
+        >>> phase.clock = PhaseClock(SpanRing.local())
+        >>> phase("inference")               # a span opens
+    """
+
+    __slots__ = ("clock",)
+
+    def __init__(self) -> None:
+        self.clock: PhaseClock | None = None
+
+    def __call__(self, name: str) -> None:
+        if self.clock is not None:
+            self.clock.switch(name)
+
+
 _active: PhaseClock | None = None  # the inference loop's clock while a profile runs
 
 

@@ -88,6 +88,16 @@ class Lookahead:
         if n:
             self._step_ns.append(float(env_ns.sum()) / n)
 
+    def retune(self, arrays: dict[str, np.ndarray], stages, now_ns: int) -> None:
+        """``"auto"``, before a STEP: measure each stage's report-to-command delay and step
+        time, then give its envs the lookahead that covers the longest recent delay."""
+        for s in stages:
+            res = arrays["results"][s.slot, s.lo : s.hi]
+            self.observe(now_ns - s.ready_ns, res["env_ns"], res["steps"])
+        d = self.delay()
+        for s in stages:
+            arrays["lookahead"][s.lo : s.hi] = d
+
     def delay(self) -> int:
         """``d`` for the next decision."""
         if self.fixed is not None:

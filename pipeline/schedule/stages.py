@@ -64,19 +64,15 @@ class Stage:
         return f"Stage({self.index}, envs {self.lo}..{self.hi - 1}, {self.state.value})"
 
 
-def fixed_stages(num_envs: int, num_workers: int, num_stages: int) -> list[Stage]:
-    """``num_stages`` contiguous groups of envs; every worker holds envs of every stage (env
-    ``i`` lives on worker ``i % num_workers``), so each stage keeps every worker busy."""
-    if num_stages < 1:
-        raise ValueError(f"num_stages={num_stages} must be >= 1")
-    if num_envs % num_stages:
-        raise ValueError(f"num_envs={num_envs} must divide into num_stages={num_stages} groups")
+def make_stages(num_envs: int, num_workers: int, num_stages: int | None) -> list[Stage]:
+    """The loop's stages: ``num_stages`` contiguous groups of envs, every worker holding envs
+    of every stage (env ``i`` lives on worker ``i % num_workers``; the partition is checked
+    by :class:`~pipeline.config.EngineConfig`), or, with ``None`` (dynamic batching), one
+    single-env stage per env: each has its own slot, sequence and command, so it is ready
+    the moment its worker finishes it, whatever the other envs do."""
+    if num_stages is None:
+        return [Stage(i, i, i + 1, [i % num_workers]) for i in range(num_envs)]
     per_stage = num_envs // num_stages
-    if num_workers > per_stage:
-        raise ValueError(
-            f"num_workers={num_workers} > envs per stage ({per_stage}): every worker must "
-            "hold envs of every stage"
-        )
     workers = list(range(num_workers))
     return [Stage(g, g * per_stage, (g + 1) * per_stage, workers) for g in range(num_stages)]
 

@@ -1,0 +1,102 @@
+"""The loop's strategies, siblings behind one ``run(plan)``: which stages take a turn when.
+
+- :class:`SyncRunner` (``mode="sync"``): each stage is inferred, stepped and awaited in turn;
+  with one stage that is the SimpleVLA-RL lock-step baseline.
+- :class:`PipelinedRunner` (``mode="pipelined"``): infer for stage g while the workers step
+  the others, and build the next stage's batch during g's policy call.
+- :class:`DynamicRunner` (``schedule="dynamic"``): every env is a stage; infer for whichever
+  are ready, longest-waiting first, as the :class:`~pipeline.schedule.dynamic.Batching` rule
+  allows.
+
+Every strategy makes the same decisions for each stage in the same order, and every seed is
+derived from ids, so their trajectories are bitwise identical (dynamic: for a batch-invariant
+policy). A runner returns when the plan wants no more decisions and nothing is in flight; an
+:class:`~pipeline.errors.EngineError` leaves the stages' states as they are, so after a
+recovery ``run`` resumes from them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from pipeline.record.plans import Plan
+from pipeline.schedule.dynamic import Batching
+from pipeline.schedule.stages import Stage, StageState
+from pipeline.schedule.turns import Turns
+
+
+class Runner(Protocol):
+    def run(self, plan: Plan) -> None: ...
+
+
+class SyncRunner:
+    """One stage at a time: infer, step, await."""
+
+    def __init__(self, turns: Turns, stages: list[Stage]) -> None:
+        self.turns, self.stages = turns, stages
+
+    def run(self, plan: Plan) -> None:
+        turns, stages = self.turns, self.stages
+        while any(plan.wants(s) for s in stages):
+            for s in stages:
+                if plan.wants(s):
+                    turns.dispatch([s], turns.infer([s]), plan)
+                    turns.channel.await_turn(s)
+
+
+class PipelinedRunner:
+    """Round-robin over the stages; a stage's turn runs while the others step."""
+
+    def __init__(self, turns: Turns, stages: list[Stage]) -> None:
+        self.turns, self.stages = turns, stages
+
+    def run(self, plan: Plan) -> None:
+        turns, stages = self.turns, self.stages
+        while True:
+            progressed = False
+            for g, s in enumerate(stages):
+                if s.state is StageState.STEPPING:
+                    turns.channel.await_turn(s)
+                if not plan.wants(s):
+                    continue
+                out = turns.infer([s])
+                # While this stage's policy call runs (asynchronously on CUDA), collect the
+                # next stage if its workers are done and build its batch, so that its
+                # host-to-device copy overlaps this stage's compute.
+                turns.prefetch(stages[(g + 1) % len(stages)])
+                turns.dispatch([s], out, plan)
+                progressed = True
+            if not progressed and not any(s.state is StageState.STEPPING for s in stages):
+                return
+
+
+class DynamicRunner:
+    """First-ready batching over single-env stages."""
+
+    def __init__(self, turns: Turns, stages: list[Stage], rule: Batching) -> None:
+        self.turns, self.stages, self.rule = turns, stages, rule
+
+    def run(self, plan: Plan) -> None:
+        turns, rule, cells, channel = self.turns, self.rule, self.stages, self.turns.channel
+        while True:
+            channel.harvest(0)
+            ready = [c for c in cells if c.state is StageState.READY and plan.wants(c)]
+            busy = any(c.state is StageState.STEPPING for c in cells)
+            if not ready and not busy:
+                return
+            oldest = min((c.ready_ns for c in ready), default=0)
+            wait = rule.wait_ns(len(ready), oldest, time.perf_counter_ns(), busy)
+            if wait is not None:
+                channel.harvest(wait)
+                continue
+            ready.sort(key=lambda c: c.ready_ns)
+            batch = ready[: rule.max_batch]
+            turns.dispatch(batch, turns.infer(batch), plan)
+
+
+def make_runner(mode: str, rule: Batching | None, turns: Turns, stages: list[Stage]) -> Runner:
+    """The strategy for ``mode`` and the batching rule (``None``: fixed stages)."""
+    if rule is not None:
+        return DynamicRunner(turns, stages, rule)
+    return SyncRunner(turns, stages) if mode == "sync" else PipelinedRunner(turns, stages)
