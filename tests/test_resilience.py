@@ -73,7 +73,8 @@ def test_bad_observation_names_env_field_and_expectation(kind, match, backend):
 def test_bad_observation_is_not_written(tmp_path):
     """Caught before the copy: the slot keeps the last good observation."""
     from pipeline.runtime.layout import Layout, SharedBuffers
-    from pipeline.runtime.worker import BadObservation, Worker, WorkerConfig
+    from pipeline.runtime.observations import BadObservation
+    from pipeline.runtime.worker import Worker, WorkerConfig
 
     make = lambda: bad_obs_env("nan", bad_env=0, **dict(TOY, episode_len=50))  # noqa: E731
     w = Worker(WorkerConfig(0, make, {}, [0], [0], True, os.getpid()))

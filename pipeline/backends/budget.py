@@ -8,8 +8,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from pipeline.errors import EngineError
-
 log = logging.getLogger("pipeline")
 
 # A worker that fails this many times in a row, with no command served in between, fails
@@ -74,39 +72,3 @@ class RestartBudget:
             "replacing worker %d (pid %s, envs %s), restart %d of %d: %s",
             w, record.pid, record.env_ids, self.restarts, self.max_restarts, record.error,
         )  # fmt: skip
-
-
-class Budgeted:
-    """What every backend shares about its :class:`RestartBudget`: whether a failure may be
-    recovered from, the replies that reset a worker's run of failures, and what the engine
-    reports as ``engine.failures`` and ``engine.restarts``."""
-
-    budget: RestartBudget
-    inbox: list[deque]  # per worker, the replies read and not yet taken
-    shm: object | None  # the shared memory; None once closed
-
-    def take_replies(self, w: int) -> list:
-        """Every reply of worker ``w`` in its inbox, oldest first (and the inbox emptied)."""
-        box = self.inbox[w]
-        frames = list(box)
-        box.clear()
-        if frames:
-            self.budget.served(w)  # it served a command: not a deterministic failure
-        return frames
-
-    def can_replace(self, exc: BaseException) -> bool:
-        """Whether ``exc`` is about one worker that the restart budget lets the pool replace."""
-        return (
-            isinstance(exc, EngineError)
-            and exc.worker is not None
-            and self.budget.max_restarts > 0
-            and self.shm is not None
-        )
-
-    @property
-    def failures(self) -> deque[Failure]:
-        return self.budget.failures
-
-    @property
-    def restarts(self) -> int:
-        return self.budget.restarts

@@ -21,16 +21,16 @@ from collections.abc import Callable
 from typing import Any
 
 from envs.spec import EnvSpec
-from pipeline.backends.budget import Budgeted, RestartBudget
-from pipeline.backends.local import failure_error
+from pipeline.backends.base import PoolBase
+from pipeline.backends.budget import RestartBudget
 from pipeline.errors import EngineError, EnvError, ProtocolError
 from pipeline.runtime.layout import Layout, SharedBuffers
 from pipeline.runtime.protocol import Frame
 from pipeline.runtime.spans import SpanRing
-from pipeline.runtime.worker import Worker, WorkerConfig
+from pipeline.runtime.worker import Worker
 
 
-class InlinePool(Budgeted):
+class InlinePool(PoolBase):
     """``num_workers`` workers in this process, around one shared segment.
 
     Example:
@@ -66,26 +66,14 @@ class InlinePool(Budgeted):
         self.shm: SharedBuffers | None = None
         self.spec: EnvSpec | None = None
 
-    def _config(self, w: int) -> WorkerConfig:
-        return WorkerConfig(
-            worker_id=w,
-            env_fn=self.env,
-            env_kwargs=self.env_kwargs,
-            env_ids=self.env_ids[w],
-            env_stage=[self.env_stage[i] for i in self.env_ids[w]],
-            auto_reset=self.auto_reset,
-            parent_pid=os.getpid(),
-            profile=self.profile,
-        )
-
     def _create(self, w: int) -> EnvSpec:
         """Create worker ``w``'s envs, replacing it while the restart budget lasts."""
         while True:
-            worker = self.workers[w] = Worker(self._config(w))
+            worker = self.workers[w] = Worker(self.worker_config(w))
             try:
                 return worker.create_envs()
             except Exception as exc:
-                error = failure_error(worker.failure(exc), self.env_name)
+                error = worker.failure(exc).to_error(self.env_name)
                 worker.close(unmap=False)
                 self.budget.charge(w, error, os.getpid(), self.env_ids[w])
 
@@ -122,7 +110,7 @@ class InlinePool(Budgeted):
         except ProtocolError:
             raise
         except Exception as exc:
-            self.failed[w] = failure_error(worker.failure(exc), self.env_name)
+            self.failed[w] = worker.failure(exc).to_error(self.env_name)
 
     def send_all(self, frames: dict[int, list[Frame]], doing: str) -> EngineError | None:
         for w, fs in frames.items():

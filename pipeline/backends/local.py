@@ -19,135 +19,31 @@ from collections.abc import Callable
 from typing import Any
 
 from envs.spec import EnvSpec
-from pipeline.backends.budget import Budgeted, RestartBudget
+from pipeline.backends.base import PoolBase
+from pipeline.backends.budget import RestartBudget
+from pipeline.backends.processes import (
+    exit_status,
+    sched_getcpu,
+    shutdown,
+    without_main,
+    worker_environ,
+)
 from pipeline.errors import (
     EngineError,
     EngineTimeout,
     EnvError,
-    ObservationError,
     ProtocolError,
     WorkerDiedError,
     WorkerStuckError,
 )
 from pipeline.runtime import protocol as P
 from pipeline.runtime.layout import Layout, SharedBuffers
+from pipeline.runtime.process import worker_main
 from pipeline.runtime.spans import SpanRing
 from pipeline.runtime.stacks import dump_stacks, own_stacks
-from pipeline.runtime.worker import WorkerConfig, worker_main
-
-_WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-@contextlib.contextmanager
-def _worker_environ():
-    """Children inherit the environment at spawn: one BLAS/OpenMP thread per worker, so
-    physics processes never oversubscribe the cores."""
-    saved = {k: os.environ.get(k) for k in _WORKER_ENV}
-    os.environ.update(_WORKER_ENV)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
-def _without_main(env: Any):
-    """Spawn children without re-running the parent's ``__main__``, unless the env factory
-    lives there. Spawn re-imports the main script in every child so that objects pickled
-    from it resolve; a trainer script imports torch and more at its top, which cost each
-    worker hundreds of MiB for nothing when the env is a registered name or an importable
-    factory."""
-    factory_in_main = not isinstance(env, str) and getattr(env, "__module__", "") == "__main__"
-    if factory_in_main:
-        yield
-        return
-    from multiprocess import spawn
-
-    real = spawn.get_preparation_data
-
-    def prepare(name):
-        data = real(name)
-        data.pop("init_main_from_path", None)
-        data.pop("init_main_from_name", None)
-        return data
-
-    spawn.get_preparation_data = prepare
-    try:
-        yield
-    finally:
-        spawn.get_preparation_data = real
-
-
-def _load_sched_getcpu():
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL("libc.so.6", use_errno=True).sched_getcpu
-        fn.restype = ctypes.c_int
-        return fn if fn() >= 0 else None
-    except (OSError, AttributeError):
-        return None
-
-
-_sched_getcpu = _load_sched_getcpu()
-
-
-def shutdown(procs: list, conns: list, shm: SharedBuffers | None) -> None:
-    """Stop workers (politely, then firmly) and release shared memory. Idempotent, and
-    references no pool, so a finalizer can call it."""
-    for conn in conns:
-        with contextlib.suppress(OSError, ValueError):
-            P.send(conn, P.Frame(P.CLOSE))
-    deadline = time.monotonic() + 2.0
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(2.0)
-    for conn in conns:
-        with contextlib.suppress(OSError):
-            conn.close()
-    if shm is not None:
-        shm.close()
-
-
-def exit_status(proc, timeout: float) -> int | None:
-    """A child's exit code (``-signal`` when killed), or None if it is still running after
-    ``timeout`` seconds; the child is not reaped.
-
-    ``os.waitid(..., WNOWAIT)`` reads the status and leaves the zombie in place, so any number
-    of threads can ask (on the Ray backend a node's command thread and its reply thread can
-    both find the same death). ``Process.join`` reaps instead: the second of two joining
-    threads then got ECHILD and reported ``exit code None`` while the first, which had the
-    status, had not yet stored it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        code = proc._popen.returncode if proc._popen is not None else None
-        if code is not None:  # reaped already, by this Process object
-            return code
-        try:
-            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
-        except ChildProcessError:
-            info = None  # just reaped by a join in another thread: its returncode is next
-        if info is not None:
-            return -info.si_status if info.si_code != os.CLD_EXITED else info.si_status
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.001)
-
-
-def failure_error(failure: P.WorkerFailure, env_name: str) -> EnvError:
-    """The exception a worker's ERROR report raises in the parent."""
-    cls = ObservationError if failure.kind == "observation" else EnvError
-    return cls(failure.describe(env_name), worker=failure.worker)
-
-
-class WorkerPool(Budgeted):
+class WorkerPool(PoolBase):
     """``num_workers`` env worker processes around one shared segment.
 
     Example:
@@ -242,22 +138,12 @@ class WorkerPool(Budgeted):
 
         # spawn: never fork a parent that may hold CUDA state or torch threads.
         ctx = mp.get_context("spawn")
-        cfg = WorkerConfig(
-            worker_id=w,
-            env_fn=self.env,
-            env_kwargs=self.env_kwargs,
-            env_ids=self.env_ids[w],
-            env_stage=[self.env_stage[i] for i in self.env_ids[w]],
-            auto_reset=self.auto_reset,
-            parent_pid=os.getpid(),
-            cpu=self.worker_cpu[w] if self.worker_cpu else None,
-            profile=self.profile,
-        )
+        cfg = self.worker_config(w, self.worker_cpu[w] if self.worker_cpu else None)
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         proc = ctx.Process(
             target=worker_main, args=(cfg, child_conn), name=f"rollout-worker-{w}", daemon=True
         )
-        with _worker_environ(), _without_main(self.env):
+        with worker_environ(), without_main(self.env):
             proc.start()
         child_conn.close()
         self.procs[w], self.conns[w] = proc, parent_conn
@@ -302,7 +188,7 @@ class WorkerPool(Budgeted):
                     worker=w,
                 ) from None
             if got == P.ERROR:
-                raise failure_error(conn.recv(), self.env_name)
+                raise conn.recv().to_error(self.env_name)
             if got != kind:
                 raise ProtocolError(
                     f"worker {w}: expected {P.NAMES[kind]}, got {P.NAMES.get(got, got)}"
@@ -361,9 +247,9 @@ class WorkerPool(Budgeted):
     def wake_order(self, workers: list[int]) -> list[int]:
         """Wake the workers on other cores first: a worker woken on this process's core may
         preempt it before it has woken the rest, which serialises the workers."""
-        if self.worker_cpu is None or _sched_getcpu is None:
+        if self.worker_cpu is None or sched_getcpu is None:
             return workers
-        here = _sched_getcpu()
+        here = sched_getcpu()
         return sorted(workers, key=lambda w: self.worker_cpu[w] == here)
 
     def read_frame(self, w: int, doing: str) -> P.Frame:
@@ -372,7 +258,7 @@ class WorkerPool(Budgeted):
         except (EOFError, OSError):
             raise WorkerDiedError(self.death(w, doing), worker=w) from None
         if frame.kind == P.ERROR:
-            raise failure_error(self.conns[w].recv(), self.env_name)
+            raise self.conns[w].recv().to_error(self.env_name)
         if frame.kind != P.DONE:
             raise ProtocolError(f"worker {w}: expected DONE or ERROR, got {frame}")
         return frame

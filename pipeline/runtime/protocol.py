@@ -42,7 +42,7 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pipeline.errors import ProtocolError
+from pipeline.errors import EnvError, ObservationError, ProtocolError
 
 # On the wire: kind, slot, reserved, stage, seq (the order packs into 16 bytes; one stage
 # per env needs 32 bits). Code reads frames only as :class:`Frame`, by name.
@@ -152,6 +152,11 @@ class WorkerFailure:
     error: str  # repr of the exception
     traceback: str
     kind: str = "env"  # "observation": the env's output broke its spec
+
+    def to_error(self, env_name: str) -> EnvError:
+        """The exception this report raises in the parent."""
+        cls = ObservationError if self.kind == "observation" else EnvError
+        return cls(self.describe(env_name), worker=self.worker)
 
     def describe(self, env_name: str) -> str:
         where = f"env {self.env_id}" if self.env_id is not None else "no env yet"

@@ -2,14 +2,12 @@
 
 A :class:`Worker` creates its envs (STARTING), offers their spec (OFFERED), is bound to the
 shared memory (RUNNING: it handles RESET and STEP frames in order) and is closed (CLOSED);
-every move is checked against :data:`TRANSITIONS`. :func:`worker_main` runs one in a
-process, over a pipe (:mod:`pipeline.runtime.protocol`); the inline backend drives one in
-the caller's process, frame by frame. Any env exception, and any observation that breaks
-the spec, is sent back as a :class:`~pipeline.runtime.protocol.WorkerFailure` and the
-worker process exits. While RUNNING it counts its
-progress (control steps, resets, chunks) in shared memory for the parent's watchdog. The
-worker also exits when its parent dies: the kernel kills it (``PR_SET_PDEATHSIG``) and, as a
-second line, its command pipe reaches EOF.
+every move is checked against :data:`TRANSITIONS`. :mod:`pipeline.runtime.process` runs one
+in a process, over a pipe; the inline backend drives one in the caller's process, frame by
+frame. Any env exception, and any observation that breaks the spec
+(:mod:`pipeline.runtime.observations`), becomes a
+:class:`~pipeline.runtime.protocol.WorkerFailure`. While RUNNING a worker counts its
+progress (control steps, resets, chunks) in shared memory for the parent's watchdog.
 
 This module must not import torch: workers only step physics, and importing torch would cost
 every worker start-up time and memory for nothing.
@@ -18,9 +16,6 @@ every worker start-up time and memory for nothing.
 from __future__ import annotations
 
 import enum
-import os
-import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -31,7 +26,8 @@ import numpy as np
 from envs.spec import EnvSpec
 from pipeline.errors import ProtocolError
 from pipeline.runtime import protocol as P
-from pipeline.runtime.layout import Layout, ResultRecord, SharedBuffers
+from pipeline.runtime.layout import ResultRecord, SharedBuffers
+from pipeline.runtime.observations import BadObservation, check_observation
 from pipeline.runtime.spans import PHASE_ID, PhaseClock, SpanRing
 
 
@@ -60,22 +56,6 @@ class _Carried:
     truncated: bool
     success: bool
     env_ns: int
-
-
-class BadObservation(ValueError):
-    """An env's observation does not match its spec; raised before anything is written."""
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the pipe EOF still ends the worker
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _make_env(cfg: WorkerConfig):
@@ -138,7 +118,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 class Worker:
     """The envs of one worker and what they do with the frames they are sent.
 
-    Example (the inline backend drives one like this; a process runs :func:`worker_main`):
+    Example (the inline backend drives one like this; a process runs ``process.worker_main``):
         >>> w = Worker(cfg)
         >>> spec = w.create_envs()
         >>> w.bind(SharedBuffers.create(Layout(spec, num_envs=4, chunk_len=8, num_workers=1)))
@@ -229,7 +209,7 @@ class Worker:
     def handle(self, command: P.Frame) -> P.Frame:
         """Carry out one RESET or STEP and return its DONE reply. The profiling switch is
         read first, so the command is timed in full."""
-        self._follow_profiling()
+        self.follow_profiling()
         if self.state is not State.RUNNING or command.kind not in (P.RESET, P.STEP):
             raise ProtocolError(
                 f"worker {self.cfg.worker_id} ({self.state.value}) cannot handle {command}"
@@ -248,21 +228,7 @@ class Worker:
         if self.clock:
             self.clock.switch("wait_actions")
 
-    def serve(self, conn) -> None:
-        """The process's loop: read a frame, handle it, reply, run the lookahead tails."""
-        self._follow_profiling()  # profiling from creation: time the wait for the first command
-        while True:
-            self.idle()
-            try:
-                command = P.recv(conn)
-            except (EOFError, OSError):
-                return  # the parent is gone
-            if command.kind == P.CLOSE:
-                return
-            P.send(conn, self.handle(command))
-            self.run_tails()  # lookahead: execute on while the next chunks are inferred
-
-    def _follow_profiling(self) -> None:
+    def follow_profiling(self) -> None:
         """Start or stop the phase clock when the inference side flips the switch."""
         on = bool(self.profile_on[0])
         if on and self.clock is None:
@@ -276,42 +242,11 @@ class Worker:
             for env in self.envs.values():
                 env.time_cpu = False
 
-    def _check_obs(self, env_id: int, obs: dict) -> None:
-        """Raise :class:`BadObservation` naming the env, the field and what the spec expects,
-        so that nothing malformed or non-finite is ever written into a slot."""
-        if not isinstance(obs, dict):
-            raise BadObservation(f"env {env_id}: observation is a {type(obs).__name__}, not a dict")
-        if len(obs) != len(self.obs_fields) or any(k not in obs for k, *_ in self.obs_fields):
-            want = sorted(k for k, *_ in self.obs_fields)
-            missing = sorted(set(want) - set(obs))
-            extra = sorted(set(obs) - set(want))
-            raise BadObservation(
-                f"env {env_id}: observation keys {sorted(obs)} do not match the spec {want} "
-                f"(missing {missing}, unexpected {extra})"
-            )
-        for key, shape, dtype, is_float in self.obs_fields:
-            value = obs[key]
-            if not isinstance(value, np.ndarray) or value.shape != shape or value.dtype != dtype:
-                got = (
-                    f"{value.dtype}{list(value.shape)}"
-                    if isinstance(value, np.ndarray)
-                    else type(value).__name__
-                )
-                raise BadObservation(
-                    f"env {env_id}: observation field {key!r} is {got}, expected "
-                    f"{dtype}{list(shape)}"
-                )
-            if is_float and not np.isfinite(value).all():
-                raise BadObservation(
-                    f"env {env_id}: observation field {key!r} contains NaN or inf "
-                    f"(at flat index {int(np.flatnonzero(~np.isfinite(value))[0])})"
-                )
-
     def _write_obs(self, env_id: int, slot: int, obs: dict, text: str) -> int:
         """The one copy of an observation: from the env's arrays into its shared slot. The
         instruction is written only when it differs from what the slot already holds."""
         t0 = time.perf_counter_ns()
-        self._check_obs(env_id, obs)
+        check_observation(env_id, obs, self.obs_fields)
         for key, arr in self.obs_arrays:
             arr[slot, env_id] = obs[key]
         if self.written_text.get((slot, env_id)) != text:
@@ -538,46 +473,3 @@ class Worker:
             self.a = {}
             if unmap:
                 self.shm.close()
-
-
-def _start(worker: Worker, conn) -> bool:
-    """The hand-shake, worker side: offer the spec, map the memory the parent sends, confirm.
-    False when the parent abandoned start-up (another worker failed)."""
-    spec = worker.create_envs()
-    P.send(conn, P.Frame(P.HELLO))
-    conn.send(spec)
-    attach = P.recv_attach(conn)
-    if attach is None:
-        return False
-    fd, num_envs, chunk_len, num_workers = attach
-    worker.bind(SharedBuffers.attach(Layout(spec, num_envs, chunk_len, num_workers), fd))
-    P.send(conn, P.Frame(P.ATTACHED))
-    return True
-
-
-def worker_main(cfg: WorkerConfig, conn) -> None:
-    """Process entry point (see the module docstring for the state machine)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _die_with_parent(cfg.parent_pid)
-    if cfg.cpu is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cfg.cpu})
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-    worker = Worker(cfg)
-    try:
-        if _start(worker, conn):
-            worker.serve(conn)
-    except BaseException as exc:  # report everything, including KeyboardInterrupt in an env
-        failure = worker.failure(exc)
-        try:
-            P.send(conn, P.Frame(P.ERROR))
-            conn.send(failure)
-        except (OSError, EOFError):
-            pass
-        worker.close()
-        sys.exit(1)
-    worker.close()

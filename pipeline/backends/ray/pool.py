@@ -37,8 +37,15 @@ from typing import Any
 import numpy as np
 
 from envs.spec import EnvSpec
-from pipeline import errors
-from pipeline.backends.budget import Budgeted, RestartBudget
+from pipeline.backends.base import PoolBase
+from pipeline.backends.budget import RestartBudget
+from pipeline.backends.ray.handles import (
+    NodeHandle,
+    NodeRing,
+    await_death,
+    import_ray,
+    raise_payload,
+)
 from pipeline.backends.ray.node import NodeActor, stage_rows
 from pipeline.errors import (
     EngineError,
@@ -59,50 +66,7 @@ log = logging.getLogger("pipeline")
 _NODE_GRACE_S = 10.0
 
 
-def import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ImportError(
-            "backend='ray' needs Ray: pip install -e '.[ray]' (or pip install ray)"
-        ) from None
-    return ray
-
-
-def _raise_payload(payload: tuple) -> None:
-    """Raise the engine error a node reported as ``(class name, message, worker)``."""
-    name, message, worker = payload
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, EngineError)):
-        cls = EngineError
-    raise cls(message, worker=worker)
-
-
-class _NodeRing(SpanRing):
-    """A worker's span ring as last read from its node; clearing it clears the node's."""
-
-    def __init__(self, buf: np.ndarray, head: np.ndarray, clear: Callable[[], None]) -> None:
-        super().__init__(buf, head)
-        self._clear_remote = clear
-
-    def clear(self) -> None:
-        super().clear()
-        self._clear_remote()
-
-
-class _Node:
-    """The driver's handle on one node: its actor, workers, and reply channel."""
-
-    def __init__(self, index: int, workers: list[int], ray_node_id: str) -> None:
-        self.index, self.workers, self.ray_node_id = index, workers, ray_node_id
-        self.actor = None
-        self.conn = None  # the node's reply channel (multiprocessing.connection.Connection)
-        self.heard_at = 0.0  # when the node last sent anything (replies or a heartbeat)
-        self.commands = 0  # calls sent to this actor (it checks their order)
-        self.pids: list[int] = []
-
-
-class RayPool(Budgeted):
+class RayPool(PoolBase):
     """The engine's workers on Ray nodes, ``workers_per_node`` to a node.
 
     Example:
@@ -146,7 +110,7 @@ class RayPool(Budgeted):
         placement = self._ray_nodes()
         per = workers_per_node
         self.nodes = [
-            _Node(n, list(range(n * per, min((n + 1) * per, self.num_workers))), node_id)
+            NodeHandle(n, list(range(n * per, min((n + 1) * per, self.num_workers))), node_id)
             for n, node_id in enumerate(
                 placement[i % len(placement)] for i in range(math.ceil(self.num_workers / per))
             )
@@ -167,7 +131,7 @@ class RayPool(Budgeted):
         return [n["NodeID"] for n in alive]
 
     # -- start-up ----------------------------------------------------------------------------
-    def _new_actor(self, node: _Node):
+    def _new_actor(self, node: NodeHandle):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # Every call runs in the default group's one thread, in the order it was sent; the
@@ -187,7 +151,7 @@ class RayPool(Budgeted):
         node.commands = 0
         self._close_channel(node)
 
-    def _get(self, node: _Node, ref, timeout: float, doing: str):
+    def _get(self, node: NodeHandle, ref, timeout: float, doing: str):
         """``ray.get`` of one call on ``node``; a lost actor or a timeout raise engine errors,
         an error payload is raised as the error it names."""
         ray = self.ray
@@ -202,10 +166,10 @@ class RayPool(Budgeted):
         except ray.exceptions.RayActorError as exc:
             raise self._lost(node, doing, exc) from None
         if isinstance(out, tuple) and out[:1] == ("error",):
-            _raise_payload(out[1:])
+            raise_payload(out[1:])
         return out
 
-    def _lost(self, node: _Node, doing: str, exc: BaseException) -> NodeLostError:
+    def _lost(self, node: NodeHandle, doing: str, exc: BaseException) -> NodeLostError:
         # Ray's message opens with what happened and ends with the cause (an exception in
         # the actor's creation, an OOM kill, ...): keep both ends.
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
@@ -242,7 +206,7 @@ class RayPool(Budgeted):
             raise
         return self.spec
 
-    def _hello_or_restart(self, node: _Node, ref, timeout: float) -> EnvSpec:
+    def _hello_or_restart(self, node: NodeHandle, ref, timeout: float) -> EnvSpec:
         """The env spec of ``node``'s workers. A node whose start fails (a worker's env
         factory raised or its process died, or the actor was lost) starts again while the
         restart budget lasts, as a local worker does; the failure is charged to the worker
@@ -256,7 +220,7 @@ class RayPool(Budgeted):
                 self._restart_actor(node)
                 ref = node.actor.hello.remote(timeout)
 
-    def _restart_actor(self, node: _Node) -> None:
+    def _restart_actor(self, node: NodeHandle) -> None:
         """Kill ``node``'s actor and start a new one, on the same Ray node if it is alive."""
         with contextlib.suppress(Exception):
             self.ray.kill(node.actor)
@@ -265,13 +229,13 @@ class RayPool(Budgeted):
             node.ray_node_id = self._ray_nodes()[0]
         self._new_actor(node)
 
-    def _attach(self, node: _Node, timeout: float, slots: dict | None) -> None:
+    def _attach(self, node: NodeHandle, timeout: float, slots: dict | None) -> None:
         lay = self.layout
         ref = node.actor.attach.remote(lay.num_envs, lay.chunk_len, lay.num_workers, timeout, slots)
         node.pids = self._get(node, ref, timeout + 60, "attaching shared memory")
         self._open_channel(node)
 
-    def _open_channel(self, node: _Node) -> None:
+    def _open_channel(self, node: NodeHandle) -> None:
         """Connect to the node's reply channel (on the node's own address)."""
         from multiprocessing.connection import Client
 
@@ -287,7 +251,7 @@ class RayPool(Budgeted):
         return {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes()}
 
     @staticmethod
-    def _close_channel(node: _Node) -> None:
+    def _close_channel(node: NodeHandle) -> None:
         conn, node.conn = node.conn, None
         if conn is not None:
             conn.close()
@@ -337,7 +301,7 @@ class RayPool(Budgeted):
                     worker=node.workers[0],
                 )
 
-    def _apply(self, node: _Node, doing: str) -> None:
+    def _apply(self, node: NodeHandle, doing: str) -> None:
         try:
             replies, data, error = node.conn.recv()
         except (EOFError, OSError) as exc:  # the actor died, or its node went away
@@ -353,7 +317,7 @@ class RayPool(Budgeted):
                 a[key][slot, rows] = value
             self.inbox[w].append(frame)
         if error is not None:  # the node sends nothing more until the worker is replaced
-            _raise_payload(error)
+            raise_payload(error)
 
     def drain(self, doing: str) -> None:
         self._pump(0, doing)
@@ -411,7 +375,7 @@ class RayPool(Budgeted):
         node.heard_at = time.monotonic()  # the node resumed its replies
         return [w]
 
-    def _replace_node(self, node: _Node, timeout: float) -> None:
+    def _replace_node(self, node: NodeHandle, timeout: float) -> None:
         self._restart_actor(node)
         spec = self._get(node, node.actor.hello.remote(timeout), timeout + 60, "creating its envs")
         if repr(spec) != repr(self.spec):
@@ -470,7 +434,7 @@ class RayPool(Budgeted):
         for w in range(self.num_workers):
             node = self.nodes[self.node_of[w]]
             clear = functools.partial(node.actor.clear_ring.remote, w)
-            out.append(_NodeRing(a["spans"][w], a["span_head"][w], clear))
+            out.append(NodeRing(a["spans"][w], a["span_head"][w], clear))
         return out
 
     def close(self) -> None:
@@ -486,7 +450,7 @@ class RayPool(Budgeted):
                 with contextlib.suppress(Exception):
                     ray.kill(n.actor)
             for n in nodes:
-                _await_death(ray, n.actor, deadline=time.monotonic() + 10)
+                await_death(ray, n.actor, deadline=time.monotonic() + 10)
                 n.actor = None
                 self._close_channel(n)
         shm, self.shm = getattr(self, "shm", None), None
@@ -498,17 +462,3 @@ class RayPool(Budgeted):
 
     def __repr__(self) -> str:
         return f"RayPool({len(self.nodes)} nodes, {self.num_workers} workers, pid {os.getpid()})"
-
-
-def _await_death(ray, actor, deadline: float) -> None:
-    """Return once ``actor`` is dead (or at ``deadline``). ``ray.kill`` only asks the GCS to
-    kill it: a call sent just after can still be served, so close() would return with the
-    actor alive."""
-    while time.monotonic() < deadline:
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
-        except ray.exceptions.RayActorError:
-            return
-        except Exception:  # a timeout: the deadline has passed
-            return
-        time.sleep(0.05)
