@@ -37,3 +37,28 @@ def backend_args(request) -> dict:
         return dict(backend="inline")
     request.getfixturevalue("ray_cluster")
     return dict(backend="ray", workers_per_node=1)
+
+
+# A small toy env with one camera: cheap to step, and every field of the layout in use.
+TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=7)
+
+
+def latency_policy(**kw):
+    """A ``LatencyPolicy`` for :data:`TOY` with chunks of 4."""
+    from pipeline.policies import LatencyPolicy
+
+    return LatencyPolicy(state_dim=TOY["state_dim"], chunk_len=4, **kw)
+
+
+def make_engine(policy=None, env="toy", **kw):
+    """A small engine: 8 :data:`TOY` envs on 2 workers in 2 stages, seed 3; ``kw`` override
+    (``schedule="dynamic"`` drops the stages; ``backend="ray"`` puts a worker per node)."""
+    from pipeline import RolloutEngine
+
+    args = dict(num_envs=8, num_workers=2, num_stages=2, env_kwargs=TOY, seed=3, hang_timeout_s=30)
+    args.update(kw)
+    if args.get("schedule") == "dynamic":
+        del args["num_stages"]
+    if args.get("backend") == "ray":
+        args.setdefault("workers_per_node", 1)
+    return RolloutEngine(env, policy if policy is not None else latency_policy(), **args)

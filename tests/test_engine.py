@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 from factories import failing_env
-from helpers import assert_identical, shm_segments
+from helpers import TOY, assert_identical, latency_policy, make_engine, shm_segments
 
 import envs
 from pipeline import (
@@ -24,22 +24,9 @@ from pipeline import (
     WorkerDiedError,
     schema,
 )
-from pipeline.config import EngineConfig
 from pipeline.policies import LatencyPolicy, TinyVLA
 
-TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=7)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _engine(policy, **kw):
-    env = kw.pop("env", "toy")
-    args = dict(num_envs=8, num_workers=2, num_stages=2, env_kwargs=TOY, seed=3, hang_timeout_s=30)
-    args.update(kw)
-    return RolloutEngine(env, policy, **args)
-
-
-def _latency(deterministic=False, **kw):
-    return LatencyPolicy(state_dim=TOY["state_dim"], chunk_len=4, deterministic=deterministic, **kw)
 
 
 # -- 1. determinism under any timing -------------------------------------------------------------
@@ -48,7 +35,7 @@ def test_bitwise_identical_run_to_run_under_jitter(deterministic):
     jitter = dict(TOY, step_jitter_us=2000)
     runs = []
     for _ in range(2):
-        with _engine(_latency(deterministic), env_kwargs=jitter) as e:
+        with make_engine(latency_policy(deterministic=deterministic), env_kwargs=jitter) as e:
             runs.append((e.rollout(9), e.collect_episodes(2, 3)))
     assert_identical(runs[0][0], runs[1][0])
     assert_identical(runs[0][1], runs[1][1])
@@ -58,7 +45,7 @@ def test_bitwise_identical_run_to_run_under_jitter(deterministic):
 def test_sync_and_pipelined_are_bitwise_identical(num_stages):
     out = {}
     for mode in ("sync", "pipelined"):
-        with _engine(_latency(), mode=mode, num_stages=num_stages) as e:
+        with make_engine(latency_policy(), mode=mode, num_stages=num_stages) as e:
             out[mode] = (e.rollout(6), e.rollout(3), e.collect_episodes(3, 2))
     for a, b in zip(out["sync"], out["pipelined"], strict=True):
         assert_identical(a, b)
@@ -70,7 +57,7 @@ def test_tinyvla_stochastic_sync_equals_pipelined():
     policy = TinyVLA.from_spec(spec, chunk_len=4).eval()
     out = {}
     for mode in ("sync", "pipelined"):
-        with _engine(policy, mode=mode, inference_threads=1) as e:
+        with make_engine(policy, mode=mode, inference_threads=1) as e:
             out[mode] = e.rollout(5)
     assert_identical(out["sync"], out["pipelined"])
     assert out["sync"][schema.SAMPLE_LOG_PROB].shape == (8, 5)
@@ -79,8 +66,8 @@ def test_tinyvla_stochastic_sync_equals_pipelined():
 
 # -- 2. nothing misplaced ------------------------------------------------------------------------
 def test_every_byte_lands_at_its_env_and_decision(backend):
-    policy = _latency()
-    with _engine(policy, exec_len=3, **backend) as e:
+    policy = latency_policy()
+    with make_engine(policy, exec_len=3, **backend) as e:
         td = e.rollout(12)
     state = td["observation", "state"].numpy()
     image = td["observation", "image", "cam"].permute(0, 1, 3, 4, 2).numpy()
@@ -117,7 +104,7 @@ def test_every_byte_lands_at_its_env_and_decision(backend):
 
 
 def test_episodes_grouped_and_complete(backend):
-    with _engine(_latency(), num_envs=4, num_stages=2, **backend) as e:
+    with make_engine(latency_policy(), num_envs=4, num_stages=2, **backend) as e:
         eps = e.collect_episodes(num_groups=3, group_size=4)
     assert eps.batch_size == (12,)
     seeds = eps["reset_seed"][:, 0]
@@ -142,7 +129,7 @@ def test_episodes_grouped_and_complete(backend):
 
 
 def test_rollout_without_auto_reset_masks_finished_envs(backend):
-    with _engine(_latency(), auto_reset=False, **backend) as e:
+    with make_engine(latency_policy(), auto_reset=False, **backend) as e:
         td = e.rollout(6)  # toy episodes are at most 2 decisions of 4 steps (7 steps)
         assert not td["mask"][:, 2:].any() and td["mask"][:, 0].all()
         idle = ~td["mask"]  # entries without a decision read as zeros and -1 ids
@@ -155,8 +142,8 @@ def test_rollout_without_auto_reset_masks_finished_envs(backend):
 
 
 def test_policy_version_tracks_weight_updates(backend):
-    policy = _latency()
-    with _engine(policy, **backend) as e:
+    policy = latency_policy()
+    with make_engine(policy, **backend) as e:
         a = e.rollout(2)
         with torch.no_grad():
             policy.weight.add_(0.01)  # what an optimizer step does
@@ -173,7 +160,7 @@ def test_env_exception_names_worker_env_and_traceback():
     before = shm_segments()
     e = RolloutEngine(
         failing_env,
-        _latency(),
+        latency_policy(),
         num_envs=4,
         num_workers=2,
         num_stages=2,
@@ -196,15 +183,15 @@ def test_env_factory_exception_is_reported(backend):
 
     with pytest.raises(EnvError, match=r"worker \d, env \d .*create.*no such robot"):
         RolloutEngine(
-            factory, _latency(), num_envs=2, num_workers=2, num_stages=1,
+            factory, latency_policy(), num_envs=2, num_workers=2, num_stages=1,
             on_worker_failure="raise", **backend,
         )  # fmt: skip
 
 
 def test_sigkilled_worker_is_detected_within_the_timeout(process_backend):
     before = shm_segments()
-    e = _engine(
-        _latency(base_ms=50), hang_timeout_s=20, on_worker_failure="raise", **process_backend
+    e = make_engine(
+        latency_policy(base_ms=50), hang_timeout_s=20, on_worker_failure="raise", **process_backend
     )
     pids = e.worker_pids()
     e.rollout(1)
@@ -219,7 +206,9 @@ def test_sigkilled_worker_is_detected_within_the_timeout(process_backend):
 def test_stuck_env_times_out():
     before = shm_segments()
     slow = dict(TOY, step_cost_us=3_000_000)
-    e = _engine(_latency(), env_kwargs=slow, hang_timeout_s=1.0, on_worker_failure="raise")
+    e = make_engine(
+        latency_policy(), env_kwargs=slow, hang_timeout_s=1.0, on_worker_failure="raise"
+    )
     pids = e.worker_pids()
     with pytest.raises(EngineTimeout, match=r"worker \d .* is stuck: its progress counter"):
         e.rollout(2)
@@ -250,35 +239,20 @@ class _BadPolicy(torch.nn.Module):
     "kind,match", [("shape", "shape"), ("dtype", "dtype"), ("nan", "NaN"), ("inf", "inf")]
 )
 def test_bad_policy_output_raises_before_the_physics(kind, match, backend):
-    e = _engine(_BadPolicy(kind), **backend)
+    e = make_engine(_BadPolicy(kind), **backend)
     with pytest.raises(PolicyOutputError, match=match):
         e.rollout(1)  # an EnvError would mean the bad chunk reached an env
     assert e.closed
 
 
 def test_use_after_close_raises(backend):
-    e = _engine(_latency(), **backend)
+    e = make_engine(latency_policy(), **backend)
     e.close()
     e.close()  # idempotent
     with pytest.raises(EngineClosedError):
         e.rollout(1)
     with pytest.raises(EngineClosedError):
         e.collect_episodes(1, 1)
-
-
-def test_bad_config_is_rejected():
-    with pytest.raises(ValueError, match="divide"):
-        _engine(_latency(), num_envs=7)
-    with pytest.raises(ValueError, match="every stage"):
-        _engine(_latency(), num_envs=4, num_stages=4, num_workers=2)
-    with pytest.raises(ValueError, match="exec_len"):
-        _engine(_latency(), exec_len=5)
-    with pytest.raises(ValueError, match="mode"):
-        _engine(_latency(), mode="async")
-    with pytest.raises(ValueError, match="policy's parameters are on cpu"):
-        _engine(_latency(), device="meta")
-    with pytest.raises(ValueError, match="inference_threads"):
-        _engine(_latency(), inference_threads=0)
 
 
 class _ThreadsSeen(LatencyPolicy):
@@ -291,19 +265,6 @@ class _ThreadsSeen(LatencyPolicy):
         return super().forward(td)
 
 
-def test_auto_inference_threads_leave_the_workers_their_cores(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    threads = lambda value, workers, device: EngineConfig(
-        num_envs=16, num_workers=workers, inference_threads=value
-    ).threads_for(torch.device(device))
-    assert threads("auto", 2, "cpu") == 6
-    assert threads("auto", 8, "cpu") == 1  # never fewer than one
-    assert threads("auto", 2, "cuda") == 1  # the host only launches
-    assert threads(None, 2, "cpu") is None
-    with pytest.raises(ValueError, match="inference_threads=0"):
-        threads(0, 2, "cpu")
-
-
 @pytest.mark.parametrize("option, expected", [("auto", 1), (1, 1), (None, 3)])
 def test_inference_threads_apply_during_a_call_and_are_restored(option, expected):
     # 'auto' on this CPU: the cores not used by the 2 workers, at least 1; None leaves
@@ -313,7 +274,7 @@ def test_inference_threads_apply_during_a_call_and_are_restored(option, expected
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        with _engine(policy, inference_threads=option) as e:
+        with make_engine(policy, inference_threads=option) as e:
             if option == "auto":
                 cores = len(os.sched_getaffinity(0))
                 expected = max(1, cores - 2)
@@ -341,7 +302,7 @@ def _assert_gone(pids, shm_before, within=10.0):
 
 def test_close_leaves_nothing_behind():
     before = shm_segments()
-    with _engine(_latency()) as e:
+    with make_engine(latency_policy()) as e:
         pids = e.worker_pids()
         e.rollout(2)
         assert shm_segments() <= before  # unlinked as soon as the workers attached
@@ -405,8 +366,8 @@ def test_parent_signals_leave_no_workers_or_segments(tmp_path, sig):
 
 
 def test_idle_workers_use_no_cpu_while_the_policy_is_slow(process_backend):
-    policy = _latency(base_ms=200)
-    with _engine(policy, num_stages=1, num_envs=4, **process_backend) as e:
+    policy = latency_policy(base_ms=200)
+    with make_engine(policy, num_stages=1, num_envs=4, **process_backend) as e:
         e.rollout(1)
         procs = [psutil.Process(p) for p in e.worker_pids()]
         before = [sum(p.cpu_times()[:2]) for p in procs]
@@ -443,73 +404,3 @@ def test_engine_runs_sapien_pick_place_with_the_expert(backend):
     assert images[0, 0].permute(1, 2, 0).numpy().tobytes() == obs["image/head"].tobytes()
     assert eps[schema.INSTRUCTION][0][0] == env.instruction
     assert td.batch_size == (4, 3) and td["mask"].all()
-
-
-def test_stage_rows_land_in_their_own_episode_rows_in_any_order():
-    # A stage's envs hold episodes in any order; rows [17, 16, 19, 20] span 17..20 like a
-    # block but are not one (this once wrote episode 16's decision into row 18).
-    from pipeline.record.store import Dest
-
-    rows = np.array([17, 16, 19, 20])
-    dest = Dest(rows, np.zeros(4, np.int64), np.arange(4), stage_len=4)
-    dst = np.full((24, 2), -1)
-    dest.put(dst, np.array([170, 160, 190, 200]))
-    assert dst[rows, 0].tolist() == [170, 160, 190, 200] and (dst[18] == -1).all()
-    block = Dest(np.array([4, 5, 6, 7]), np.ones(4, np.int64), np.arange(4), stage_len=4)
-    assert block.block == (4, 1)
-
-
-# -- trajectory memory reused across calls ---------------------------------------------------
-def test_buffer_pool_reuses_only_what_nobody_references():
-    from pipeline.record.store import BufferPool
-
-    pool = BufferPool(keep=2)
-    a = pool.take((4, 3), np.float32)
-    view = a[1:]
-    del a
-    b = pool.take((4, 3), np.float32)  # a view keeps the first buffer busy: a new one
-    assert pool.allocated == 2 and pool.reused == 0
-    del view, b
-    c = pool.take((4, 3), np.float32)
-    d = pool.take((4, 3), np.float32)
-    assert pool.reused == 2 and c is not d
-    e = pool.take((4, 3), np.float32)  # both pooled ones in use, the cap is 2: not pooled
-    assert pool.allocated == 3 and pool.reused == 2
-    del e
-    pool.take((4, 3), np.float32)  # e was never pooled, so nothing comes back
-    assert pool.allocated == 4
-
-
-def test_a_result_still_held_is_never_overwritten_and_a_dropped_one_is_reused():
-    with _engine(_latency()) as e:
-        first = e.rollout(4)
-        kept = first.clone()
-        second = e.rollout(4)  # must record into other memory: `first` is alive
-        assert_identical(first, kept)
-        assert not torch.equal(first["observation", "state"], second["observation", "state"])
-        reused = e._buffers.reused
-        image = first["observation", "image", "cam"]  # one tensor of it is enough to hold it
-        del first, second
-        third = e.rollout(4)  # `second`'s memory comes back; `first`'s image does not
-        assert e._buffers.reused > reused
-        assert torch.equal(image, kept["observation", "image", "cam"])
-        assert third["mask"].all()
-        eps = e.collect_episodes(2, 4)
-        again = eps.clone()
-        del eps
-        fresh = e.collect_episodes(2, 4)  # reused memory; padding is zeroed, not stale
-        assert not torch.equal(fresh["episode_id"], again["episode_id"])
-        pad = ~fresh["mask"]
-        assert (fresh["observation", "state"][pad] == 0).all()
-
-
-def test_record_obs_keeps_only_the_named_observations(backend):
-    with _engine(_latency(), record_obs=["state"], **backend) as e:
-        td = e.rollout(3)
-    assert ("observation", "state") in td.keys(include_nested=True)
-    assert ("observation", "image", "cam") not in td.keys(include_nested=True)
-    with _engine(_latency()) as e:
-        full = e.rollout(3)
-    assert torch.equal(full["observation", "state"], td["observation", "state"])
-    with pytest.raises(ValueError, match=r"record_obs=\['state', 'image/nope'\].*unknown"):
-        _engine(_latency(), record_obs=["state", "image/nope"])

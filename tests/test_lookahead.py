@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import assert_identical
+from helpers import assert_identical, make_engine
 from tensordict import TensorDict
 
 from pipeline import RolloutEngine, schema
@@ -15,10 +15,7 @@ TIMER = dict(state_dim=8, cameras=(), episode_len=20)  # state[2]: sum of execut
 
 
 def _engine(policy, **kw) -> RolloutEngine:
-    kw.setdefault("env_kwargs", TIMER)
-    kw.setdefault("num_envs", 4)
-    kw.setdefault("num_workers", 2)
-    return RolloutEngine("toy", policy, **kw)
+    return make_engine(policy, **{"env_kwargs": TIMER, "num_envs": 4, **kw})
 
 
 def _assert_state_sums_the_executed_actions(td: TensorDict) -> None:

@@ -4,18 +4,19 @@ import json
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, backend_args
+from factories import failing_env
+from helpers import BACKENDS, TOY, backend_args, latency_policy, make_engine
 
-from pipeline import EngineError, RolloutEngine
+from pipeline import EngineError, EnvError, RolloutEngine
 from pipeline.policies import LatencyPolicy
 from pipeline.runtime.spans import PHASE_ID, PHASES, PhaseClock, SpanRing, union_ns
 
-TOY = dict(state_dim=8, step_cost_us=1500, episode_len=400)
+BUSY_TOY = dict(state_dim=8, step_cost_us=1500, episode_len=400)
 
 
 def _profile(**backend):
     policy = LatencyPolicy(state_dim=8, chunk_len=4, base_ms=4.0, per_item_ms=1.0)
-    kw = dict(num_envs=8, num_workers=2, num_stages=2, env_kwargs=TOY, **backend)
+    kw = dict(num_envs=8, num_workers=2, num_stages=2, env_kwargs=BUSY_TOY, **backend)
     with RolloutEngine("toy", policy, **kw) as e:
         e.rollout(2)
         with e.profile() as prof:
@@ -106,7 +107,7 @@ def test_outputs_are_valid(profiled, tmp_path):
 
 def test_profile_from_creation_includes_env_init(backend):
     policy = LatencyPolicy(state_dim=8, chunk_len=4)
-    kw = dict(num_envs=4, num_workers=2, num_stages=2, env_kwargs=TOY, profile=True, **backend)
+    kw = dict(num_envs=4, num_workers=2, num_stages=2, env_kwargs=BUSY_TOY, profile=True, **backend)
     with RolloutEngine("toy", policy, **kw) as e:
         e.rollout(3)
         with pytest.raises(EngineError, match="already running"):
@@ -181,3 +182,32 @@ def test_profiles_scripts(profiled, tmp_path):
     )
     assert compared.returncode == 0, compared.stderr
     assert "decisions/s" in compared.stdout and "worker 0 / physics" in compared.stdout
+
+
+def test_nested_profile_is_refused_and_the_outer_one_survives():
+    with make_engine(latency_policy(), num_envs=4) as e:
+        with e.profile() as prof:
+            assert e.profiler is prof
+            with pytest.raises(EngineError, match="already running"):
+                with e.profile():
+                    pass
+            e.rollout(2)
+        assert e.profiler is None
+        report = prof.report()
+    assert report.summary["decisions"] == 2 * 4
+    assert len(report.processes) == 3
+
+
+def test_engine_error_inside_profile_surfaces_as_itself():
+    e = make_engine(
+        latency_policy(),
+        env=failing_env,
+        num_envs=4,
+        env_kwargs=dict(TOY, episode_len=50),
+        on_worker_failure="raise",
+    )
+    with pytest.raises(EnvError, match="the gripper fell off"):
+        with e.profile() as prof:
+            e.rollout(10)
+    assert e.closed
+    assert not prof.running and prof.report().summary["window_s"] > 0

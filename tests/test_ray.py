@@ -11,13 +11,10 @@ import pytest
 import ray
 import torch
 from factories import failing_env, stuck_env
-from helpers import assert_identical, shm_segments
+from helpers import TOY, assert_identical, latency_policy, make_engine, shm_segments
 
 from benchmarks.ray_cluster import LOOPBACK
 from pipeline import EnvError, RolloutEngine, WorkerStuckError
-from pipeline.policies import LatencyPolicy
-
-TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=9)
 
 
 @pytest.fixture
@@ -26,17 +23,7 @@ def cluster(ray_cluster):
 
 
 def _policy():
-    return LatencyPolicy(state_dim=TOY["state_dim"], chunk_len=4, base_ms=1)
-
-
-def _engine(policy=None, backend="local", **kw):
-    args = dict(num_envs=8, num_workers=2, num_stages=2, env_kwargs=TOY, seed=5, hang_timeout_s=30)
-    args.update(kw)
-    if args.get("schedule") == "dynamic":
-        del args["num_stages"]
-    if backend == "ray":
-        args.setdefault("workers_per_node", 1)
-    return RolloutEngine("toy", policy or _policy(), backend=backend, **args)
+    return latency_policy(base_ms=1)
 
 
 def _calls(engine):
@@ -71,9 +58,9 @@ class _FaultAt(torch.nn.Module):
 )
 def test_ray_backend_gives_bitwise_the_local_output(cluster, config):
     local_cfg = {k: v for k, v in config.items() if k != "workers_per_node"}
-    with _engine(**local_cfg) as e:
+    with make_engine(**local_cfg) as e:
         want = _calls(e)
-    with _engine(backend="ray", **config) as e:
+    with make_engine(backend="ray", **config) as e:
         got = _calls(e)
         placement = e.placement()
     for a, b in zip(got, want, strict=True):
@@ -87,7 +74,7 @@ def test_ray_backend_gives_bitwise_the_local_output(cluster, config):
 
 
 def test_killed_node_actor_is_replaced_and_its_episodes_rerun(cluster):
-    with _engine() as e:
+    with make_engine() as e:
         want = e.collect_episodes(3, 4)
     holder = {}
 
@@ -95,7 +82,7 @@ def test_killed_node_actor_is_replaced_and_its_episodes_rerun(cluster):
         ray.kill(holder["engine"]._pool.nodes[1].actor)
 
     policy = _FaultAt(_policy(), at=5, fault=kill_node)
-    with _engine(policy, backend="ray") as e:
+    with make_engine(policy, backend="ray") as e:
         holder["engine"] = e
         old = e.placement()[1]["pids"]
         got = e.collect_episodes(3, 4)
@@ -116,7 +103,7 @@ def test_killed_node_actor_is_replaced_and_its_episodes_rerun(cluster):
 
 
 def test_killed_worker_on_a_node_is_replaced_by_its_node(cluster):
-    with _engine() as e:
+    with make_engine() as e:
         want = e.collect_episodes(3, 4)
     holder = {}
 
@@ -124,7 +111,7 @@ def test_killed_worker_on_a_node_is_replaced_by_its_node(cluster):
         os.kill(holder["engine"].worker_pids()[1], signal.SIGKILL)
 
     policy = _FaultAt(_policy(), at=4, fault=kill_worker)
-    with _engine(policy, backend="ray") as e:
+    with make_engine(policy, backend="ray") as e:
         holder["engine"] = e
         got = e.collect_episodes(3, 4)
         assert e.stats.restarts == 1
@@ -160,7 +147,7 @@ def test_stuck_worker_on_a_node_is_found_by_its_watchdog(cluster):
 
 
 def test_profile_shows_each_nodes_workers(cluster):
-    with _engine(backend="ray", num_workers=4, workers_per_node=2) as e:
+    with make_engine(backend="ray", num_workers=4, workers_per_node=2) as e:
         with e.profile() as prof:
             e.rollout(6)
     report = prof.report()
@@ -173,7 +160,7 @@ def test_profile_shows_each_nodes_workers(cluster):
 
 def test_workers_on_another_machine_are_not_sampled_by_pid(cluster):
     # A pid from another machine names some other process here: psutil must not read it.
-    with _engine(backend="ray", num_workers=4, workers_per_node=2) as e:
+    with make_engine(backend="ray", num_workers=4, workers_per_node=2) as e:
         assert e.local_worker_pids() == e.worker_pids()  # every loopback node is here
         e._pool.driver_address = "10.0.0.1"  # as if the driver ran on another machine
         assert e.local_worker_pids() == [None] * 4
@@ -190,7 +177,7 @@ def test_workers_on_another_machine_are_not_sampled_by_pid(cluster):
 
 
 def test_closing_leaves_no_worker_or_actor(cluster):
-    e = _engine(backend="ray")
+    e = make_engine(backend="ray")
     pids = e.worker_pids()
     actors = [n.actor for n in e._pool.nodes]
     e.rollout(2)

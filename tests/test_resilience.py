@@ -10,38 +10,25 @@ from factories import (
     always_crashes,
     always_fails,
     bad_obs_env,
-    failing_env,
     fails_in_worker_1,
     fails_once_at_start,
     flaky_env,
     sleeps_forever,
     slow_steps,
 )
-from helpers import assert_identical
+from helpers import TOY, assert_identical, latency_policy, make_engine
 
 from pipeline import (
-    EngineError,
     EnvError,
     ObservationError,
-    RolloutEngine,
     WorkerStuckError,
     schema,
 )
 from pipeline.policies import LatencyPolicy
 
-TOY = dict(state_dim=8, cameras=("cam",), image_size=8, episode_len=7)
-
-
-def _latency(**kw):
-    return LatencyPolicy(state_dim=TOY["state_dim"], chunk_len=4, **kw)
-
 
 def _engine(env, policy, **kw):
-    args = dict(num_envs=4, num_workers=2, num_stages=2, env_kwargs=TOY, seed=3, hang_timeout_s=30)
-    args.update(kw)
-    if args.get("schedule") == "dynamic":
-        del args["num_stages"]
-    return RolloutEngine(env, policy, **args)
+    return make_engine(policy, env=env, **{"num_envs": 4, **kw})
 
 
 # -- bad observations -----------------------------------------------------------------------------
@@ -57,7 +44,7 @@ def _engine(env, policy, **kw):
 def test_bad_observation_names_env_field_and_expectation(kind, match, backend):
     e = _engine(
         bad_obs_env,
-        _latency(),
+        latency_policy(),
         env_kwargs=dict(TOY, kind=kind, episode_len=50),
         on_worker_failure="raise",
         **backend,
@@ -100,39 +87,13 @@ def test_startup_failure_closes_the_healthy_workers_cleanly(tmp_path):
     with pytest.raises(EnvError, match="worker 1.*no robot on worker 1"):
         _engine(
             fails_in_worker_1,
-            _latency(),
+            latency_policy(),
             env_kwargs=dict(TOY, marker_dir=str(tmp_path)),
             on_worker_failure="raise",
         )
     # Worker 0 read CLOSE during the hand-shake and closed its 2 envs: a SIGKILL would not.
     closed = os.listdir(tmp_path)
     assert len(closed) == 1 and closed[0].startswith("closed-"), closed
-
-
-# -- profiles --------------------------------------------------------------------------------------
-def test_nested_profile_is_refused_and_the_outer_one_survives():
-    with _engine("toy", _latency()) as e:
-        with e.profile() as prof:
-            assert e.profiler is prof
-            with pytest.raises(EngineError, match="already running"):
-                with e.profile():
-                    pass
-            e.rollout(2)
-        assert e.profiler is None
-        report = prof.report()
-    assert report.summary["decisions"] == 2 * 4
-    assert len(report.processes) == 3
-
-
-def test_engine_error_inside_profile_surfaces_as_itself():
-    e = _engine(
-        failing_env, _latency(), env_kwargs=dict(TOY, episode_len=50), on_worker_failure="raise"
-    )
-    with pytest.raises(EnvError, match="the gripper fell off"):
-        with e.profile() as prof:
-            e.rollout(10)
-    assert e.closed
-    assert not prof.running and prof.report().summary["window_s"] > 0
 
 
 # -- policy dtypes --------------------------------------------------------------------------------
@@ -173,7 +134,7 @@ def test_low_and_high_precision_action_chunks_are_accepted(dtype, backend):
 # -- CUDA-registered memory ------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dropped_cuda_engine_unregisters_before_unmapping():
-    policy = _latency().cuda()
+    policy = latency_policy().cuda()
     e = _engine("toy", policy)
     e.rollout(2)
     pids = e.worker_pids()
@@ -201,7 +162,7 @@ def _rollout_pair(tmp_path, how, crashes, schedule="stages", backend=None):
         env_kwargs = dict(kwargs, marker_dir=str(marker_dir), how=how, crashes=crashes * fault)
         sched = dict(schedule=schedule if fault else "stages")
         kw = dict(num_envs=8, env_kwargs=env_kwargs, **sched, **(backend or {}))
-        with _engine(flaky_env, _latency(), **kw) as e:
+        with _engine(flaky_env, latency_policy(), **kw) as e:
             runs[fault] = (e.rollout(10), e.collect_episodes(2, 4), e.stats.restarts, e.failures)
     return runs
 
@@ -282,7 +243,9 @@ def test_episode_groups_come_back_complete_after_a_fault(tmp_path, backend):
         env_kwargs = dict(
             TOY, episode_len=9, marker_dir=str(marker_dir), how=how, crashes=int(fault)
         )
-        with _engine(flaky_env, _latency(), num_envs=8, env_kwargs=env_kwargs, **backend) as e:
+        with _engine(
+            flaky_env, latency_policy(), num_envs=8, env_kwargs=env_kwargs, **backend
+        ) as e:
             eps[fault] = e.collect_episodes(3, 4)
             assert e.stats.restarts == int(fault)
     clean, got = eps[False], eps[True]
@@ -295,7 +258,7 @@ def test_episode_groups_come_back_complete_after_a_fault(tmp_path, backend):
 
 def test_factory_failing_once_at_start_up_is_replaced(tmp_path, backend):
     kw = dict(env_kwargs=dict(TOY, marker_dir=str(tmp_path)), **backend)
-    with _engine(fails_once_at_start, _latency(), **kw) as e:
+    with _engine(fails_once_at_start, latency_policy(), **kw) as e:
         assert e.rollout(2)["mask"].all()
         (failure,) = e.failures
     assert failure.worker == 1 and "license server unreachable" in failure.error
@@ -303,12 +266,12 @@ def test_factory_failing_once_at_start_up_is_replaced(tmp_path, backend):
 
 def test_factory_that_always_fails_does_not_loop_forever(backend):
     with pytest.raises(EnvError, match="no such robot") as info:
-        _engine(always_fails, _latency(), max_restarts=50, **backend)
+        _engine(always_fails, latency_policy(), max_restarts=50, **backend)
     assert any("in a row" in note for note in info.value.__notes__)
 
 
 def test_restart_budget_is_finite(backend):
-    e = _engine(always_crashes, _latency(), max_restarts=2, **backend)
+    e = _engine(always_crashes, latency_policy(), max_restarts=2, **backend)
     with pytest.raises(EnvError, match="diverged") as info:
         e.rollout(4)
     assert any("budget of 2 is spent" in note for note in info.value.__notes__)
@@ -328,7 +291,11 @@ def test_stuck_worker_is_reported_with_its_stack(process_backend):
         + inspect.getsourcelines(sleeps_forever)[1]
     )
     e = _engine(
-        sleeps_forever, _latency(), hang_timeout_s=2.0, on_worker_failure="raise", **process_backend
+        sleeps_forever,
+        latency_policy(),
+        hang_timeout_s=2.0,
+        on_worker_failure="raise",
+        **process_backend,
     )
     with pytest.raises(WorkerStuckError) as info:
         e.rollout(2)

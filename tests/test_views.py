@@ -1,21 +1,22 @@
 """steps(): engine outputs as one row per decision, ready for a PPO/GRPO loss."""
 
 import torch
+from helpers import TOY
 
 import envs
 from pipeline import RolloutEngine, schema
 from pipeline.policies import TinyVLA
 from pipeline.record.views import steps
 
-TOY = dict(state_dim=8, cameras=("cam",), image_size=16, episode_len=9)
+VIEWED = dict(TOY, image_size=16, episode_len=9)
 
 
 def test_steps_of_episodes_and_rollouts(backend):
-    spec = envs.make("toy", **TOY).spec
+    spec = envs.make("toy", **VIEWED).spec
     torch.manual_seed(0)
     policy = TinyVLA.from_spec(spec, chunk_len=4).eval()
     with RolloutEngine(
-        "toy", policy, num_envs=4, num_workers=2, num_stages=2, env_kwargs=TOY, seed=1, **backend
+        "toy", policy, num_envs=4, num_workers=2, num_stages=2, env_kwargs=VIEWED, seed=1, **backend
     ) as e:
         eps = e.collect_episodes(num_groups=2, group_size=2)
         td = e.rollout(3)
