@@ -7,11 +7,11 @@
     python bench.py engine          # engine suite: overlap vs bound, sweeps, transport
     python bench.py scheduler       # dynamic batching vs fixed stages vs lock-step, by step CV
     python bench.py lookahead       # latency-aware chunk execution: throughput, idle, success
-    python bench.py plan            # capacity planner: cores per GPU, validated here
+    python bench.py capacity        # capacity planner: cores per GPU, validated here
     python bench.py ray             # the Ray backend against local; 1 vs 2 simulated nodes
     python bench.py soak            # soak and chaos: RSS, descriptors, /dev/shm, restarts
     python bench.py embedding       # worker RSS and threads when embedded in a trainer script
-    python bench.py training        # GRPO demo; synchronous vs overlapped training
+    python bench.py training        # GRPO demo; synchronous vs async (overlapped) training
 
 Every figure is a median over repeated windows after a warm-up, measured in one run, so
 ratios are comparable even on a noisy shared machine.
@@ -29,7 +29,7 @@ SUITES = {
     "engine": "benchmarks.engine",
     "scheduler": "benchmarks.scheduler",
     "lookahead": "benchmarks.lookahead",
-    "plan": "benchmarks.plan",
+    "capacity": "benchmarks.capacity",
     "ray": "benchmarks.scaleout",
     "soak": "benchmarks.soak",
     "embedding": "benchmarks.embedding",

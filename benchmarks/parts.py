@@ -13,7 +13,7 @@ def parser(prog: str, doc: str | None, parts: dict[str, Callable]) -> argparse.A
     """An argument parser with the module docstring as help and a ``--part`` choice.
 
     Example:
-        >>> ap = parser("bench.py plan", __doc__, PARTS)
+        >>> ap = parser("bench.py capacity", __doc__, PARTS)
         >>> ap.add_argument("--json", default="bench_results/plan.json")
     """
     ap = argparse.ArgumentParser(

@@ -13,7 +13,7 @@ Parts:
 - ``nodes``: CPU-heavy toy envs and ``LatencyPolicy``: 1 worker locally, 1 node and 2 nodes
   of one worker each through Ray (and 2 local workers), under lock-step, 2 stages and
   dynamic batching; each against the capacity planner's prediction with the backend's own
-  measured loop cost (``bench.py plan``'s model), so the planner is validated on 1 and 2
+  measured loop cost (``bench.py capacity``'s model), so the planner is validated on 1 and 2
   simulated nodes too.
 - ``channel``: what a direct channel could save. Round trips between the driver and an
   actor on another simulated node, a small request and a reply of a stage's observations
@@ -24,7 +24,7 @@ Every simulated node is a raylet on this machine and binds 127.0.0.1. The nodes 
 machine's 2 cores with each other and with the inference loop: 2 nodes double the worker
 processes, not the cores behind them once the loop needs one. What the figure shows is the
 backend's cost and that stepping spreads over nodes; what it cannot show is the speed-up of
-real extra machines, which the planner extrapolates (``bench.py plan --part seed``).
+real extra machines, which the planner extrapolates (``bench.py capacity --part seed``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 
 from benchmarks import parts
-from benchmarks.plan import calibrate_loop, compare, loop_text
+from benchmarks.capacity import calibrate_loop, compare, loop_text
 from benchmarks.ray_cluster import loopback_cluster
 
 CAMERA = dict(cameras=("cam",), image_size=128)

@@ -1,18 +1,19 @@
-"""The reference GRPO trainer on the engine: the learning demonstration and overlap.
+"""The reference GRPO trainer on the engine: the learning demonstration, and async training
+(rollouts overlapped with training).
 
     python bench.py training --part demo        # tabletop/reach, 1 camera: warm start + GRPO
-    python bench.py training --part overlap     # synchronous vs overlapped, simulated GPU
-    python bench.py training --part overlap-cpu # the same with TinyVLA on this CPU (toy reach)
+    python bench.py training --part async     # synchronous vs overlapped, simulated GPU
+    python bench.py training --part async-cpu # the same with TinyVLA on this CPU (toy reach)
     python bench.py training --part recheck --out DIR  # a demo's checkpoints on fresh seeds
 
 ``demo`` runs ``python -m trainer``'s defaults for ``--minutes`` of GRPO and prints held-out
 success before and after, with the curve written to ``--out``.
 
-``overlap`` measures time per iteration, synchronous against overlapped, in one run:
+``async`` measures time per iteration, synchronous against overlapped, in one run:
 ``LatencyPolicy`` holds a simulated device for inference and for a simulated training step,
 and the env workers burn real CPU. Three set-ups: synchronous; overlapped with rollout
 inference and training on *one* device (they queue for it); overlapped with the rollout on
-its own device (a second GPU). ``overlap-cpu`` runs the real trainer (TinyVLA, toy reach)
+its own device (a second GPU). ``async-cpu`` runs the real trainer (TinyVLA, toy reach)
 both ways, where training, inference and the workers share this machine's cores.
 """
 
@@ -34,7 +35,7 @@ from trainer.loop import TrainConfig, load_checkpoint, run_iterations, toy_reach
 TOY_REACH = {"task": "reach", "state_dim": 8, "episode_len": 32, "step_cost_us": 1000}
 
 
-def overlap_simulated(iterations: int, train_per_item_ms: float) -> None:
+def async_simulated(iterations: int, train_per_item_ms: float) -> None:
     cfg = toy_reach_config(
         env_kwargs=TOY_REACH,
         chunk_len=8,
@@ -52,7 +53,7 @@ def overlap_simulated(iterations: int, train_per_item_ms: float) -> None:
         f"{40 + train_per_item_ms * rows:.0f} ms"
     )
     results = {}
-    for name, overlap, own_device in (
+    for name, async_rollouts, own_device in (
         ("synchronous", False, False),
         ("overlapped, one device", True, False),
         ("overlapped, two devices", True, True),
@@ -65,10 +66,10 @@ def overlap_simulated(iterations: int, train_per_item_ms: float) -> None:
             train_base_ms=40,
             train_per_item_ms=train_per_item_ms,
         )
-        rollout = copy.deepcopy(policy) if overlap else policy
+        rollout = copy.deepcopy(policy) if async_rollouts else policy
         if own_device:
             rollout.device_sim = SimulatedDevice()
-        run_cfg = dataclasses.replace(cfg, overlap=overlap)
+        run_cfg = dataclasses.replace(cfg, async_rollouts=async_rollouts)
         with RolloutEngine(
             "toy", rollout, num_envs=16, num_workers=2, num_stages=2, env_kwargs=TOY_REACH
         ) as engine:
@@ -92,17 +93,17 @@ def overlap_simulated(iterations: int, train_per_item_ms: float) -> None:
         print(f"  {name:<26} {base / v:5.2f}x iterations/s of synchronous")
 
 
-def overlap_cpu(iterations: int) -> None:
+def async_cpu(iterations: int) -> None:
     print(
         "TinyVLA-tiny GRPO on toy reach (1 ms CPU per step), 8 envs, 2 workers; inference, "
         "training and the workers share this machine's cores"
     )
-    for overlap in (False, True):
+    for async_rollouts in (False, True):
         cfg = toy_reach_config(
             env_kwargs=TOY_REACH,
             iterations=iterations,
             eval_every=max(1, iterations // 4),
-            overlap=overlap,
+            async_rollouts=async_rollouts,
         )
         curve = train(cfg, log=lambda m: None)
         its = curve["iterations"]
@@ -111,7 +112,7 @@ def overlap_cpu(iterations: int) -> None:
             f"{e['greedy']:.2f}/{e['sampled']:.2f}@{e['wall_s']:.0f}s" for e in curve["evals"]
         )
         print(
-            f"  {'overlapped' if overlap else 'synchronous':<12} "
+            f"  {'async' if async_rollouts else 'synchronous':<12} "
             f"{1000 * statistics.median(per_it):6.0f} ms/iteration (median), "
             f"held-out success greedy/sampled at training wall time: {evals}",
             flush=True,
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
-        "--part", choices=("demo", "overlap", "overlap-cpu", "recheck"), default="overlap"
+        "--part", choices=("demo", "async", "async-cpu", "recheck"), default="async"
     )
     ap.add_argument("--episodes", type=int, default=256, help="recheck: fresh seeds")
     ap.add_argument("--seed", type=int, default=2 * 10**9, help="recheck: first fresh seed")
@@ -172,16 +173,16 @@ def main(argv: list[str] | None = None) -> int:
         "--train-per-item-ms",
         type=float,
         action="append",
-        help="overlap: simulated training cost per decision row (repeatable; default 0.5 and 3)",
+        help="async: simulated training cost per decision row (repeatable; default 0.5 and 3)",
     )
     args = ap.parse_args(argv)
     if args.part == "demo":
         demo(args.minutes, args.out)
     elif args.part == "recheck":
         recheck(args.out, args.episodes, args.seed)
-    elif args.part == "overlap":
+    elif args.part == "async":
         for per_item in args.train_per_item_ms or [0.5, 3.0]:
-            overlap_simulated(args.iterations, per_item)
+            async_simulated(args.iterations, per_item)
     else:
-        overlap_cpu(args.iterations)
+        async_cpu(args.iterations)
     return 0

@@ -63,8 +63,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overlap, lookahead, iterations", [(False, 0, 40), (True, 1, 25)])
-def test_grpo_learns_toy_reach(tmp_path, overlap, lookahead, iterations):
+@pytest.mark.parametrize("async_rollouts, lookahead, iterations", [(False, 0, 40), (True, 1, 25)])
+def test_grpo_learns_toy_reach(tmp_path, async_rollouts, lookahead, iterations):
     # Success in toy reach depends on the actions. A weak warm start (few BC steps) leaves
     # room; GRPO must raise the held-out success of the policy it trains (sampled) over
     # fixed reset seeds. Everything is seeded, so the run is the same on every machine with
@@ -76,7 +76,7 @@ def test_grpo_learns_toy_reach(tmp_path, overlap, lookahead, iterations):
     # (sampled success 0.27, against 0.63), so 25 iterations leave a wide margin over the
     # ~0.07 noise of 48 held-out episodes: 0.27 -> 0.67 after 25 (0.71 after 40).
     cfg = toy_reach_config(
-        overlap=overlap, lookahead=lookahead, iterations=iterations, out=str(tmp_path)
+        async_rollouts=async_rollouts, lookahead=lookahead, iterations=iterations, out=str(tmp_path)
     )
     curve = train(cfg, log=lambda m: None)
     before, after = curve["evals"][0]["sampled"], curve["evals"][-1]["sampled"]
@@ -87,7 +87,7 @@ def test_grpo_learns_toy_reach(tmp_path, overlap, lookahead, iterations):
     assert all(r["rollout_s"] >= 0 and r["train_s"] > 0 for r in its)
     # Batch k is collected with the weights of version k (synchronous) or k - 1 (overlapped:
     # it ran while the trainer made update k).
-    lag = 1 if overlap else 0
+    lag = 1 if async_rollouts else 0
     assert [r["behaviour_versions"][0] for r in its[1:]] == [r["iteration"] - lag for r in its[1:]]
 
 

@@ -57,7 +57,7 @@ class TrainConfig:
     clip: float = 0.2
     epochs: int = 1
     minibatch: int = 128
-    overlap: bool = False
+    async_rollouts: bool = False
     max_staleness: int = 1
     eval_every: int = 10
     eval_episodes: int = 128
@@ -76,9 +76,9 @@ def toy_reach_config(**overrides) -> TrainConfig:
 
     40 iterations, because 20 were a coin toss: the sampled success of 48 held-out episodes
     moves by about 0.07 from noise alone, and after 20 iterations the gain was smaller than
-    that on some CPUs (with overlap on an AMD EPYC: 0.625 -> 0.521). After 40 it was
-    0.625 -> 0.79 (overlap), 0.625 -> 0.83 (synchronous, evaluated every 10) and
-    0.27 -> 0.85 (lookahead 1), and 0.27 -> 0.71 with overlap and lookahead 1 together
+    that on some CPUs (with async rollouts on an AMD EPYC: 0.625 -> 0.521). After 40 it was
+    0.625 -> 0.79 (async rollouts), 0.625 -> 0.83 (synchronous, evaluated every 10) and
+    0.27 -> 0.85 (lookahead 1), and 0.27 -> 0.71 with async rollouts and lookahead 1 together
     (0.67 after 25).
 
     Example:
@@ -181,7 +181,7 @@ def run_iterations(
     cfg: TrainConfig,
     on_eval: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """GRPO iterations, synchronous or overlapped (``cfg.overlap``); one record per
+    """GRPO iterations, synchronous or overlapped (``cfg.async_rollouts``); one record per
     iteration with its time split (rollout wait, train, weight sync) and sampling report.
 
     ``update(batch, progress)`` trains on a batch; ``progress`` is the fraction of the
@@ -195,7 +195,9 @@ def run_iterations(
     version = engine.policy_version
     start = time.perf_counter()
     env_steps = 0
-    future = engine.collect_episodes_async(cfg.groups, cfg.group_size) if cfg.overlap else None
+    future = None
+    if cfg.async_rollouts:
+        future = engine.collect_episodes_async(cfg.groups, cfg.group_size)
     for it in range(cfg.iterations):
         t0 = time.perf_counter()
         first = future.result() if future is not None else collect()
@@ -220,7 +222,7 @@ def run_iterations(
         t_train = time.perf_counter() - t2
         t3 = time.perf_counter()
         version += 1
-        if cfg.overlap:
+        if cfg.async_rollouts:
             engine.update_weights(policy, version)
         else:
             engine.set_policy_version(version)  # the engine's policy is the trainer's
@@ -303,7 +305,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                 save_checkpoint(os.path.join(cfg.out, "warm_start.pt"), policy, curve["warm_start"])
     policy.eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    rollout_policy = copy.deepcopy(policy) if cfg.overlap else policy
+    rollout_policy = copy.deepcopy(policy) if cfg.async_rollouts else policy
     eval_seeds = list(range(cfg.eval_seed, cfg.eval_seed + cfg.eval_episodes))
     with RolloutEngine(
         cfg.env,
@@ -314,7 +316,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         env_kwargs=env_kwargs,
         seed=cfg.seed,
         lookahead=cfg.lookahead,
-        max_staleness=cfg.max_staleness if cfg.overlap else None,
+        max_staleness=cfg.max_staleness if cfg.async_rollouts else None,
     ) as engine:
 
         def on_eval(it: int) -> None:
@@ -382,7 +384,7 @@ def write_curve(curve: dict, out: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     cfg = curve["config"]
-    fig.suptitle(f"GRPO on {cfg['env']} ({'overlapped' if cfg['overlap'] else 'synchronous'})")
+    fig.suptitle(f"GRPO on {cfg['env']} ({'async' if cfg['async_rollouts'] else 'synchronous'})")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curve.png"), dpi=100)
     plt.close(fig)

@@ -1,7 +1,7 @@
 """Capacity planner: how many CPU cores keep a GPU busy, per schedule, from measured costs.
 
-    python bench.py plan                         # validate here, then plan the seed scenario
-    python bench.py plan --part seed --step-ms 60 --chunk 25 --latency-ms 300
+    python bench.py capacity                         # validate here, then plan the seed scenario
+    python bench.py capacity --part seed --step-ms 60 --chunk 25 --latency-ms 300
 
 The model (:class:`Scenario`, :func:`predict`) takes the per-step CPU cost of an env, its
 render cost per decision, the chunk and execution lengths, the policy latency
@@ -422,7 +422,7 @@ PARTS = {"validate": validate, "seed": seed}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = parts.parser("bench.py plan", __doc__, PARTS)
+    ap = parts.parser("bench.py capacity", __doc__, PARTS)
     g = ap.add_argument_group("validate (this machine)")
     g.add_argument("--step-cost-us", type=float, default=1000.0)
     g.add_argument("--chunk", type=int, default=8)

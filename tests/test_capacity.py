@@ -1,10 +1,10 @@
-"""The capacity planner's model (benchmarks/plan.py): the cases it must get exactly."""
+"""The capacity planner's model (benchmarks/capacity.py): the cases it must get exactly."""
 
 from dataclasses import replace
 
 import pytest
 
-from benchmarks.plan import SCHEDULES, Scenario, cores_for, predict
+from benchmarks.capacity import SCHEDULES, Scenario, cores_for, predict
 
 SEED = Scenario(
     num_envs=8, workers=8, step_ms=60, exec_len=25, chunk_len=25, base_ms=240, per_item_ms=7.5
