@@ -285,17 +285,11 @@ class RolloutEngine:
 
     def describe(self) -> dict:
         """The configuration, as a profile records it."""
+        names = ("mode", "num_envs", "num_workers", "backend", "num_stages", "schedule")
         return {
             "env": self.env_name,
-            "mode": self.mode,
-            "num_envs": self.num_envs,
-            "num_workers": self.num_workers,
-            "backend": self.backend,
+            **{k: getattr(self, k) for k in (*names, "chunk_len", "exec_len")},
             "worker_nodes": [n["node"] for n in self.placement() for _ in n["workers"]],
-            "num_stages": self.num_stages,
-            "schedule": self.schedule,
-            "chunk_len": self.chunk_len,
-            "exec_len": self.exec_len,
             "lookahead": "auto" if self.lookahead.fixed is None else self.lookahead.fixed,
             "device": str(self.device),
             "policy": type(self.policy).__name__,
@@ -339,8 +333,15 @@ class RolloutEngine:
         padded to the longest, with ``mask`` ``[E, T]`` and per-episode ``success``,
         ``length`` (decisions), ``env_steps`` and ``group_id``.
 
-        Group reset seeds are derived from the engine seed and the call count, unless
-        ``reset_seeds`` gives one per group (a fixed, held-out evaluation set).
+        Args:
+            num_groups: groups of episodes; each group shares one reset seed.
+            group_size: episodes per group, each with its own sampling seeds.
+            reset_seeds: one reset seed per group (a fixed, held-out evaluation set);
+                default: derived from the engine seed and the call count.
+
+        Raises:
+            ValueError: fewer than one group or member, or not one seed >= 0 per group.
+            EngineError: the engine runs without ``auto_reset``, or a call is in flight.
 
         Example:
             >>> eps = engine.collect_episodes(num_groups=4, group_size=8)
@@ -382,7 +383,7 @@ class RolloutEngine:
         behind the newest ``update_weights`` is dropped and collected again, with the newest
         weights, when taken (``engine.stats.stale_dropped`` counts the dropped episodes). The
         background call leaves torch's thread count alone (it is process-wide and the
-        trainer's).
+        trainer's). Args and Raises: as :meth:`collect_episodes` (raised by ``result()``).
 
         Example:
             >>> fut = engine.collect_episodes_async(num_groups=8, group_size=8)

@@ -58,6 +58,13 @@ def make_batch(obs: Sequence[dict], instructions: Sequence[str], sample_seeds=No
     TensorDict ``[B]`` with images as ``[B, 3, H, W]``. Copies; the engine has its own
     zero-copy path over shared memory.
 
+    Args:
+        obs: one observation dict per env: ``state`` and any ``image/<cam>`` (uint8 HWC);
+            the cameras are those of ``obs[0]``.
+        instructions: one instruction per env, stored as ``"language_instruction"``.
+        sample_seeds: one int seed per env, stored as int64 ``"sample_seed"``; None: no
+            seeds (enough for a deterministic policy).
+
     Example:
         >>> td = make_batch([env.reset(seed=0)[0]], [env.instruction], sample_seeds=[7])
     """

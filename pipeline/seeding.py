@@ -41,6 +41,11 @@ def sample_seeds(seed: int, episode: np.ndarray, t: np.ndarray) -> np.ndarray:
     """The ``sample_seed`` of decision ``t`` of each ``episode``: a hashed per-episode base
     (halved, leaving room to add ``t``) plus ``t``. The policy's generator hashes it again.
 
+    Args:
+        seed: the engine seed.
+        episode: episode ids (an array, or a scalar).
+        t: each decision's index in its episode, broadcast against ``episode``.
+
     Example:
         >>> sample_seeds(0, np.array([5, 5]), np.array([0, 1]))   # consecutive for one episode
     """
@@ -50,6 +55,11 @@ def sample_seeds(seed: int, episode: np.ndarray, t: np.ndarray) -> np.ndarray:
 def bits(keys: np.ndarray, kind: int, n: int) -> np.ndarray:
     """``[len(keys), n]`` uint64 random words: row ``i`` is the SplitMix64 stream of
     ``(keys[i], kind)``, a pure function of them, computed for all rows at once.
+
+    Args:
+        keys: the rows' int64 keys (e.g. ``sample_seed``), flattened: one row per key.
+        kind: the stream: the same keys with another ``kind`` give unrelated words.
+        n: words per row.
 
     Example:
         >>> bits(np.array([7, 8]), kind=1, n=4).shape   # rows are unrelated streams

@@ -51,7 +51,18 @@ class WorkerBackend(Protocol):
         ...
 
     def send(self, w: int, frames: list[Frame], doing: str) -> None:
-        """Send worker ``w`` its frames; raise the :class:`EngineError` of a worker gone."""
+        """Send worker ``w`` its frames; raise the :class:`EngineError` of a worker gone.
+
+        Args:
+            w: the worker's index (``0 .. num_workers - 1``).
+            frames: its commands (:class:`Frame`), in the order it handles them.
+            doing: what the engine is doing (``"resetting"``), for error messages.
+
+        Raises:
+            WorkerDiedError: worker ``w`` is gone (the local backend: its pipe is broken). A
+                backend that learns of a failure only later (inline, ray) raises it from the
+                calls that look for the reply instead.
+        """
         ...
 
     def send_all(self, frames: dict[int, list[Frame]], doing: str) -> EngineError | None:
@@ -62,17 +73,66 @@ class WorkerBackend(Protocol):
     def collect(
         self, workers: list[int], match: ReplyMatch, hang_timeout: float, doing: str
     ) -> None:
-        """Wait until each of ``workers`` has the reply ``match`` accepts, and take those."""
+        """Wait until each of ``workers`` has the reply ``match`` accepts, and take those.
+
+        Args:
+            workers: the workers to wait for.
+            match: accepts the reply waited for; the first reply it accepts in each
+                worker's inbox is taken, the ones it rejects (another stage's) stay there.
+            hang_timeout: seconds a worker's progress counter may stand still before it is
+                stuck; there is no overall deadline: a worker that progresses is waited for.
+            doing: what the engine is doing, for error messages.
+
+        Raises:
+            WorkerStuckError: a worker of ``workers`` made no progress for ``hang_timeout``
+                seconds (the message carries its stack).
+            WorkerDiedError: a worker's process exited or its pipe closed (the local backend
+                reads every worker's pipe, so any worker's); ``NodeLostError`` on Ray.
+            EnvError: a worker reported that its env raised (``ObservationError``: a bad
+                observation).
+            ProtocolError: a frame the protocol does not allow (inline: no reply in, as
+                nothing was sent).
+        """
         ...
 
     def ready(self, workers: list[int], match: ReplyMatch, doing: str) -> bool:
-        """Whether each of ``workers`` has the reply ``match`` accepts (never blocks)."""
+        """Whether each of ``workers`` has the reply ``match`` accepts (never blocks).
+
+        Args:
+            workers: the workers to check.
+            match: accepts the reply looked for; nothing is taken from the inboxes.
+            doing: what the engine is doing, for error messages.
+
+        Returns:
+            True when every one of ``workers`` has such a reply (so also for none).
+
+        Raises:
+            EngineError: as :meth:`collect`'s, for a failure found while reading the replies
+                already in (an ``EnvError``, a closed pipe's ``WorkerDiedError``, ...).
+        """
         ...
 
     def wait_any(
         self, workers: list[int], timeout: float | None, hang_timeout: float, doing: str
     ) -> None:
-        """Wait until one of ``workers`` has a reply in, or ``timeout`` seconds pass."""
+        """Wait until one of ``workers`` has a reply in, or ``timeout`` seconds pass.
+
+        Reads every reply already in first and takes none (see :meth:`take_replies`);
+        returning at ``timeout`` is not an error.
+
+        Args:
+            workers: the workers with a command outstanding, watched for replies and hangs.
+            timeout: the longest wait in seconds; 0: never block; None: no limit.
+            hang_timeout: as :meth:`collect`'s; the watchdog's record of each worker's
+                progress is kept across calls, so a worker standing still is found even
+                when every single wait is short.
+            doing: what the engine is doing, for error messages.
+
+        Raises:
+            WorkerStuckError: a worker of ``workers`` made no progress for ``hang_timeout``.
+            EngineError: the other failures of :meth:`collect` (``WorkerDiedError``,
+                ``EnvError``, ``ProtocolError``).
+        """
         ...
 
     def take_replies(self, w: int) -> list[Frame]:
@@ -84,7 +144,29 @@ class WorkerBackend(Protocol):
         ...
 
     def replace(self, w: int, exc: BaseException, start_timeout_s: float) -> list[int]:
-        """Replace worker ``w`` (or re-raise ``exc``); returns every worker replaced."""
+        """Replace worker ``w`` (or re-raise ``exc``); returns every worker replaced.
+
+        The replacement is attached to the same shared memory.
+
+        Args:
+            w: the failed worker (``exc.worker``).
+            exc: the error it failed with, charged to the restart budget.
+            start_timeout_s: seconds the replacement has for each start-up step (creating
+                its envs, attaching the memory).
+
+        Returns:
+            The workers replaced: ``[w]``, or on Ray every worker of a lost node. The caller
+            re-issues their commands.
+
+        Raises:
+            EngineError: ``exc`` itself, the same object, when the restart budget refuses:
+                it is spent (``max_restarts=0`` included) or the worker keeps failing before
+                serving a command (a note on ``exc`` says which). A replacement whose envs
+                fail to start is replaced again while the budget lasts, else its own
+                ``EnvError``/``WorkerDiedError`` is raised. An ``EngineError`` also when the
+                replacement reports another env spec.
+            EngineTimeout: the replacement did not finish a start-up step in time.
+        """
         ...
 
     @property
@@ -117,8 +199,25 @@ def open_backend(
     ray_address: str | None = None,
     **pool_args,
 ) -> WorkerBackend:
-    """The backend ``name``, not yet started. ``pool_args`` are the workers' envs and
-    options, the same for every backend (see :class:`pipeline.backends.local.WorkerPool`)."""
+    """The backend ``name``, not yet started.
+
+    Args:
+        name: ``"local"``, ``"inline"`` or ``"ray"``.
+        env: a registered env name or an env factory, for every worker.
+        env_kwargs: the keyword arguments each env is created with.
+        hang_timeout_s: the Ray backend's only (its nodes' watchdog); the others get the
+            hang timeout with each ``collect``/``wait_any``.
+        workers_per_node: the Ray backend's only; None: every worker on one node.
+        ray_address: the Ray backend's only: the cluster ``ray.init`` connects to, when
+            Ray is not initialized yet.
+        **pool_args: the workers' envs and options, the same for every backend (``env_ids``,
+            ``env_stage``, ``auto_reset``, ``env_name``, ...; see
+            :class:`pipeline.backends.local.WorkerPool`).
+
+    Raises:
+        ValueError: ``name`` is not a backend, or ``pin_workers=True`` with ``"inline"``.
+        ImportError: ``"ray"`` without Ray installed.
+    """
     if name == "ray":
         from pipeline.backends.ray.pool import RayPool  # Ray is imported for this backend only
 

@@ -21,8 +21,15 @@ class ExpertPolicy(nn.Module):
     With lookahead (``RolloutEngine(..., lookahead=d)``) it conditions on the frozen prefix
     the way a planner does: it rolls its model through the ``d`` actions that will run while
     it plans, and plans the rest of the chunk from where they leave the arm.
-    ``condition_on_prefix=False`` plans from the observed state as if the chunk started now
-    (the engine then runs it "naive async", from step ``d`` on).
+
+    Args:
+        task: a registered env name with a scripted expert (``"tabletop/..."`` or ``"toy"``).
+        chunk_len: the actions per chunk, planned open loop.
+        condition_on_prefix: ``False`` plans from the observed state as if the chunk started
+            now (the engine then runs it "naive async", from step ``d`` on).
+
+    Raises:
+        ValueError: ``chunk_len < 1``, or ``task`` has no scripted expert.
 
     Example:
         >>> policy = ExpertPolicy("tabletop/pick-place", chunk_len=4)

@@ -58,6 +58,23 @@ class LatencyPolicy(nn.Module):
     Its inference and its simulated ``train_step`` share one :class:`SimulatedDevice`, so
     overlapping them costs what it would on one GPU.
 
+    Args:
+        state_dim: width of ``("observation","state")``; ``forward`` raises ``ValueError``
+            on another width.
+        action_dim: the action size of each step of a chunk.
+        chunk_len: the actions per chunk (``("vla_action","chunk")`` is ``[B, H, A]``).
+        base_ms: modelled device time of a forward call, fixed part.
+        per_item_ms: modelled device time per row of the batch, added to ``base_ms``.
+        deterministic: no noise; else ``noise_scale * row_normal(sample_seed)`` is added
+            before the ``tanh``, and a batch without ``sample_seed`` raises ``ValueError``.
+        noise_scale: the standard deviation of that noise.
+        seed: seeds the random ``[state_dim, chunk_len * action_dim]`` weight.
+        train_base_ms: modelled device time of a ``train_step``, fixed part.
+        train_per_item_ms: modelled ``train_step`` time per item of its ``batch_size``.
+
+    Raises:
+        ValueError: any of the four latencies is negative.
+
     Example:
         >>> policy = LatencyPolicy(state_dim=16, chunk_len=8, base_ms=5, per_item_ms=2)
         >>> td = policy(td)   # sleeps ~5 + 2 * B ms, writes ("vla_action", "chunk")

@@ -33,6 +33,11 @@ def _to(x: np.ndarray, shape: tuple[int, ...], device) -> torch.Tensor:
 def row_uniform(seeds: torch.Tensor, shape: tuple[int, ...], device=None) -> torch.Tensor:
     """``[B, *shape]`` uniforms in [0, 1); row ``i`` depends only on ``seeds[i]``.
 
+    Args:
+        seeds: the rows' int64 seeds (``sample_seed``), flattened to ``[B]``.
+        shape: each row's shape.
+        device: where the float32 result goes; None: it stays on the CPU.
+
     Example:
         >>> row_uniform(torch.tensor([3, 4]), (8, 7)).shape
         torch.Size([2, 8, 7])
@@ -45,7 +50,12 @@ def row_normal(
     seeds: torch.Tensor, shape: tuple[int, ...], device=None, stream: int = 0
 ) -> torch.Tensor:
     """``[B, *shape]`` standard normals (Box-Muller); row ``i`` depends only on ``seeds[i]``.
-    Different ``stream`` values give unrelated draws from the same seeds.
+
+    Args:
+        seeds: the rows' int64 seeds (``sample_seed``), flattened to ``[B]``.
+        shape: each row's shape.
+        device: where the float32 result goes; None: it stays on the CPU.
+        stream: different values give unrelated draws from the same seeds.
 
     Example:
         >>> row_normal(torch.tensor([3, 4]), (8, 7)).shape

@@ -201,6 +201,27 @@ class TinyVLA(nn.Module):
     fused layers. With more threads MKL may split a one-row batch's GEMMs differently (seen
     on AVX2). Not the flow head (its action expert is torch's decoder layer: equal to float
     rounding), and not claimed on CUDA, where cuBLAS may choose its algorithm by batch size.
+
+    Args:
+        state_dim: width of ``("observation","state")``; a batch of another width raises
+            ``ValueError`` in ``forward``.
+        action_dim: ``A``, the action size of each step of a chunk.
+        cameras: the camera names it reads (kept sorted); a batch must hold exactly these
+            images, else ``forward`` raises ``ValueError``.
+        chunk_len: ``H``, the actions per chunk.
+        head: ``"tokens"`` (OpenVLA-style, 256 bins per action) or ``"flow"`` (pi0-style).
+        size: a key of ``SIZES``: ``"tiny"`` or ``"base"``.
+        temperature: the token head samples from ``softmax(logits / temperature)``.
+        flow_steps: the flow head's Euler denoising steps.
+        deterministic: argmax tokens, or denoising from zero noise with no Gaussian last
+            step; then ``sample_seed`` is not needed (a stochastic policy raises without it).
+        prefix_conditioning: condition on lookahead's frozen prefix (see Lookahead above).
+        flow_sigma: standard deviation of the flow head's Gaussian last step; 0: none (the
+            chunk is the clamped mean, with no ``sample_log_prob``).
+
+    Raises:
+        ValueError: ``head`` or ``size`` is not one of the above, ``temperature <= 0``,
+            ``chunk_len < 1``, ``flow_steps < 1``, or ``flow_sigma`` is not ``>= 0``.
     """
 
     def __init__(

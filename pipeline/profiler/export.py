@@ -199,7 +199,13 @@ def _device_counter(report, buckets: int = 100) -> list[dict]:
 
 
 def timeline_png(report, path: str, max_seconds: float | None = None) -> None:
-    """One row per process plus the device; colour = phase. Overlap (or its lack) at a glance."""
+    """One row per process plus the device; colour = phase. Overlap (or its lack) at a glance.
+
+    Args:
+        report: the :class:`~pipeline.profiler.report.ProfileReport` to draw.
+        path: where the PNG is written (matplotlib, Agg backend).
+        max_seconds: show at most this many seconds from the profile's start; None: all.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,7 +272,13 @@ def timeline_png(report, path: str, max_seconds: float | None = None) -> None:
 
 
 def html_report(report, png_path: str, path: str) -> None:
-    """One self-contained page: the table, the timeline and the summary."""
+    """One self-contained page: the table, the timeline and the summary.
+
+    Args:
+        report: the :class:`~pipeline.profiler.report.ProfileReport` to show.
+        png_path: an existing timeline PNG (:func:`timeline_png`'s), embedded as base64.
+        path: where the HTML page is written.
+    """
     with open(png_path, "rb") as f:
         png = base64.b64encode(f.read()).decode("ascii")
     page = f"""<!doctype html>

@@ -127,6 +127,14 @@ class Dest:
 class TrajectoryStore:
     """``[rows, max_t]`` buffers for one ``rollout()`` or ``collect_episodes()`` call.
 
+    Args:
+        layout: the shared-memory layout (its env spec and chunk length).
+        arrays: the shared arrays (``SharedBuffers.arrays``) decisions are recorded from.
+        rows: buffer rows: envs for ``rollout()``, episodes for ``collect_episodes()``.
+        max_t: decisions per row.
+        pool: where the buffers come from; None: a pool that keeps none (fresh memory).
+        obs_keys: the observation keys to record (keys of ``layout.spec.obs``); None: all.
+
     Example:
         >>> store = TrajectoryStore(layout, shm.arrays, rows=16, max_t=8)
         >>> store.record_decision(Dest.block_at(0, t, 16), slot, 0, 16, {key: actions})
@@ -224,8 +232,12 @@ class TrajectoryStore:
     ) -> TensorDict:
         """The canonical VLA layout over ``[rows, t]`` (images as ``[..., C, H, W]`` views).
 
-        ``texts`` maps every recorded episode id to its instruction; ``seed`` is the engine
-        seed the sample seeds were derived from.
+        Args:
+            seed: the engine seed the sample seeds were derived from.
+            policy_version: every valid entry's ``policy_version`` (-1 elsewhere).
+            texts: maps every recorded episode id to its instruction (a ``KeyError`` for
+                one missing).
+            t: the time steps to return, ``[:, :t]``; None: ``max_t``.
         """
         t = self.max_t if t is None else t
         rows = self.rows

@@ -103,6 +103,15 @@ class ArraySpec:
 class Layout:
     """Offsets of every shared array, computed from the spec and the chunk shape.
 
+    Args:
+        spec: the envs' spec: the observation fields and the action size.
+        num_envs: the envs in all (the rows of every slot and control array).
+        chunk_len: the actions per chunk (``actions`` is ``[num_envs, chunk_len, A]``).
+        num_workers: the worker processes, one progress counter and span ring each.
+
+    Raises:
+        ValueError: ``num_envs``, ``chunk_len`` or ``num_workers`` is below 1.
+
     Example:
         >>> layout = Layout(env.spec, num_envs=16, chunk_len=8)
         >>> shm = SharedBuffers.create(layout)
@@ -170,6 +179,13 @@ class SharedBuffers:
     it or holds its descriptor, so no crash, kill or missing ``close()`` can leak it. Workers
     get the descriptor over their pipe (``SCM_RIGHTS``), which is also how a worker that
     replaces a dead one attaches to the running engine's memory.
+
+    Build one with :meth:`create` (a new segment) or :meth:`attach` (a received descriptor).
+
+    Args:
+        layout: the layout of the segment.
+        fd: the segment's descriptor, which the object owns (``close()`` closes it).
+        mm: the segment mapped; ``arrays`` are ``layout``'s views over it.
     """
 
     def __init__(self, layout: Layout, fd: int, mm: mmap.mmap) -> None:
