@@ -5,7 +5,6 @@ fusion transformer) with an OpenVLA-style token head or a pi0-style flow-matchin
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import schema
+from pipeline.policies.layers import Encoder, RowLinear, RowPatchEmbed
 from pipeline.policies.sampling import row_normal, row_uniform, sample_categorical
 from pipeline.runtime.spans import mark
 
@@ -68,104 +68,6 @@ SIZES = {
     "tiny": VLAConfig(64, 8, 128, 4, 2, 1, 2, 2),
     "base": VLAConfig(224, 16, 768, 12, 6, 2, 6, 2),
 }
-
-
-def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` computed for each batch element (dim 0) on its own.
-
-    A ``[B * n, in] @ [in, out]`` GEMM picks its CPU kernel by ``B * n``, and a row's result
-    then differs in the last bits with the batch it came in. Measured on TinyVLA with torch's
-    own layers: ``sample_log_prob`` moved by up to 1.5e-5, on AVX-512 in the small state
-    projection, on AVX2 (``MKL_ENABLE_INSTRUCTIONS=AVX2``) in the transformer layers too,
-    enough to flip a sampled token now and then. A batched matmul gives every element the
-    same ``[n, in] @ [in, out]`` product in any batch, which is what lets dynamic batching
-    match synchronous rollouts bit for bit.
-    """
-    if x.dim() < 2:
-        return F.linear(x, weight, bias)
-    b = x.shape[0]
-    rows = x.reshape(b, -1, x.shape[-1])
-    w = weight.t().unsqueeze(0).expand(b, -1, -1)
-    if bias is None:
-        y = torch.bmm(rows, w)
-    else:
-        y = torch.baddbmm(bias.view(1, 1, -1).expand(b, 1, -1), rows, w)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-class RowLinear(nn.Linear):
-    """``nn.Linear`` computed by :func:`row_linear`; the parameters are ``nn.Linear``'s, so
-    checkpoints load either way."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return row_linear(x, self.weight, self.bias)
-
-
-class RowPatchEmbed(nn.Conv2d):
-    """ViT's patch embedding (a conv whose stride is its kernel) as :func:`row_linear` over
-    each image's patches: a conv picks its algorithm by batch size too. The parameters are
-    ``nn.Conv2d``'s."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), dim]``, patches row-major."""
-        b, c, h, w = x.shape
-        p = self.kernel_size[0]
-        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        patches = x.reshape(b, (h // p) * (w // p), c * p * p)
-        return row_linear(patches, self.weight.view(self.out_channels, -1), self.bias)
-
-
-class RowEncoderLayer(nn.TransformerEncoderLayer):
-    """torch's pre-norm encoder layer (same parameters and initialisation) computed with
-    :func:`row_linear` and per-(row, head) ``scaled_dot_product_attention``, so that a row's
-    output never depends on the rest of its batch. Built for TinyVLA: GELU, ``norm_first``.
-    """
-
-    def forward(
-        self,
-        src: torch.Tensor,
-        src_mask: torch.Tensor | None = None,
-        src_key_padding_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        if src_mask is not None or is_causal or not self.norm_first:
-            raise NotImplementedError("RowEncoderLayer: norm_first, key padding masks only")
-        x = src
-        x = x + self.dropout1(self._attention(self.norm1(x), src_key_padding_mask))
-        h = self.activation(row_linear(self.norm2(x), self.linear1.weight, self.linear1.bias))
-        return x + self.dropout2(
-            row_linear(self.dropout(h), self.linear2.weight, self.linear2.bias)
-        )
-
-    def _attention(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-        attn, (b, n, d) = self.self_attn, x.shape
-        qkv = row_linear(x, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
-        mask = None
-        if pad is not None:  # True = padding; a row that is all padding attends to all of it
-            mask = (~pad | pad.all(-1, keepdim=True))[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return row_linear(
-            out.transpose(1, 2).reshape(b, n, d), attn.out_proj.weight, attn.out_proj.bias
-        )
-
-
-class Encoder(nn.Module):
-    """A stack of :class:`RowEncoderLayer`: ``nn.TransformerEncoder``'s parameter names and
-    initialisation (every layer a copy of the first), with the padding mask kept boolean."""
-
-    def __init__(self, dim: int, heads: int, layers: int) -> None:
-        super().__init__()
-        layer = RowEncoderLayer(
-            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(layers))
-
-    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [B, n, d]``; ``pad [B, n]`` True where a position is padding (not attended)."""
-        for layer in self.layers:
-            x = layer(x, src_key_padding_mask=pad)
-        return x
 
 
 class TinyVLA(nn.Module):
