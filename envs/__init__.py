@@ -7,6 +7,11 @@ Example:
     >>> env = envs.make("tabletop/reach", cameras=())
     >>> obs, info = env.reset(seed=0)
     >>> act = envs.expert("tabletop/reach")(obs["state"])
+
+Envs of other suites, through the Gymnasium adapter (:mod:`envs.gym`):
+``envs.make("gym:<id>", ...)`` for any Gymnasium env, ``envs.make("robosuite/<Task>", ...)``
+(:mod:`envs.robosuite`), ``envs.make("maniskill/<id>", ...)`` (:mod:`envs.maniskill`), and
+:func:`from_gym` for an env or factory of your own.
 """
 
 from __future__ import annotations
@@ -18,19 +23,49 @@ import numpy as np
 
 from envs.spec import ChunkResult, Env, EnvSpec, FieldSpec
 
-__all__ = ["ChunkResult", "Env", "EnvSpec", "FieldSpec", "expert", "expert_model", "make", "names"]
+__all__ = [
+    "ChunkResult",
+    "Env",
+    "EnvSpec",
+    "FieldSpec",
+    "expert",
+    "expert_model",
+    "from_gym",
+    "make",
+    "names",
+]
 
 _TABLETOP = ("tabletop/pick-place", "tabletop/push", "tabletop/reach")
 _EXPERTS = [*_TABLETOP, "toy"]
 
 
 def names() -> list[str]:
-    """Every registered env name."""
+    """Every registered env name (suites' envs are named by prefix: ``gym:``, ``robosuite/``,
+    ``maniskill/``)."""
     return sorted([*_TABLETOP, "toy"])
 
 
 def make(name: str, **kwargs: Any) -> Env:
-    """Create an env by name; ``kwargs`` go to its constructor (cameras, image_size, ...)."""
+    """Create an env by name; ``kwargs`` go to its constructor (cameras, image_size, ...).
+
+    ``"gym:<id>"`` wraps ``gymnasium.make(id)`` (:func:`envs.gym.make_gym`),
+    ``"robosuite/<Task>"`` and ``"maniskill/<id>"`` their suites' layers.
+
+    Raises:
+        ValueError: an unknown name, or an env the adapter cannot map (named).
+    """
+    if name.startswith("gym:"):
+        from envs.gym import make_gym
+
+        return make_gym(name[4:], **kwargs)
+    if name.startswith("robosuite/"):
+        from envs.robosuite import make_robosuite
+
+        return make_robosuite(name.split("/", 1)[1], **kwargs)
+    if name.startswith("maniskill/"):
+        from envs.maniskill import make_maniskill
+
+        return make_maniskill(name.split("/", 1)[1], **kwargs)
     if name == "toy":
         from envs.toy import ToyEnv
 
@@ -39,7 +74,10 @@ def make(name: str, **kwargs: Any) -> Env:
         from envs.tabletop.env import TabletopEnv
 
         return TabletopEnv(name.split("/", 1)[1], **kwargs)
-    raise ValueError(f"unknown env {name!r}; registered: {names()}")
+    raise ValueError(
+        f"unknown env {name!r}; registered: {names()}, or gym:<id>, robosuite/<Task>, "
+        "maniskill/<id>"
+    )
 
 
 def expert(name: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -69,3 +107,10 @@ def expert_model(name: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     from envs.tabletop.experts import predict_state
 
     return predict_state
+
+
+def from_gym(env: Any, **mapping: Any) -> Env:
+    """Any Gymnasium env (or a factory of one) as an engine env; see :mod:`envs.gym`."""
+    from envs.gym import from_gym as wrap
+
+    return wrap(env, **mapping)

@@ -44,15 +44,16 @@ def stuck_env(**kw):
     return env
 
 
-def crashing_env(marker_dir, how, crashes=1, at_chunk=3, **kw):
-    """A toy env that fails ``crashes`` times machine-wide (counted by marker files): worker
-    1's first env, at its ``at_chunk``-th chunk. ``how``: "kill" (SIGKILL itself),
-    "segfault", "raise" (an exception in step_chunk)."""
+def crashing_env(marker_dir, how, crashes=1, at_chunk=3, base="toy", **kw):
+    """An env (``envs.make(base, **kw)``, toy by default) that fails ``crashes`` times
+    machine-wide (counted by marker files): worker 1's first env, at its ``at_chunk``-th
+    chunk. ``how``: "kill" (SIGKILL itself), "segfault", "raise" (an exception in
+    step_chunk)."""
     import signal as sig
 
     import envs as E
 
-    env = E.make("toy", **kw)
+    env = E.make(base, **kw)
     step_chunk, chunks = env.step_chunk, [0]
 
     def flaky(actions):
@@ -186,3 +187,22 @@ def slow_steps(step_sleep_s, **kw):
 
     env._apply = slow
     return env
+
+
+def gym_raising_env(after=5, **kw):
+    """Gymnasium's ``Pusher-v5`` through the adapter, its own ``step`` raising after
+    ``after`` steps (an error inside the wrapped env, not the adapter)."""
+    import gymnasium
+
+    from envs.gym import from_gym
+
+    class Breaks(gymnasium.Wrapper):
+        steps = 0
+
+        def step(self, action):
+            self.steps += 1
+            if self.steps > after:
+                raise FloatingPointError("mj_step: simulation unstable")
+            return self.env.step(action)
+
+    return from_gym(lambda: Breaks(gymnasium.make("Pusher-v5")), **kw)
