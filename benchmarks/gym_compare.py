@@ -3,6 +3,12 @@
 This is what a user would otherwise write: one process per env (Gymnasium's only layout, so
 ``num_envs`` processes where the engine uses ``num_workers``), observations through its
 shared memory, the same policy, one batched forward pass per decision.
+
+For an env of another suite (``gym:``, ``robosuite/``, ``maniskill/``) the vector env is
+driven the way a user drives it: **action by action**, ``chunk`` vector steps per decision,
+each step observing whatever the env observes per step (robosuite renders its cameras on
+every step; an ``rgb_array`` env renders on every step). For this project's own envs the
+vector env's action is a whole chunk (its ``step_chunk``), as before.
 """
 
 from __future__ import annotations
@@ -51,6 +57,42 @@ class ChunkedGymEnv:
         return _Env()
 
 
+SUITES = ("gym:", "robosuite/", "maniskill/")
+
+
+class StepwiseGymEnv:
+    """A suite's env, one action a step, observing every step as the env itself does."""
+
+    def __new__(cls, env_name: str, env_kwargs: dict):
+        import gymnasium
+        from gymnasium import spaces
+
+        import envs
+
+        class _Env(gymnasium.Env):
+            def __init__(self):
+                self.env = envs.make(env_name, **env_kwargs)
+                spec = self.env.spec
+                obs = {}
+                for key, fs in spec.obs.items():
+                    low, high = (0, 255) if fs.dtype == np.uint8 else (-np.inf, np.inf)
+                    obs[key] = spaces.Box(low, high, fs.shape, fs.dtype)
+                self.observation_space = spaces.Dict(obs)
+                self.action_space = self.env.env.action_space
+
+            def reset(self, *, seed=None, options=None):
+                obs, _ = self.env.reset(seed=seed)
+                return obs, {"instruction": self.env.instruction}
+
+            def step(self, action):
+                # One action, observed in full: for robosuite, its cameras render this step,
+                # as they do on every step of a plain robosuite loop.
+                res = self.env.step_chunk(np.asarray(action)[None])
+                return res.obs, float(res.rewards.sum()), res.terminated, res.truncated, {}
+
+        return _Env()
+
+
 _TEXTS: dict[tuple, NonTensorStack] = {}
 
 
@@ -75,20 +117,21 @@ def _batch(obs: dict, instructions, seeds: np.ndarray, device) -> TensorDict:
 def run_gymnasium(args, spec, policy, device, quiet: bool = False, lean: bool = False) -> dict:
     """``lean``: the env returns no per-step info, and env steps are counted as
     ``chunk`` per env and decision (exact for an env whose episodes never end early)."""
-    import json
-
     from gymnasium.vector import AsyncVectorEnv
 
-    kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
+    from benchmarks.main import env_kwargs
+
+    kwargs = env_kwargs(args)
     n = args.num_envs
-    label = "gymnasium AsyncVectorEnv"
+    stepwise = args.env.startswith(SUITES)
+    label = "gymnasium AsyncVectorEnv" + (", action by action" if stepwise else "")
     say = (lambda *a, **k: None) if quiet else print
     say(f"  {label}: starting {n} processes (one per env)", flush=True)
-    vec = AsyncVectorEnv(
-        [lambda: ChunkedGymEnv(args.env, kwargs, args.chunk, lean) for _ in range(n)],
-        shared_memory=True,
-        context="spawn",
-    )
+    if stepwise:
+        make = lambda: StepwiseGymEnv(args.env, kwargs)
+    else:
+        make = lambda: ChunkedGymEnv(args.env, kwargs, args.chunk, lean)
+    vec = AsyncVectorEnv([make for _ in range(n)], shared_memory=True, context="spawn")
     try:
         obs, info = vec.reset(seed=list(range(n)))
         instructions = info["instruction"]
@@ -103,6 +146,12 @@ def run_gymnasium(args, spec, policy, device, quiet: bool = False, lean: bool = 
                 actions = (
                     out[schema.ACTION_CHUNK].detach().cpu().numpy()[:, : args.exec or args.chunk]
                 )
+                if stepwise:
+                    for j in range(actions.shape[1]):
+                        obs, _, _, _, info = vec.step(actions[:, j])
+                    steps += n * actions.shape[1]
+                    decision += 1
+                    continue
                 obs, _, _, _, info = vec.step(actions)
                 instructions = info.get("instruction", instructions)
                 steps += n * args.chunk if lean else int(np.sum(info.get("steps", 0)))

@@ -41,12 +41,27 @@ def make_policy(name: str, spec, chunk: int, device: torch.device):
 
 
 def parse_mode(mode: str, stages: int) -> tuple[str, int, str]:
-    """``sync1`` (lock-step baseline), ``sync`` or ``pipelined`` (with ``--stages``)."""
+    """``sync1`` (lock-step baseline), ``sync`` or ``pipelined`` (with ``--stages``), or
+    ``dynamic`` (first-ready dynamic batching)."""
     if mode == "sync1":
         return "sync", 1, "sync, 1 stage (lock-step)"
     if mode in ("sync", "pipelined"):
         return mode, stages, f"{mode}, {stages} stages"
-    raise SystemExit(f"--modes: unknown mode {mode!r} (sync1, sync, pipelined)")
+    if mode == "dynamic":
+        return "dynamic", 0, "dynamic batching"
+    raise SystemExit(f"--modes: unknown mode {mode!r} (sync1, sync, pipelined, dynamic)")
+
+
+def env_kwargs(args) -> dict:
+    """``--env-kwargs``, or the env's default: one 128x128 camera (``head`` on the tabletop
+    tasks, ``agentview`` on robosuite), none elsewhere."""
+    if args.env_kwargs:
+        return json.loads(args.env_kwargs)
+    if args.env.startswith("tabletop/"):
+        return {"cameras": ["head"], "image_size": 128}
+    if args.env.startswith("robosuite/"):
+        return {"cameras": ["agentview"], "image_size": 128}
+    return {}
 
 
 def _say(msg: str) -> None:
@@ -56,14 +71,14 @@ def _say(msg: str) -> None:
 def run_mode(args, spec, policy, mode: str, stages: int, label: str, out_dir: str | None) -> dict:
     """Start an engine, warm it up, measure plain and profiled windows."""
     t_start = time.perf_counter()
-    kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
+    kwargs = env_kwargs(args)
+    schedule = dict(schedule="dynamic") if mode == "dynamic" else dict(mode=mode, num_stages=stages)
     engine = RolloutEngine(
         args.env,
         policy,
         num_envs=args.num_envs,
         num_workers=args.workers,
-        num_stages=stages,
-        mode=mode,
+        **schedule,
         env_kwargs=kwargs,
         device=args.device,
         chunk_len=args.chunk,
@@ -138,7 +153,7 @@ def run_mode(args, spec, policy, mode: str, stages: int, label: str, out_dir: st
 
 def side_by_side(rows: list[dict]) -> str:
     base = rows[0]["decisions_per_s"]
-    width = 28
+    width = max(28, *(len(r["label"]) + 2 for r in rows))
     head = f"{'':<24}" + "".join(f"{r['label']:>{width}}" for r in rows)
 
     def line(name, fn):
@@ -230,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--env", default="tabletop/pick-place")
-    ap.add_argument("--env-kwargs", default='{"cameras": ["head"], "image_size": 128}', help="JSON")
+    ap.add_argument(
+        "--env-kwargs",
+        default=None,
+        help="JSON (default: one 128x128 camera on tabletop and robosuite tasks)",
+    )
     ap.add_argument("--num-envs", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stages", type=int, default=2, help="stages of the pipelined mode")
@@ -251,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument(
-        "--modes", default="sync1,pipelined", help="comma list of sync1, sync, pipelined"
+        "--modes", default="sync1,pipelined", help="comma list of sync1, sync, pipelined, dynamic"
     )
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default=None, help="default: bench_results/<timestamp>/")
@@ -277,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         "bench_results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     )
     os.makedirs(out_dir, exist_ok=True)
-    kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
-    spec = envs.make(args.env, **kwargs).spec
+    kwargs = env_kwargs(args)
+    probe = envs.make(args.env, **kwargs)
+    spec = probe.spec
+    probe.close()
     device = resolve_device(args.device)
     torch.set_num_threads(1)  # the inference process shares the machine with the workers
     _say(

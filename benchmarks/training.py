@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument(
-        "--part", choices=("demo", "async", "async-cpu", "recheck"), default="async"
-    )
+    ap.add_argument("--part", choices=("demo", "async", "async-cpu", "recheck"), default="async")
     ap.add_argument("--episodes", type=int, default=256, help="recheck: fresh seeds")
     ap.add_argument("--seed", type=int, default=2 * 10**9, help="recheck: first fresh seed")
     ap.add_argument("--minutes", type=float, default=25.0)
