@@ -16,6 +16,7 @@ Envs of other suites, through the Gymnasium adapter (:mod:`envs.gym`):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,11 @@ __all__ = [
     "make",
     "names",
 ]
+
+# MuJoCo (Gymnasium's MuJoCo envs, robosuite) picks its GL platform when it is imported, which
+# can be inside any env factory: every process that imports envs renders through Mesa's EGL
+# unless the user chose (envs/mujoco.py).
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 _TABLETOP = ("tabletop/pick-place", "tabletop/push", "tabletop/reach")
 _EXPERTS = [*_TABLETOP, "toy"]

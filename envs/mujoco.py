@@ -19,7 +19,6 @@ from typing import Any
 def default_gl() -> None:
     """Render through Mesa's EGL unless ``MUJOCO_GL`` is set (call before importing mujoco)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 
 def cheapen(model: Any, scene: Any = None) -> None:
