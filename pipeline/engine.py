@@ -243,8 +243,7 @@ class RolloutEngine:
         return self._pool.placement()
 
     # -- profiling (the narrow hook ProfileSession uses) ---------------------------------------
-    @contextlib.contextmanager
-    def profile(self):
+    def profile(self) -> contextlib.AbstractContextManager[ProfileSession]:
         """Profile every process of the engine for the duration of the block.
 
         Example:
@@ -254,15 +253,7 @@ class RolloutEngine:
             >>> report.save("profile_out/")   # summary.json, trace.json, timeline.png, report.html
         """
         self._check_open()
-        if self.profiler is not None and self.profiler.running:
-            raise EngineError("a profile is already running (profile=True or a nested profile())")
-        session = self.profiler = ProfileSession(self)
-        session.start()
-        try:
-            yield session
-        finally:
-            session.stop()  # a no-op when close() already stopped it (an error in the block)
-            self.profiler = None
+        return ProfileSession.window(self)
 
     def profile_report(self):
         """The report of the engine-long profile started by ``profile=True``."""
@@ -299,7 +290,19 @@ class RolloutEngine:
         p = self.profiler
         return p if p is not None and p.running else None
 
-    # -- policy versions ---------------------------------------------------------------------
+    # -- seeds and versions ------------------------------------------------------------------
+    def counters(self) -> dict[str, object]:
+        """Where the engine's seeds stand: the episode ids handed out and the calls made. A new
+        engine of the same config given them (:meth:`restore_counters`) draws the same seeds
+        from its next call on, as this one would have."""
+        return {"calls": self._calls, **self._recording.ids.state()}
+
+    def restore_counters(self, counters: Mapping[str, object]) -> None:
+        """Continue the seed sequence of :meth:`counters` (before this engine's first call)."""
+        self._check_idle()
+        self._calls = int(counters["calls"])
+        self._recording.ids.load(counters)
+
     @property
     def policy_version(self) -> int:
         """The version recorded with the next decisions."""

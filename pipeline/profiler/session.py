@@ -3,9 +3,11 @@ CPU with psutil, collects device-busy intervals, and builds the :class:`ProfileR
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -100,6 +102,26 @@ class ProfileSession:
         self.ring = SpanRing.local()  # the inference loop's spans
 
     # -- window ------------------------------------------------------------------------------
+    @classmethod
+    @contextlib.contextmanager
+    def window(cls, engine) -> Iterator[ProfileSession]:
+        """``engine.profile()``: a session for the block, registered as ``engine.profiler``.
+
+        Raises:
+            EngineError: a profile is already running on the engine.
+        """
+        from pipeline.errors import EngineError
+
+        if engine.profiler is not None and engine.profiler.running:
+            raise EngineError("a profile is already running (profile=True or a nested profile())")
+        session = engine.profiler = cls(engine)
+        session.start()
+        try:
+            yield session
+        finally:
+            session.stop()  # a no-op when close() already stopped it (an error in the block)
+            engine.profiler = None
+
     def start(self) -> None:
         e = self.engine
         rings = e.worker_rings()

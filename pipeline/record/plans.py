@@ -52,6 +52,18 @@ class EpisodeIds:
         self._per_env[i] += 1
         return 2 * (k * self.num_envs + i)
 
+    def state(self) -> dict[str, object]:
+        """The counters, to continue the same ids elsewhere (:meth:`load`)."""
+        return {"per_env": self._per_env.tolist(), "blocks": self._blocks}
+
+    def load(self, state) -> None:
+        per_env = np.asarray(state["per_env"], np.int64)
+        if per_env.shape != self._per_env.shape:
+            raise ValueError(
+                f"episode counters for {len(per_env)} envs, but this engine has {self.num_envs}"
+            )
+        self._per_env[:], self._blocks = per_env, int(state["blocks"])
+
     def take(self, n: int = 1) -> int:
         """Reserve ``n`` consecutive block ids (stride 2: ``first + 2 * j``); return the first."""
         first = 2 * self._blocks + 1
