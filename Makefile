@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# project's range (torch>=2.3) is then already satisfied, so no CUDA wheels are pulled.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,ray,suites,torchrl]'
+	# robosuite's numba kernels compile on first use (~9 s): once here, into their cache.
+	$(PY) -c "import envs.robosuite as r; r.warm_up()" > /dev/null 2>&1
 	touch $(STAMP)
 
 install: $(STAMP)

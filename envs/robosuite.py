@@ -205,3 +205,13 @@ def make_robosuite(
         success=lambda env, info: bool(info.get("success", False)),
         observe_hook=CamerasOncePerChunk(cameras),
     )
+
+
+def warm_up() -> None:
+    """Compile robosuite's numba kernels into their on-disk cache (``make`` runs this once per
+    install): the first robosuite env of a fresh install otherwise pays about 9 s of JIT
+    compilation in every process that starts before the cache exists (measured here)."""
+    env = make_robosuite("Lift", horizon=10)
+    env.reset(seed=0)
+    env.step_chunk(np.zeros((8, env.spec.action_dim)))
+    env.close()

@@ -29,7 +29,7 @@ def cells():
 
 
 def _texts(td) -> list[str]:
-    return td[schema.INSTRUCTION].tolist()
+    return td.get(schema.INSTRUCTION).tolist()
 
 
 def test_a_solo_batch_after_a_gathered_episode_start_sees_the_new_instruction(cells):

@@ -96,7 +96,7 @@ def test_a_gymnasium_env_runs_in_the_engine_with_its_frames():
     assert td["observation", "image", "render"].shape == (2, 3, 3, 32, 32)
     assert td["observation", "image", "render"].float().std() > 0
     assert td["observation", "state"].shape[-1] == spec.state_dim
-    assert td["language_instruction"].tolist()[0][0] == "push the puck"
+    assert td.get("language_instruction").tolist()[0][0] == "push the puck"
 
 
 def test_a_crash_inside_a_wrapped_env_is_an_env_error_with_its_traceback():
@@ -179,25 +179,22 @@ def test_robosuite_with_a_camera_and_a_second_task_run_in_the_engine():
     ) as e:  # fmt: skip
         td = e.rollout(2)
     assert td["mask"].all() and not td["next", "success"].any()
-    assert td["language_instruction"].tolist()[0][0] == "stack the red cube on the green cube"
+    assert td.get("language_instruction").tolist()[0][0] == "stack the red cube on the green cube"
 
 
-def test_a_killed_robosuite_worker_is_replaced_and_the_others_are_unchanged(tmp_path):
-    runs = {}
-    for fault in (False, True):
-        marker_dir = tmp_path / f"fault-{fault}"
-        marker_dir.mkdir()
-        env_kwargs = dict(
-            LIFT, base="robosuite/Lift", marker_dir=str(marker_dir), how="kill",
-            crashes=int(fault),
-        )  # fmt: skip
-        with RolloutEngine(
-            flaky_env, _policy(60), num_envs=4, num_workers=2, env_kwargs=env_kwargs, seed=5
-        ) as e:
-            runs[fault] = (e.rollout(6), e.stats.restarts, e.failures)
-    (clean, _, _), (td, restarts, failures) = runs[False], runs[True]
+def test_a_killed_robosuite_worker_is_replaced_and_the_others_are_unchanged(
+    tmp_path, lift_reference
+):
+    # The reference is lock-step's run of the same engine (the schedules are bitwise equal,
+    # tested above), so one faulted run is enough.
+    env_kwargs = dict(LIFT, base="robosuite/Lift", marker_dir=str(tmp_path), how="kill")
+    with RolloutEngine(
+        flaky_env, _policy(60), num_envs=4, num_workers=2, env_kwargs=env_kwargs, seed=5,
+        inference_threads=1,
+    ) as e:  # fmt: skip
+        td, restarts, failures = e.rollout(6), e.stats.restarts, e.failures
     assert restarts == 1 and "SIGKILL" in failures[0].error and failures[0].worker == 1
-    assert_identical(td[[0, 2]], clean[[0, 2]])  # worker 0's envs never noticed
+    assert_identical(td[[0, 2]], lift_reference[[0, 2]])  # worker 0's envs never noticed
     assert td["aborted"][[1, 3]].any() and not (td["mask"] & td["aborted"]).any()
 
 

@@ -24,7 +24,7 @@ def test_steps_of_episodes_and_rollouts(backend):
     assert batch.batch_size == (int(eps["length"].sum()),)
     rows, ts = eps["mask"].nonzero().unbind(1)
     assert torch.equal(batch["row"], rows)
-    texts = eps[schema.INSTRUCTION].tolist()
+    texts = eps.get(schema.INSTRUCTION).tolist()
     for j, (r, t) in enumerate(zip(rows.tolist(), ts.tolist(), strict=True)):
         assert torch.equal(batch["observation", "state"][j], eps["observation", "state"][r, t])
         assert torch.equal(batch[schema.ACTION_TOKENS][j], eps[schema.ACTION_TOKENS][r, t])
