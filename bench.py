@@ -12,6 +12,7 @@
     python bench.py soak            # soak and chaos: RSS, descriptors, /dev/shm, restarts
     python bench.py embedding       # worker RSS and threads when embedded in a trainer script
     python bench.py training        # GRPO demo; synchronous vs async (overlapped) training
+    python bench.py torchrl         # TorchRL's TinyVLA in the engine: determinism, its cost
 
 Every figure is a median over repeated windows after a warm-up, measured in one run, so
 ratios are comparable even on a noisy shared machine.
@@ -34,6 +35,7 @@ SUITES = {
     "soak": "benchmarks.soak",
     "embedding": "benchmarks.embedding",
     "training": "benchmarks.training",
+    "torchrl": "benchmarks.torchrl_policies",
 }
 
 

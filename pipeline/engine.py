@@ -284,6 +284,8 @@ class RolloutEngine:
             "lookahead": "auto" if self.lookahead.fixed is None else self.lookahead.fixed,
             "device": str(self.device),
             "policy": type(self.policy).__name__,
+            # False: the policy samples from a shared RNG, so a schedule change changes rollouts
+            "policy_reproducible": bool(getattr(self.policy, "reproducible", True)),
         }
 
     def _running_profiler(self) -> ProfileSession | None:

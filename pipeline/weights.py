@@ -87,9 +87,15 @@ class PolicyVersion:
         self.policy, self.value = policy, 0
         self._seen = self._fingerprint()
 
-    def _fingerprint(self) -> int:
-        # In-place updates (optimizer steps, load_state_dict) bump each tensor's version.
-        return sum(p._version for p in self.policy.parameters())
+    def _fingerprint(self) -> dict[str, int]:
+        # In-place updates (optimizer steps, load_state_dict) bump each tensor's version. A
+        # lazy module's parameters (torchrl's TinyVLA has them) appear at its first forward:
+        # they are left out until then, so that first call is not counted as new weights.
+        return {
+            name: p._version
+            for name, p in self.policy.named_parameters()
+            if not isinstance(p, nn.parameter.UninitializedParameter)
+        }
 
     def set(self, version: int) -> None:
         self.value = int(version)
@@ -97,9 +103,9 @@ class PolicyVersion:
 
     def refresh(self) -> int:
         fp = self._fingerprint()
-        if fp != self._seen:
-            self._seen = fp
+        if any(fp.get(name, v) != v for name, v in self._seen.items()):
             self.value += 1
+        self._seen = fp
         return self.value
 
 

@@ -384,7 +384,8 @@ def write_curve(curve: dict, out: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     cfg = curve["config"]
-    fig.suptitle(f"GRPO on {cfg['env']} ({'async' if cfg['async_rollouts'] else 'synchronous'})")
+    mode = "async" if cfg.get("async_rollouts") else "synchronous"
+    fig.suptitle(curve.get("title", f"GRPO on {cfg['env']} ({mode})"))
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curve.png"), dpi=100)
     plt.close(fig)
