@@ -70,11 +70,11 @@ def _collect(args, policy, seed: int, **kw):
 def _compare(ref, out) -> tuple[bool, int, int, float]:
     """(bitwise, matching decisions, decisions compared, max |d logp| where tokens match)."""
     keys = (schema.ACTION_TOKENS, schema.SAMPLE_LOG_PROB, "mask", "length")
-    bitwise = ref.batch_size == out.batch_size and all(
+    bitwise = ref["mask"].shape == out["mask"].shape and all(
         torch.equal(ref.get(k), out.get(k)) for k in keys
     )
-    both = ref["mask"][:, : out.batch_size[1]] & out["mask"][:, : ref.batch_size[1]]
-    t = both.shape[1]
+    t = min(ref["mask"].shape[1], out["mask"].shape[1])
+    both = ref["mask"][:, :t] & out["mask"][:, :t]
     a, b = ref.get(schema.ACTION_TOKENS)[:, :t][both], out.get(schema.ACTION_TOKENS)[:, :t][both]
     same = (a == b).flatten(1).all(1)
     la = ref.get(schema.SAMPLE_LOG_PROB)[:, :t][both][same]

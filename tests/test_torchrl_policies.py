@@ -182,3 +182,24 @@ def test_a_lazy_policys_first_call_is_not_counted_as_new_weights():
         third = e.rollout(1)
     assert (first["policy_version"] == 0).all() and (second["policy_version"] == 0).all()
     assert (third["policy_version"] == 1).all()
+
+
+@pytest.mark.slow
+def test_torchrl_native_grpo_learns_toy_reach(tmp_path):
+    # TorchRL's TinyVLA, warm-started with TorchRL's BCLoss on expert episodes collected
+    # through the collector, trained with TorchRL's ClipPPOLoss on what the collector returns,
+    # weights handed back with update_policy_weights_. Held-out success on fixed seeds must
+    # end above the warm start's (seed 0: 0.24 -> 0.67 here, against ~0.05 of noise).
+    from trainer.torchrl_grpo import toy_reach_config, train
+
+    curve = train(toy_reach_config(out=str(tmp_path)), log=lambda m: None)
+    before, after = curve["evals"][0]["sampled"], curve["evals"][-1]["sampled"]
+    assert after > before, curve["evals"]
+    bc = curve["warm_start"]["bc_loss"]
+    assert bc[-1] < bc[0] / 2  # BCLoss fitted the demonstrations
+    its = curve["iterations"]
+    # batch k was collected with version k: update_policy_weights_ reached the rollout copy
+    assert [r["behaviour_versions"] for r in its] == [[r["iteration"]] for r in its]
+    # ClipPPOLoss's recomputed log-probs of the recorded tokens are the engine's recorded ones
+    assert max(r["behaviour_gap"] for r in its if r["steps"]) < 1e-3
+    assert (tmp_path / "curve.json").exists() and (tmp_path / "curve.png").exists()

@@ -76,17 +76,19 @@ class TorchRLGRPOConfig:
 def toy_reach_config(**overrides) -> TorchRLGRPOConfig:
     """A run that learns in seconds on 2 cores (the suite's test): ``toy`` with
     ``task="reach"`` (success depends on the actions) and one 16x16 camera, a weak warm
-    start, 8 envs.
+    start, 8 envs. Held-out sampled success (96 seeds) after 60 iterations, seeds 0-3 of the
+    run, measured on the project's 2-core machine: 0.24 -> 0.67, 0.18 -> 0.78, 0.40 -> 0.73,
+    0.21 -> 0.45 (13-16 s each); after 30 the gains were a third of that.
 
     Example:
-        >>> curve = train(toy_reach_config(iterations=100))
+        >>> curve = train(toy_reach_config(seed=1))
     """
     base = TorchRLGRPOConfig(
         env="toy",
         env_kwargs={"task": "reach", "state_dim": 8, "episode_len": 20, "cameras": ["head"],
                     "image_size": 16},
-        chunk_len=4, vocab_size=32, num_envs=8, groups=8, group_size=8, iterations=100,
-        eval_every=1000, eval_episodes=96, bc_demos=32, bc_steps=450,
+        chunk_len=4, vocab_size=32, num_envs=8, groups=8, group_size=8, iterations=60,
+        eval_every=1000, eval_episodes=96, bc_demos=32, bc_steps=200,
     )  # fmt: skip
     return dataclasses.replace(base, **overrides)
 
