@@ -12,6 +12,9 @@ from tensordict import NonTensorData, NonTensorStack, TensorDictBase
 
 OBSERVATION = "observation"
 STATE = (OBSERVATION, "state")
+# The full simulator state of envs whose ``state`` is proprioception only (tabletop's
+# ``state="proprio"``): for scripted experts and diagnostics, never for a learned policy.
+PRIVILEGED = (OBSERVATION, "privileged")
 INSTRUCTION = "language_instruction"
 SAMPLE_SEED = "sample_seed"
 ACTION_CHUNK = ("vla_action", "chunk")

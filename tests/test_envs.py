@@ -218,3 +218,28 @@ def test_toy_timing_options_never_change_results():
     assert not np.array_equal(first["state"], later["state"])
     with pytest.raises(ValueError, match="step_cost_cv"):
         envs.make("toy", step_cost_cv=-1)
+
+
+def test_proprio_state_keeps_the_scene_out_of_the_state():
+    # state="proprio": the robot's own state only; the scene (object, target) is in the
+    # images, and the full state goes to "privileged" for the scripted experts.
+    kw = dict(cameras=("head",), image_size=32)
+    full, pixels = (
+        envs.make("tabletop/pick-place", **kw),
+        envs.make("tabletop/pick-place", state="proprio", **kw),
+    )
+    assert set(pixels.spec.obs) == {"state", "privileged", "image/head"}
+    a, _ = full.reset(seed=4)
+    b, _ = pixels.reset(seed=4)
+    assert np.array_equal(b["privileged"], a["state"])
+    assert np.array_equal(b["image/head"], a["image/head"])
+    own = [STATE_LAYOUT[k] for k in ("gripper", "tcp_pos", "tcp_quat")]
+    assert np.array_equal(
+        b["state"], np.concatenate([*(a["state"][s] for s in own), a["state"][18:]])
+    )
+    scene = a["state"][STATE_LAYOUT["object_pos"]]
+    assert not any(np.isclose(b["state"], v).any() for v in scene)  # no object coordinate
+    with pytest.raises(ValueError, match="give cameras="):
+        envs.make("tabletop/pick-place", state="proprio", cameras=())
+    with pytest.raises(ValueError, match="state='all'"):
+        envs.make("tabletop/pick-place", state="all", **kw)

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from pipeline import RolloutEngine
+from pipeline import RolloutEngine, schema
 from pipeline.policies import ExpertPolicy, LatencyPolicy, TinyVLA
 from trainer import (
     TrainConfig,
@@ -23,6 +23,7 @@ from trainer import (
 )
 
 REACH = toy_reach_config().env_kwargs
+PIXELS_PICK = {"cameras": ("head",), "image_size": 32, "state": "proprio"}
 
 
 def test_group_advantages_are_normalised_within_each_group():
@@ -166,3 +167,34 @@ def test_collect_episodes_with_given_reset_seeds(backend):
     assert eps["reset_seed"][:, 0].tolist() == [11, 11, 12, 12, 13, 13]
     # the same initial states: the first observation of each episode is the same
     assert torch.equal(eps["observation", "state"][:, 0], again["observation", "state"][:, 0])
+
+
+def test_ablations_take_the_images_or_the_instruction_away_and_nothing_else():
+    from probe import Probe
+
+    from trainer.ablations import Ablated, ablation_success, swapped_instructions
+
+    assert swapped_instructions(["b", "a", "c", "a"]) == {"a": "b", "b": "c", "c": "a"}
+    kw = dict(num_envs=4, num_workers=2, seed=1, env_kwargs=PIXELS_PICK)
+    expert = ExpertPolicy("tabletop/pick-place", chunk_len=8)
+    blind = Probe(ExpertPolicy("tabletop/pick-place", chunk_len=8))
+    with RolloutEngine("tabletop/pick-place", Ablated(blind, blank_images=True), **kw) as e:
+        out = e.rollout(2)
+    seen = [row for rows in blind.take().values() for row in rows]
+    head = ("observation", "image", "head")
+    assert all(set(r[head][2]) == {0} for r in seen)  # every frame the policy saw was black
+    assert out.get(schema.image_key("head")).any()  # what the envs rendered was not
+    texts = {row[0] for row in out.get(schema.INSTRUCTION).tolist()}
+    swap = {t: f"not {t}" for t in texts}
+    deaf = Probe(ExpertPolicy("tabletop/pick-place", chunk_len=8))
+    with RolloutEngine("tabletop/pick-place", Ablated(deaf, instructions=swap), **kw) as e:
+        e.rollout(2)
+    heard = {row[schema.INSTRUCTION][1] for rows in deaf.take().values() for row in rows}
+    assert heard == set(swap.values())
+    # The scripted expert reads the privileged state: taking images or words away changes
+    # nothing for it, and the evaluation says so.
+    make = lambda p: RolloutEngine("tabletop/pick-place", p, **kw)
+    rates = ablation_success(make, expert, range(10**9, 10**9 + 4))
+    assert rates["greedy"] == rates["blank_images"] == rates["swapped_instructions"] == 1.0
+    with pytest.raises(ValueError, match="one input away"):
+        Ablated(expert)

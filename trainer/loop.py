@@ -26,6 +26,7 @@ from tensordict import TensorDict
 import envs
 from pipeline import RolloutEngine
 from pipeline.policies import TinyVLA
+from trainer.ablations import ablation_success
 from trainer.bc import behaviour_clone, collect_demos
 from trainer.grpo import add_proximal_log_probs, dynamic_sample, evaluate, grpo_loss
 
@@ -66,6 +67,9 @@ class TrainConfig:
     bc_steps: int = 300
     bc_lr: float = 1e-3
     warm_start: str | None = None  # a checkpoint to start from instead of cloning
+    # Greedy held-out success with black images and with swapped instructions, at the warm
+    # start and at the end (trainer/ablations.py); envs with cameras only.
+    ablations: bool = True
     seed: int = 0
     out: str | None = None
 
@@ -307,16 +311,24 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     rollout_policy = copy.deepcopy(policy) if cfg.async_rollouts else policy
     eval_seeds = list(range(cfg.eval_seed, cfg.eval_seed + cfg.eval_episodes))
-    with RolloutEngine(
-        cfg.env,
-        rollout_policy,
+    engine_kw = dict(
         num_envs=cfg.num_envs,
         num_workers=cfg.num_workers,
         num_stages=cfg.num_stages,
         env_kwargs=env_kwargs,
         seed=cfg.seed,
         lookahead=cfg.lookahead,
+    )
+    ablate = cfg.ablations and bool(spec.cameras)
+    eval_engine = lambda p: RolloutEngine(cfg.env, p, **engine_kw)  # noqa: E731
+    if ablate:
+        curve["ablations"] = {"warm_start": ablation_success(eval_engine, policy, eval_seeds)}
+        log(f"ablations at the warm start: {curve['ablations']['warm_start']}")
+    with RolloutEngine(
+        cfg.env,
+        rollout_policy,
         max_staleness=cfg.max_staleness if cfg.async_rollouts else None,
+        **engine_kw,
     ) as engine:
 
         def on_eval(it: int) -> None:
@@ -335,6 +347,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         curve["stale_dropped"] = engine.stats.stale_dropped
     curve["iterations"] = records
     _attach_progress(curve)
+    if ablate:
+        curve["ablations"]["final"] = ablation_success(eval_engine, policy, eval_seeds)
+        log(f"ablations at the end: {curve['ablations']['final']}")
     log(f"after {len(records)} iterations")
     if cfg.out:
         save_checkpoint(os.path.join(cfg.out, "final.pt"), policy, {"iterations": len(records)})

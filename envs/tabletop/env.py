@@ -31,6 +31,8 @@ STATE_LAYOUT = {
     "target_pos": slice(15, 18),
 }
 QPOS_START = 18
+# What a real robot knows about itself (``state="proprio"``): gripper, TCP pose, joints.
+PROPRIO = np.r_[0:8, QPOS_START : QPOS_START + 64]
 
 POS_SCALE = 0.015  # metres per control step at action 1.0
 ROT_SCALE = 0.10  # radians per control step at action 1.0
@@ -93,10 +95,18 @@ def render_device_available() -> bool:
 class TabletopEnv(ChunkedEnvMixin):
     """One tabletop task in its own SAPIEN scene.
 
+    ``state="proprio"`` keeps only what a real robot knows about itself in ``state``
+    (gripper opening, TCP position and orientation, joint positions): the object, target and
+    distractor are then visible in the camera images only, and which cube to move is said
+    only by the instruction. The full simulator state, which the scripted experts read, moves
+    to ``obs["privileged"]``; policies must not read it (TinyVLA reads ``state``, the images
+    and the instruction).
+
     Example:
         >>> env = envs.make("tabletop/pick-place", cameras=("head",), image_size=128)
         >>> obs, info = env.reset(seed=0)
         >>> obs, rewards, terminated, truncated, steps, info = env.step_chunk(np.zeros((8, 7)))
+        >>> pixels = envs.make("tabletop/pick-place", cameras=("head",), state="proprio")
     """
 
     def __init__(
@@ -112,7 +122,12 @@ class TabletopEnv(ChunkedEnvMixin):
         robot_urdf: str | None = None,
         hand_link: str = "hand",
         home_qpos: np.ndarray | None = None,
+        state: str = "full",
     ) -> None:
+        if state not in ("full", "proprio"):
+            raise ValueError(f"state={state!r}: choose 'full' or 'proprio'")
+        if state == "proprio" and not cameras:
+            raise ValueError("state='proprio' hides the scene from the state: give cameras=")
         if task not in TASKS:
             raise ValueError(f"unknown tabletop task {task!r}; choose from {sorted(TASKS)}")
         cameras = tuple(cameras)
@@ -142,7 +157,13 @@ class TabletopEnv(ChunkedEnvMixin):
         self.renderer = renderer
         self.instruction = ""
         self._build(physics_hz, robot_urdf, hand_link, home_qpos)
-        obs = {"state": FieldSpec((QPOS_START + self.robot.dof,), np.float32)}
+        self.state_mode = state
+        full = QPOS_START + self.robot.dof
+        self._proprio = PROPRIO[PROPRIO < full]
+        obs = {"state": FieldSpec((full,), np.float32)}
+        if state == "proprio":
+            proprio = FieldSpec((len(self._proprio),), np.float32)
+            obs = {"state": proprio, "privileged": obs["state"]}
         for cam in cameras:
             obs[f"image/{cam}"] = FieldSpec((self.image_size, self.image_size, 3), np.uint8)
         self.spec = EnvSpec(
@@ -332,6 +353,8 @@ class TabletopEnv(ChunkedEnvMixin):
         parts = [[self._opening(qpos)], tcp.p, tcp.q, cube.p, cube.q, self._episode.target, qpos]
         state = np.concatenate(parts).astype(np.float32)
         obs = {"state": state}
+        if self.state_mode == "proprio":
+            obs = {"state": state[self._proprio], "privileged": state}
         if self.cameras:
             poses = {cam: self._camera_pose(cam) for cam in self.cameras}
             if self.renderer == "sapien":

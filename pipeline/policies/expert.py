@@ -50,7 +50,10 @@ class ExpertPolicy(nn.Module):
 
     @torch.no_grad()
     def forward(self, td: TensorDictBase) -> TensorDictBase:
-        state = td[schema.STATE].detach().cpu().numpy().astype(np.float64)
+        # envs that keep the scene out of the state hand the expert its full state apart
+        full = td.get(schema.PRIVILEGED, None)
+        full = td.get(schema.STATE) if full is None else full
+        state = full.detach().cpu().numpy().astype(np.float64)
         chunk = np.zeros((len(state), self.chunk_len, self.action_dim), np.float32)
         frozen = np.zeros(len(state), np.int64)
         if self.conditions_on_prefix and schema.PREFIX_LEN in td.keys(include_nested=True):
@@ -63,5 +66,5 @@ class ExpertPolicy(nn.Module):
                 a = np.where(pinned[:, None], prefix[:, h], a)
             chunk[:, h] = a
             state = self._step_model(state, a)
-        td.set(schema.ACTION_CHUNK, torch.from_numpy(chunk).to(td[schema.STATE].device))
+        td.set(schema.ACTION_CHUNK, torch.from_numpy(chunk).to(full.device))
         return td
