@@ -1,6 +1,6 @@
 # The two commands of the README: `make bench` (the main job) and `make test`.
-# Each creates .venv when it is missing and installs the project with its test, Ray, suites
-# and TorchRL extras.
+# Each creates .venv when it is missing and installs the project with its test, Ray, suites,
+# TorchRL and train extras.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: on these machines this finds the local CPU build, and the
 	# project's range (torch>=2.3) is then already satisfied, so no CUDA wheels are pulled.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,ray,suites,torchrl]'
+	$(PY) -m pip install -q -e '.[test,ray,suites,torchrl,train]'
 	# robosuite's numba kernels compile on first use (~9 s): once here, into their cache.
 	$(PY) -c "import envs.robosuite as r; r.warm_up()" > /dev/null 2>&1
 	touch $(STAMP)

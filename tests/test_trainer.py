@@ -198,3 +198,115 @@ def test_ablations_take_the_images_or_the_instruction_away_and_nothing_else():
     assert rates["greedy"] == rates["blank_images"] == rates["swapped_instructions"] == 1.0
     with pytest.raises(ValueError, match="one input away"):
         Ablated(expert)
+
+
+def _cli(cfg) -> list[str]:
+    """``python -m trainer`` arguments for a TrainConfig."""
+    import dataclasses
+    import json
+
+    args = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + f.name.replace("_", "-"))
+        elif v is not None:
+            args += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+    return args
+
+
+def test_a_run_killed_mid_iteration_resumes_with_the_seeds_it_would_have_drawn(tmp_path):
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = toy_reach_config(iterations=4, eval_every=3, eval_episodes=8, bc_demos=8, bc_steps=5,
+                           num_envs=4, groups=2, group_size=4)  # fmt: skip
+    quiet = lambda m: None  # noqa: E731
+    whole = train(dataclasses.replace(cfg, out=str(tmp_path / "whole")), log=quiet)
+    # Stopped after 2 iterations and resumed, in this process: the same run, bit for bit.
+    halves = dataclasses.replace(cfg, out=str(tmp_path / "halves"))
+    train(dataclasses.replace(halves, iterations=2), log=quiet)
+    resumed = train(dataclasses.replace(halves, resume=True), log=quiet)
+    for key in ("iterations", "evals"):
+        strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]  # noqa: E731
+        assert strip(resumed[key]) == strip(whole[key]), key  # wall times aside
+    # SIGKILLed somewhere after its second iteration, in a process of its own.
+    out = tmp_path / "killed"
+    cut = dataclasses.replace(cfg, out=str(out))
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *_cli(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "resume.pt").exists():
+                done = torch.load(out / "resume.pt", weights_only=True)["curve"]["iterations"]
+                if len(done) >= 2:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    kept = len(torch.load(out / "resume.pt", weights_only=True)["curve"]["iterations"])
+    assert 2 <= kept < 4
+    after = train(dataclasses.replace(cut, resume=True), log=quiet)["iterations"]
+    assert [r["iteration"] for r in after] == list(range(4))
+    for x, y in zip(whole["iterations"], after, strict=True):
+        assert x["reset_seeds"] == y["reset_seeds"] and x["version"] == y["version"]
+        # Another process's floats may differ in their last bits (measured: a loss 1.2e-7
+        # apart in iteration 0, before any resume), so only the seeds are exact here.
+        assert x.get("loss") == pytest.approx(y.get("loss"), rel=1e-4, abs=1e-6)
+    evals = set(range(cfg.eval_seed, cfg.eval_seed + cfg.eval_episodes))
+    assert not evals & {s for r in after for s in r["reset_seeds"]}  # never trained on
+    with pytest.raises(ValueError, match=r"other options \(lr: 0\.001 -> 0\.5\)"):
+        train(dataclasses.replace(cut, resume=True, lr=0.5), log=quiet)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(dataclasses.replace(cut, resume=True, out=str(tmp_path / "none")))
+
+
+def test_evaluation_videos_and_tensorboard_logs(tmp_path):
+    import imageio.v3 as iio
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.video import EvalVideo
+
+    pixels = dict(REACH, cameras=("head",), image_size=16)
+    policy = TinyVLA(state_dim=8, cameras=("head",), chunk_len=4, temperature=1.0)
+    seeds = [10**9, 10**9 + 1]
+    video = EvalVideo(str(tmp_path / "videos"), episodes=2, camera="head", scale=2)
+    with RolloutEngine("toy", policy, num_envs=4, num_workers=2, env_kwargs=pixels) as e:
+        policy.deterministic = True
+        first = e.collect_episodes(2, 1, reset_seeds=seeds)["length"]
+        policy.deterministic = False
+        path0 = video.record(e, 0, seeds)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        policy.deterministic = True
+        later = e.collect_episodes(2, 1, reset_seeds=seeds)["length"]
+        policy.deterministic = False
+        path1 = video.record(e, 7, seeds)  # greedy, and the setting put back
+    frames0, frames1 = iio.imread(path0), iio.imread(path1)
+    assert len(frames0) == int(first.sum())  # one frame per decision of each episode
+    assert len(frames1) == int(torch.maximum(first, later).sum())  # side by side, padded
+    assert frames1.shape[1:] == (16 * 2 + 30 + 16, 2 * 16 * 2 + 4, 3)
+    assert path1.endswith("eval_00007.gif") and not policy.deterministic
+
+    cfg = toy_reach_config(iterations=2, eval_every=1, eval_episodes=4, bc_demos=4, bc_steps=2,
+                           out=str(tmp_path / "run"))  # fmt: skip
+    curve = train(cfg, log=lambda m: None)
+    ea = EventAccumulator(str(tmp_path / "run" / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    logged = ["success_once", "success_at_end", "episode_len", "kl", "clip_fraction", "loss",
+              "dropped_all_fail", "rollout_s", "train_s", "sync_s", "env_steps_per_s"]  # fmt: skip
+    for tag in [f"train/{k}" for k in logged] + ["eval/greedy"]:
+        assert tag in tags, tag
+    once = [s.value for s in ea.Scalars("train/success_once")]
+    assert once == pytest.approx([r["success_once"] for r in curve["iterations"]])

@@ -6,7 +6,9 @@ Example:
     >>> curve = train(TrainConfig(env="toy", env_kwargs={"task": "reach"}, bc_demos=0))
 """
 
+from trainer.ablations import Ablated, ablation_success
 from trainer.bc import action_tokens, behaviour_clone, collect_demos
+from trainer.checkpoints import load_checkpoint, load_resume, save_checkpoint, save_resume
 from trainer.grpo import (
     add_proximal_log_probs,
     dynamic_sample,
@@ -17,15 +19,21 @@ from trainer.grpo import (
 from trainer.loop import (
     TrainConfig,
     learning_rate,
-    load_checkpoint,
     run_iterations,
-    save_checkpoint,
     toy_reach_config,
     train,
 )
+from trainer.runlog import RunLog
+from trainer.video import EvalVideo
 
 __all__ = [
+    "Ablated",
+    "EvalVideo",
+    "RunLog",
     "TrainConfig",
+    "ablation_success",
+    "load_resume",
+    "save_resume",
     "add_proximal_log_probs",
     "action_tokens",
     "behaviour_clone",

@@ -46,9 +46,12 @@ class SampleReport:
     dropped_all_fail: int = 0
     episodes: int = 0  # every episode collected, dropped ones included
     env_steps: int = 0
-    successes: int = 0  # over every episode collected
+    successes: int = 0  # over every episode collected: success at its last step
+    success_once: int = 0  # episodes that succeeded at any step (trainer/runlog.py)
+    decisions: int = 0  # the episodes' lengths, summed
     capped: bool = False  # the refill cap ended it before the batch was full
     versions: list[int] = field(default_factory=list)  # policy_version of each call
+    reset_seeds: list[int] = field(default_factory=list)  # each group's, every call
 
 
 def dynamic_sample(
@@ -76,7 +79,11 @@ def dynamic_sample(
         report.episodes += len(success)
         report.env_steps += int(eps["env_steps"].sum())
         report.successes += int(success.sum())
+        mask = eps["mask"]
+        report.success_once += int((eps["next", "success"].reshape(mask.shape) & mask).any(1).sum())
+        report.decisions += int(eps["length"].sum())
         report.versions.append(produced_by(eps))
+        report.reset_seeds += eps["reset_seed"].reshape(-1)[::group_size].tolist()
         groups = success.bool().view(-1, group_size)
         report.dropped_all_success += int(groups.all(1).sum())
         report.dropped_all_fail += int((~groups).all(1).sum())
@@ -149,9 +156,13 @@ def grpo_loss(
     loss = -(weight * gain).sum() / weight.sum()
     with torch.no_grad():
         clipped = (((ratio - 1).abs() > clip).float() * mask).sum() / mask.sum().clamp(min=1)
+        # k3 estimate of KL(prox || new) per token; prox is the behaviour policy when
+        # synchronous (and the weights the update started from when overlapped)
+        kl = (((ratio - 1) - (new - prox)) * mask).sum() / mask.sum().clamp(min=1)
     return loss, {
         "clip_fraction": float(clipped),
         "behaviour_weight": float(weight_behaviour.mean()),
+        "kl": float(kl),
     }
 
 

@@ -28,7 +28,10 @@ from pipeline import RolloutEngine
 from pipeline.policies import TinyVLA
 from trainer.ablations import ablation_success
 from trainer.bc import behaviour_clone, collect_demos
+from trainer.checkpoints import load_checkpoint, load_resume, save_checkpoint, save_resume
 from trainer.grpo import add_proximal_log_probs, dynamic_sample, evaluate, grpo_loss
+from trainer.runlog import RunLog
+from trainer.video import EvalVideo
 
 
 @dataclass
@@ -70,6 +73,10 @@ class TrainConfig:
     # Greedy held-out success with black images and with swapped instructions, at the warm
     # start and at the end (trainer/ablations.py); envs with cameras only.
     ablations: bool = True
+    video: int = 0  # evaluation episodes per evaluation written as a GIF (trainer/video.py)
+    wandb: bool = False  # also log to Weights & Biases (needs the wandb package)
+    checkpoint_every: int = 1  # iterations between resume checkpoints (out/resume.pt)
+    resume: bool = False  # continue the run in out/ from its last resume checkpoint
     seed: int = 0
     out: str | None = None
 
@@ -108,35 +115,6 @@ def toy_reach_config(**overrides) -> TrainConfig:
     return dataclasses.replace(base, **overrides)
 
 
-# -- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(path: str, policy: TinyVLA, meta: dict) -> None:
-    """Weights plus what rebuilds the policy (:func:`load_checkpoint`)."""
-    arch = {
-        "state_dim": policy.state_dim,
-        "action_dim": policy.action_dim,
-        "cameras": list(policy.cameras),
-        "chunk_len": policy.chunk_len,
-        "head": policy.head,
-        "size": policy.size,
-        "temperature": policy.temperature,
-        "prefix_conditioning": policy.conditions_on_prefix,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"arch": arch, "state_dict": policy.state_dict(), "meta": meta}, path)
-
-
-def load_checkpoint(path: str) -> tuple[TinyVLA, dict]:
-    """Example:
-    >>> policy, meta = load_checkpoint("runs/reach/warm_start.pt")
-    """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    arch = dict(ckpt["arch"], cameras=tuple(ckpt["arch"]["cameras"]))
-    policy = TinyVLA(**arch)
-    policy.load_state_dict(ckpt["state_dict"])
-    return policy.eval(), ckpt["meta"]
-
-
-# -- the loop ----------------------------------------------------------------------------------
 def grpo_update(
     policy: torch.nn.Module, opt, cfg: TrainConfig
 ) -> Callable[[TensorDict | None], dict]:
@@ -165,6 +143,7 @@ def grpo_update(
         means = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos else {}
         return {**means, "lr": lr}
 
+    update.generator = gen  # minibatch order: a resumed run restores its state
     return update
 
 
@@ -184,6 +163,8 @@ def run_iterations(
     update: Callable[[TensorDict | None, float], dict],
     cfg: TrainConfig,
     on_eval: Callable[[int], None] | None = None,
+    on_record: Callable[[dict, dict], None] | None = None,
+    prior: list[dict] | None = None,
 ) -> list[dict]:
     """GRPO iterations, synchronous or overlapped (``cfg.async_rollouts``); one record per
     iteration with its time split (rollout wait, train, weight sync) and sampling report.
@@ -192,17 +173,22 @@ def run_iterations(
     budget (iterations, or ``cfg.minutes``, whichever ends first) used so far.
     ``engine.policy`` must be ``policy`` itself when synchronous and a copy when
     overlapped. ``on_eval(i)`` runs when iteration ``i`` is due for evaluation, while the
-    engine is idle and holds the weights of version ``i``.
+    engine is idle and holds the weights of version ``i``; ``on_record(record, counters)``
+    after each iteration, with the engine's counters as the next iteration's collection
+    starts (what a resumed run restores). ``prior``: the records of the run this one resumes;
+    iterations, env steps and wall time continue from them, and only the new records return.
     """
     records: list[dict] = []
     collect = lambda: engine.collect_episodes(cfg.groups, cfg.group_size)
     version = engine.policy_version
     start = time.perf_counter()
-    env_steps = 0
+    prior = prior or []
+    env_steps = prior[-1]["env_steps"] if prior else 0
+    wall0 = prior[-1]["wall_s"] if prior else 0.0
     future = None
     if cfg.async_rollouts:
         future = engine.collect_episodes_async(cfg.groups, cfg.group_size)
-    for it in range(cfg.iterations):
+    for it in range(len(prior), cfg.iterations):
         t0 = time.perf_counter()
         first = future.result() if future is not None else collect()
         t_wait = time.perf_counter() - t0
@@ -214,8 +200,9 @@ def run_iterations(
         t1 = time.perf_counter()
         batch, report = dynamic_sample(first, collect, cfg.groups, cfg.group_size, cfg.max_refills)
         t_refill = time.perf_counter() - t1
-        spent = _training_wall(start, records, eval_s)
+        spent = wall0 + _training_wall(start, records, eval_s)
         last = it == cfg.iterations - 1 or (cfg.minutes is not None and spent >= cfg.minutes * 60)
+        counters = engine.counters()  # before the next batch draws its seeds
         if future is not None and not last:
             future = engine.collect_episodes_async(cfg.groups, cfg.group_size)
         progress = it / cfg.iterations
@@ -232,26 +219,35 @@ def run_iterations(
             engine.set_policy_version(version)  # the engine's policy is the trainer's
         t_sync = time.perf_counter() - t3
         env_steps += report.env_steps
+        episodes = max(1, report.episodes)
         records.append(
             {
                 "iteration": it,
                 "env_steps": env_steps,
-                "wall_s": _training_wall(start, records, eval_s),
+                "env_steps_delta": report.env_steps,
+                "wall_s": wall0 + _training_wall(start, records, eval_s),
+                "iteration_s": time.perf_counter() - t0 - eval_s,
                 "eval_s": eval_s,
                 "rollout_s": t_wait + t_refill,
                 "train_s": t_train,
                 "sync_s": t_sync,
-                "train_success": report.successes / max(1, report.episodes),
+                "train_success": report.successes / episodes,
+                "success_at_end": report.successes / episodes,
+                "success_once": report.success_once / episodes,
+                "episode_len": report.decisions / episodes,
                 "calls": report.calls,
                 "groups_kept": report.groups_kept,
                 "dropped_all_success": report.dropped_all_success,
                 "dropped_all_fail": report.dropped_all_fail,
                 "capped": report.capped,
                 "behaviour_versions": report.versions,
+                "reset_seeds": report.reset_seeds,
                 "version": version,
                 **info,
             }
         )
+        if on_record is not None:
+            on_record(records[-1], counters if cfg.async_rollouts else engine.counters())
         if last:
             break
     return records
@@ -274,41 +270,20 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     torch.manual_seed(cfg.seed)
     env_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.env_kwargs.items()}
     spec = envs.make(cfg.env, **env_kwargs).spec
-    curve: dict = {"config": asdict(cfg), "warm_start": {}, "iterations": [], "evals": []}
-    t0 = time.perf_counter()
-    if cfg.warm_start:
-        policy, meta = load_checkpoint(cfg.warm_start)
-        curve["warm_start"] = {"from": cfg.warm_start, **meta}
+    saved = load_resume(cfg) if cfg.resume else None
+    if saved is not None:
+        policy, curve = saved["policy"], saved["curve"]
+        log(f"resuming {cfg.out} at iteration {len(curve['iterations'])}")
     else:
-        policy = TinyVLA.from_spec(
-            spec,
-            chunk_len=cfg.chunk_len,
-            temperature=cfg.temperature,
-            prefix_conditioning=cfg.lookahead > 0,
-        )
-        if cfg.bc_demos:
-            demos, expert_rate = collect_demos(
-                cfg.env, env_kwargs, cfg.bc_demos, cfg.chunk_len, seed=cfg.seed + 12345
-            )
-            losses = behaviour_clone(
-                policy, demos, cfg.bc_steps, lr=cfg.bc_lr, seed=cfg.seed, max_delay=cfg.lookahead
-            )
-            curve["warm_start"] = {
-                "demos": cfg.bc_demos,
-                "demo_steps": len(demos),
-                "expert_success": expert_rate,
-                "bc_steps": cfg.bc_steps,
-                "bc_loss_first_last": [losses[0], losses[-1]],
-                "seconds": time.perf_counter() - t0,
-            }
-            log(
-                f"warm start: {len(demos)} demo decisions, BC loss {losses[0]:.2f} -> "
-                f"{losses[-1]:.2f} in {time.perf_counter() - t0:.0f} s"
-            )
-            if cfg.out:
-                save_checkpoint(os.path.join(cfg.out, "warm_start.pt"), policy, curve["warm_start"])
+        curve = {"config": asdict(cfg), "warm_start": {}, "iterations": [], "evals": []}
+        policy = _warm_start(cfg, spec, env_kwargs, curve, log)
     policy.eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    update = grpo_update(policy, opt, cfg)
+    if saved is not None:
+        opt.load_state_dict(saved["optimizer"])
+        update.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
     rollout_policy = copy.deepcopy(policy) if cfg.async_rollouts else policy
     eval_seeds = list(range(cfg.eval_seed, cfg.eval_seed + cfg.eval_episodes))
     engine_kw = dict(
@@ -321,20 +296,33 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     )
     ablate = cfg.ablations and bool(spec.cameras)
     eval_engine = lambda p: RolloutEngine(cfg.env, p, **engine_kw)  # noqa: E731
-    if ablate:
+    if ablate and saved is None:
         curve["ablations"] = {"warm_start": ablation_success(eval_engine, policy, eval_seeds)}
         log(f"ablations at the warm start: {curve['ablations']['warm_start']}")
+    prior = curve["iterations"]
+    runlog = RunLog(cfg.out, cfg.iterations, cfg.minutes, log, cfg.wandb, start_step=len(prior))
+    video = None
+    if cfg.video and cfg.out and spec.cameras:
+        video = EvalVideo(os.path.join(cfg.out, "videos"), cfg.video, spec.cameras[0])
+        if saved is not None and saved.get("video") is not None:
+            video.load_state(saved["video"])
     with RolloutEngine(
         cfg.env,
         rollout_policy,
         max_staleness=cfg.max_staleness if cfg.async_rollouts else None,
         **engine_kw,
     ) as engine:
+        if saved is not None:
+            engine.restore_counters(saved["counters"])
+            engine.set_policy_version(saved["version"])
 
         def on_eval(it: int) -> None:
             rates = evaluate(engine, eval_seeds)
             best = max((e["success"] for e in curve["evals"]), default=-1.0)
             curve["evals"].append({"iteration": it, "success": rates["greedy"], **rates})
+            runlog.evaluation(curve["evals"][-1])
+            if video is not None:
+                video.record(engine, it, eval_seeds)
             if cfg.out and rates["greedy"] > best:  # the weights the engine just evaluated
                 save_checkpoint(os.path.join(cfg.out, "best.pt"), engine.policy, rates)
             log(
@@ -342,19 +330,67 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                 f"sampled {rates['sampled']:.2f}"
             )
 
-        records = run_iterations(engine, policy, grpo_update(policy, opt, cfg), cfg, on_eval)
-        on_eval(len(records))
+        new: list[dict] = []
+
+        def on_record(rec: dict, counters: dict) -> None:
+            new.append(rec)
+            runlog.iteration(rec)
+            if cfg.out and (len(prior) + len(new)) % cfg.checkpoint_every == 0:
+                save_resume(cfg, policy, opt, update.generator, counters, rec["version"],
+                            dict(curve, iterations=prior + new), video)  # fmt: skip
+
+        run_iterations(engine, policy, update, cfg, on_eval, on_record, prior=prior)
+        on_eval(len(prior) + len(new))
         curve["stale_dropped"] = engine.stats.stale_dropped
-    curve["iterations"] = records
+    runlog.close()
+    curve["iterations"] = prior + new
     _attach_progress(curve)
     if ablate:
         curve["ablations"]["final"] = ablation_success(eval_engine, policy, eval_seeds)
         log(f"ablations at the end: {curve['ablations']['final']}")
-    log(f"after {len(records)} iterations")
+    log(f"after {len(curve['iterations'])} iterations")
     if cfg.out:
-        save_checkpoint(os.path.join(cfg.out, "final.pt"), policy, {"iterations": len(records)})
+        meta = {"iterations": len(curve["iterations"])}
+        save_checkpoint(os.path.join(cfg.out, "final.pt"), policy, meta)
         write_curve(curve, cfg.out)
     return curve
+
+
+def _warm_start(cfg: TrainConfig, spec, env_kwargs: dict, curve: dict, log) -> TinyVLA:
+    """The policy GRPO starts from: a checkpoint, or cloned from expert demonstrations."""
+    t0 = time.perf_counter()
+    if cfg.warm_start:
+        policy, meta = load_checkpoint(cfg.warm_start)
+        curve["warm_start"] = {"from": cfg.warm_start, **meta}
+        return policy
+    policy = TinyVLA.from_spec(
+        spec,
+        chunk_len=cfg.chunk_len,
+        temperature=cfg.temperature,
+        prefix_conditioning=cfg.lookahead > 0,
+    )
+    if cfg.bc_demos:
+        demos, expert_rate = collect_demos(
+            cfg.env, env_kwargs, cfg.bc_demos, cfg.chunk_len, seed=cfg.seed + 12345
+        )
+        losses = behaviour_clone(
+            policy, demos, cfg.bc_steps, lr=cfg.bc_lr, seed=cfg.seed, max_delay=cfg.lookahead
+        )
+        curve["warm_start"] = {
+            "demos": cfg.bc_demos,
+            "demo_steps": len(demos),
+            "expert_success": expert_rate,
+            "bc_steps": cfg.bc_steps,
+            "bc_loss_first_last": [losses[0], losses[-1]],
+            "seconds": time.perf_counter() - t0,
+        }
+        log(
+            f"warm start: {len(demos)} demo decisions, BC loss {losses[0]:.2f} -> "
+            f"{losses[-1]:.2f} in {time.perf_counter() - t0:.0f} s"
+        )
+        if cfg.out:
+            save_checkpoint(os.path.join(cfg.out, "warm_start.pt"), policy, curve["warm_start"])
+    return policy
 
 
 def _attach_progress(curve: dict) -> None:
