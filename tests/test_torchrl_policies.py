@@ -88,6 +88,7 @@ def test_stacked_cameras_and_missing_cameras():
 def test_torchrls_own_sampler_is_recorded_as_not_reproducible():
     policy = TorchRLPolicy(_vla(), sampling="torchrl")
     assert not policy.reproducible and TorchRLPolicy(_vla()).reproducible
+    assert not TorchRLPolicy(_vla(), fixed_batch=None).reproducible  # last bits move
     with RolloutEngine("toy", policy, **ENGINE) as e:
         with pytest.warns(UserWarning, match="not reproducible across schedules"):
             out = e.rollout(2)

@@ -158,10 +158,12 @@ class TorchRLPolicy(nn.Module):
 
     @property
     def reproducible(self) -> bool:
-        """Whether a row's actions depend only on its observation and ``sample_seed`` (so a
-        rollout is the same under every schedule): False only when a token head samples with
-        TorchRL's own sampler."""
-        return self.deterministic or not self.token_head or self.sampling == "per_row"
+        """Whether a row's outputs depend only on its observation and ``sample_seed``, bit for
+        bit (so a rollout is the same under every schedule): not when a token head samples
+        with TorchRL's own sampler, nor without fixed batches (then the logits move in their
+        last bits with the batch)."""
+        own_draws = self.deterministic or not self.token_head or self.sampling == "per_row"
+        return own_draws and self.fixed_batch is not None
 
     # -- layouts -----------------------------------------------------------------------------
     def to_torchrl(self, td: TensorDictBase) -> TensorDictBase:
