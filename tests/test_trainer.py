@@ -54,6 +54,20 @@ def test_cosine_learning_rate_falls_from_lr_to_a_tenth_and_a_bad_schedule_is_nam
         learning_rate(TrainConfig(lr_schedule="linear"), 0.5)
 
 
+def test_state_noise_while_cloning_perturbs_the_samples_and_not_the_demonstrations():
+    from trainer import behaviour_clone, collect_demos
+
+    demos, _ = collect_demos("toy", REACH, episodes=4, chunk_len=4, num_envs=4)
+    state = demos.get(schema.STATE).clone()
+    losses = {}
+    for noise in (0.0, 0.5):
+        torch.manual_seed(0)
+        policy = TinyVLA(state_dim=8, cameras=(), chunk_len=4)
+        losses[noise] = behaviour_clone(policy, demos, num_steps=3, state_noise=noise)
+    assert losses[0.0][0] != losses[0.5][0]  # the first step already saw other states
+    assert torch.equal(demos.get(schema.STATE), state)
+
+
 def test_checkpoint_round_trip(tmp_path):
     policy = TinyVLA(state_dim=8, cameras=(), chunk_len=4, temperature=1.3)
     save_checkpoint(str(tmp_path / "p.pt"), policy, {"note": "x"})

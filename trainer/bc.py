@@ -58,6 +58,7 @@ def behaviour_clone(
     lr: float = 1e-3,
     seed: int = 0,
     max_delay: int = 0,
+    state_noise: float = 0.0,
 ) -> list[float]:
     """Cross-entropy of the token head on the demonstrations' action bins; returns the loss
     of every step.
@@ -66,6 +67,10 @@ def behaviour_clone(
     gets a random delay ``d`` in ``[0, max_delay]``, its first ``d`` demonstrated actions
     become the frozen prefix, and the loss covers the rest, so the policy learns to continue
     from a prefix. It needs ``TinyVLA(..., prefix_conditioning=True)``.
+
+    ``state_noise > 0`` adds Gaussian noise of that std to the state of every sample: with
+    few demonstrations, a state that is unique to its episode (initial joint noise) lets a
+    policy memorise episodes instead of reading the images.
 
     Example:
         >>> losses = behaviour_clone(policy, demos, num_steps=200)
@@ -85,6 +90,11 @@ def behaviour_clone(
     for _ in range(num_steps):
         idx = torch.randint(len(demos), (min(batch_size, len(demos)),), generator=gen)
         batch, target = demos[idx], targets[idx]
+        if state_noise:
+            batch = batch.clone(recurse=False)
+            state = batch.get(schema.STATE)
+            noise = torch.randn(state.shape, generator=gen, dtype=state.dtype)
+            batch.set(schema.STATE, state + state_noise * noise)
         if max_delay:
             d = torch.randint(max_delay + 1, (len(idx),), generator=gen)
             frozen = torch.arange(horizon) < d[:, None]

@@ -69,6 +69,7 @@ class TrainConfig:
     bc_demos: int = 128  # expert episodes for the warm start (0: none)
     bc_steps: int = 300
     bc_lr: float = 1e-3
+    bc_state_noise: float = 0.0  # std of Gaussian noise on the state while cloning (bc.py)
     warm_start: str | None = None  # a checkpoint to start from instead of cloning
     # Greedy held-out success with black images and with swapped instructions, at the warm
     # start and at the end (trainer/ablations.py); envs with cameras only.
@@ -374,7 +375,13 @@ def _warm_start(cfg: TrainConfig, spec, env_kwargs: dict, curve: dict, log) -> T
             cfg.env, env_kwargs, cfg.bc_demos, cfg.chunk_len, seed=cfg.seed + 12345
         )
         losses = behaviour_clone(
-            policy, demos, cfg.bc_steps, lr=cfg.bc_lr, seed=cfg.seed, max_delay=cfg.lookahead
+            policy,
+            demos,
+            cfg.bc_steps,
+            lr=cfg.bc_lr,
+            seed=cfg.seed,
+            max_delay=cfg.lookahead,
+            state_noise=cfg.bc_state_noise,
         )
         curve["warm_start"] = {
             "demos": cfg.bc_demos,
