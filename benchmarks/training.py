@@ -5,6 +5,7 @@
     python bench.py training --part async     # synchronous vs overlapped, simulated GPU
     python bench.py training --part async-cpu # the same with TinyVLA on this CPU (toy reach)
     python bench.py training --part recheck --out DIR  # a demo's checkpoints on fresh seeds
+    python bench.py training --part pixels-bc   # cloned from pixels: held-out cross-entropy
 
 ``demo`` runs ``python -m trainer``'s defaults for ``--minutes`` of GRPO and prints held-out
 success before and after, with the curve written to ``--out``.
@@ -155,17 +156,54 @@ def recheck(out: str, episodes: int, seed: int) -> None:
         print(f"  {name + '.pt':<16} greedy {rates['greedy']:.3f}, sampled {rates['sampled']:.3f}")
 
 
+def pixels_bc(episodes: int, steps: int) -> None:
+    """Does a policy cloned from pixels generalise? ``episodes`` pick-place demonstrations
+    with ``state="proprio"`` (one 64x64 camera), every tenth episode held out; TinyVLA cloned
+    for ``steps`` steps twice on the same images, once with the proprioceptive state and once
+    with the full state (the privileged one); per-token cross-entropy on both splits."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline import schema
+    from pipeline.policies import TinyVLA
+    from pipeline.policies.tinyvla import NUM_BINS, action_tokens
+    from trainer.bc import behaviour_clone, collect_demos
+
+    kw = {"cameras": ("head",), "image_size": 64, "state": "proprio"}
+    demos, _ = collect_demos("tabletop/pick-place", kw, episodes, 8, num_envs=16)
+    held_out = demos["row"] % 10 == 0
+    print(f"{len(demos)} demonstration decisions, {int(held_out.sum())} held out")
+
+    def cross_entropy(policy, d) -> float:
+        with torch.no_grad():
+            logits = policy.action_logits(d).reshape(-1, NUM_BINS)
+        return float(F.cross_entropy(logits, action_tokens(d[schema.ACTION_CHUNK]).reshape(-1)))
+
+    for name, state in (("proprio", schema.STATE), ("full", schema.PRIVILEGED)):
+        d = demos.clone(recurse=False)
+        d.set(schema.STATE, demos.get(state))
+        torch.manual_seed(0)
+        policy = TinyVLA(state_dim=d.get(schema.STATE).shape[-1], cameras=("head",), chunk_len=8)
+        behaviour_clone(policy, d[~held_out], steps)
+        train, test = cross_entropy(policy, d[~held_out]), cross_entropy(policy, d[held_out])
+        print(f"  state {name:8s} per-token cross-entropy: train {train:.3f}, held out {test:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="bench.py training",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--part", choices=("demo", "async", "async-cpu", "recheck"), default="async")
-    ap.add_argument("--episodes", type=int, default=256, help="recheck: fresh seeds")
+    parts = ("demo", "async", "async-cpu", "recheck", "pixels-bc")
+    ap.add_argument("--part", choices=parts, default="async")
+    ap.add_argument(
+        "--episodes", type=int, help="recheck: fresh seeds (256); pixels-bc: demonstrations (512)"
+    )
     ap.add_argument("--seed", type=int, default=2 * 10**9, help="recheck: first fresh seed")
     ap.add_argument("--minutes", type=float, default=25.0)
     ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--bc-steps", type=int, default=1000, help="pixels-bc: cloning steps")
     ap.add_argument("--out", default="bench_results/grpo")
     ap.add_argument(
         "--train-per-item-ms",
@@ -177,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "demo":
         demo(args.minutes, args.out)
     elif args.part == "recheck":
-        recheck(args.out, args.episodes, args.seed)
+        recheck(args.out, args.episodes or 256, args.seed)
+    elif args.part == "pixels-bc":
+        pixels_bc(args.episodes or 512, args.bc_steps)
     elif args.part == "async":
         for per_item in args.train_per_item_ms or [0.5, 3.0]:
             async_simulated(args.iterations, per_item)
