@@ -274,7 +274,7 @@ def test_a_run_killed_mid_iteration_resumes_with_the_seeds_it_would_have_drawn(t
     for x, y in zip(whole["iterations"], after, strict=True):
         assert x["reset_seeds"] == y["reset_seeds"] and x["version"] == y["version"]
         # Another process's floats may differ in their last bits (measured: a loss 1.2e-7
-        # apart in iteration 0, before any resume), so only the seeds are exact here.
+        # apart, relative, in iteration 0, before any resume), so only the seeds are exact.
         assert x.get("loss") == pytest.approx(y.get("loss"), rel=1e-4, abs=1e-6)
     evals = set(range(cfg.eval_seed, cfg.eval_seed + cfg.eval_episodes))
     assert not evals & {s for r in after for s in r["reset_seeds"]}  # never trained on
