@@ -52,10 +52,7 @@ def _policy(args, **way):
     spec = envs.make(args.env, **_env_kwargs(args)).spec
     torch.manual_seed(0)
     vla = TinyVLA(action_dim=spec.action_dim, chunk_size=8, action_head="tokens", vocab_size=64)
-    policy = TorchRLPolicy(vla, **way)
-    obs = {k: np.zeros(f.shape, f.dtype) for k, f in spec.obs.items()}
-    policy(schema.make_batch([obs], [""], sample_seeds=[0]))  # lazy layers take their shapes
-    return policy
+    return TorchRLPolicy(vla, **way).materialize(spec)
 
 
 def _collect(args, policy, seed: int, **kw):

@@ -16,6 +16,7 @@ from tensordict import NonTensorData, NonTensorStack, TensorDictBase
 from torch import nn
 
 from pipeline import RolloutEngine, schema
+from trainer.grpo import deterministic
 
 
 class Ablated(nn.Module):
@@ -84,10 +85,7 @@ def ablation_success(
         >>> ablation_success(make, policy, range(10**9, 10**9 + 64))
         {'greedy': 0.52, 'blank_images': 0.03, 'swapped_instructions': 0.21}
     """
-    before = getattr(policy, "deterministic", None)
-    if before is not None:
-        policy.deterministic = True
-    try:
+    with deterministic(policy):
         with make_engine(policy) as e:
             eps = e.collect_episodes(len(seeds), 1, reset_seeds=list(seeds))
         rates = {"greedy": float(eps["success"].float().mean())}
@@ -102,7 +100,4 @@ def ablation_success(
             with make_engine(ablated) as e:
                 out = e.collect_episodes(len(seeds), 1, reset_seeds=list(seeds))
             rates[name] = float(out["success"].float().mean())
-    finally:
-        if before is not None:
-            policy.deterministic = before
     return rates

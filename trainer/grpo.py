@@ -6,7 +6,8 @@ Each function is small enough to copy into a trainer of your own. The data they 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -166,6 +167,26 @@ def grpo_loss(
     }
 
 
+@contextlib.contextmanager
+def deterministic(policy: torch.nn.Module, value: bool = True) -> Iterator[None]:
+    """``policy.deterministic = value`` for the block, put back after it (policies without
+    the attribute are left alone).
+
+    Example:
+        >>> with deterministic(engine.policy):    # argmax tokens
+        ...     eps = engine.collect_episodes(8, 1, reset_seeds=seeds)
+    """
+    before = getattr(policy, "deterministic", None)
+    if before is None:
+        yield
+        return
+    policy.deterministic = value
+    try:
+        yield
+    finally:
+        policy.deterministic = before
+
+
 def evaluate(engine, seeds: Sequence[int]) -> dict[str, float]:
     """Held-out success of the engine's policy on fixed reset seeds, two ways: ``greedy``
     (made deterministic: argmax tokens) and ``sampled`` (the stochastic policy GRPO trains,
@@ -175,16 +196,11 @@ def evaluate(engine, seeds: Sequence[int]) -> dict[str, float]:
         >>> evaluate(engine, range(10**9, 10**9 + 32))
         {'greedy': 0.41, 'sampled': 0.38}
     """
-    policy = engine.policy
-    before = policy.deterministic
     rates = {}
-    try:
-        for name, deterministic in (("greedy", True), ("sampled", False)):
-            policy.deterministic = deterministic
+    for name, greedy in (("greedy", True), ("sampled", False)):
+        with deterministic(engine.policy, greedy):
             eps = engine.collect_episodes(len(seeds), 1, reset_seeds=list(seeds))
-            rates[name] = float(eps["success"].float().mean())
-    finally:
-        policy.deterministic = before
+        rates[name] = float(eps["success"].float().mean())
     return rates
 
 

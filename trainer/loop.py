@@ -203,7 +203,9 @@ def run_iterations(
         t_refill = time.perf_counter() - t1
         spent = wall0 + _training_wall(start, records, eval_s)
         last = it == cfg.iterations - 1 or (cfg.minutes is not None and spent >= cfg.minutes * 60)
-        counters = engine.counters()  # before the next batch draws its seeds
+        # Where the seeds stand before the next batch draws any (a resumed run starts here);
+        # synchronously nothing draws between here and the iteration's end either.
+        counters = engine.counters()
         if future is not None and not last:
             future = engine.collect_episodes_async(cfg.groups, cfg.group_size)
         progress = it / cfg.iterations
@@ -248,7 +250,7 @@ def run_iterations(
             }
         )
         if on_record is not None:
-            on_record(records[-1], counters if cfg.async_rollouts else engine.counters())
+            on_record(records[-1], counters)
         if last:
             break
     return records
@@ -345,7 +347,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         curve["stale_dropped"] = engine.stats.stale_dropped
     runlog.close()
     curve["iterations"] = prior + new
-    _attach_progress(curve)
+    attach_progress(curve)
     if ablate:
         curve["ablations"]["final"] = ablation_success(eval_engine, policy, eval_seeds)
         log(f"ablations at the end: {curve['ablations']['final']}")
@@ -400,7 +402,7 @@ def _warm_start(cfg: TrainConfig, spec, env_kwargs: dict, curve: dict, log) -> T
     return policy
 
 
-def _attach_progress(curve: dict) -> None:
+def attach_progress(curve: dict) -> None:
     """Give each eval the env steps and training wall time reached when it ran (an eval at
     iteration i ran before that iteration's rollout was counted)."""
     its = curve["iterations"]

@@ -36,7 +36,7 @@ from pipeline.policies import ExpertPolicy
 from pipeline.record.views import steps
 from pipeline.torchrl import RolloutCollector, TorchRLPolicy
 from trainer.grpo import evaluate, group_advantages, informative_groups
-from trainer.loop import write_curve
+from trainer.loop import attach_progress, write_curve
 
 EXPERT_TOKENS = "expert_tokens"
 PROX_LOG_PROB = "prox_log_prob"  # per-token log-probs before an update: PPO's old policy
@@ -109,12 +109,7 @@ def make_policy(cfg: TorchRLGRPOConfig) -> TorchRLPolicy:
         vocab_size=cfg.vocab_size,
         hidden_dim=cfg.hidden_dim,
     )
-    obs = {k: np.zeros(f.shape, f.dtype) for k, f in spec.obs.items()}
-    policy = TorchRLPolicy(vla, deterministic=True)
-    with torch.no_grad():
-        policy(schema.make_batch([obs], [""], sample_seeds=[0]))
-    policy.deterministic = False
-    return policy
+    return TorchRLPolicy(vla).materialize(spec)
 
 
 def _collector(cfg: TorchRLGRPOConfig, policy: torch.nn.Module, episodes: int, group: int):
@@ -274,14 +269,7 @@ def train(cfg: TorchRLGRPOConfig, log=print) -> dict:
 
     def on_eval(it: int) -> None:
         rates = evaluate(collector.engine, seeds)
-        curve["evals"].append(
-            {
-                "iteration": it,
-                "env_steps": env_steps,
-                "wall_s": time.perf_counter() - start,
-                **rates,
-            }
-        )
+        curve["evals"].append({"iteration": it, **rates})  # progress: attach_progress
         log(f"eval @ {it}: greedy {rates['greedy']:.3f}, sampled {rates['sampled']:.3f}")
 
     try:
@@ -320,10 +308,7 @@ def train(cfg: TorchRLGRPOConfig, log=print) -> dict:
             t_batch = time.perf_counter()
     finally:
         collector.shutdown()
-    for ev in curve["evals"]:  # progress reached when each eval ran, eval time excluded
-        done_its = curve["iterations"][: ev["iteration"]]
-        ev["env_steps"] = done_its[-1]["env_steps"] if done_its else 0
-        ev["wall_s"] = done_its[-1]["wall_s"] if done_its else 0.0
+    attach_progress(curve)
     if cfg.out:
         write_curve(curve, cfg.out)
     return curve

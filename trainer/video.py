@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline import schema
+from trainer.grpo import deterministic
 
 Episode = tuple[np.ndarray, str, bool]  # frames [T, H, W, 3], instruction, success
 
@@ -48,17 +49,10 @@ class EvalVideo:
     def record(self, engine, iteration: int, seeds: Sequence[int]) -> str:
         """Roll out the greedy policy on the first ``episodes`` seeds and write the video;
         returns its path."""
-        policy = engine.policy
-        before = getattr(policy, "deterministic", None)
-        if before is not None:
-            policy.deterministic = True
-        try:
+        with deterministic(engine.policy):
             eps = engine.collect_episodes(
                 self.episodes, 1, reset_seeds=list(seeds[: self.episodes])
             )
-        finally:
-            if before is not None:
-                policy.deterministic = before
         latest = _episodes(eps, self.camera)
         if self.warm is None:
             self.warm = latest

@@ -31,8 +31,8 @@ STATE_LAYOUT = {
     "target_pos": slice(15, 18),
 }
 QPOS_START = 18
-# What a real robot knows about itself (``state="proprio"``): gripper, TCP pose, joints.
-PROPRIO = np.r_[0:8, QPOS_START : QPOS_START + 64]
+# What a real robot knows about itself (``state="proprio"``): these, then the joints.
+PROPRIO_KEYS = ("gripper", "tcp_pos", "tcp_quat")
 
 POS_SCALE = 0.015  # metres per control step at action 1.0
 ROT_SCALE = 0.10  # radians per control step at action 1.0
@@ -159,7 +159,8 @@ class TabletopEnv(ChunkedEnvMixin):
         self._build(physics_hz, robot_urdf, hand_link, home_qpos)
         self.state_mode = state
         full = QPOS_START + self.robot.dof
-        self._proprio = PROPRIO[PROPRIO < full]
+        own = [np.arange(QPOS_START)[STATE_LAYOUT[k]] for k in PROPRIO_KEYS]
+        self._proprio = np.concatenate([*own, np.arange(QPOS_START, full)])
         obs = {"state": FieldSpec((full,), np.float32)}
         if state == "proprio":
             proprio = FieldSpec((len(self._proprio),), np.float32)

@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import InteractionType, set_interaction_type
@@ -155,6 +156,22 @@ class TorchRLPolicy(nn.Module):
                 f"and {list(std.shape)}"
             )
         self.state_mean, self.state_std = mean, std
+
+    def materialize(self, spec) -> TorchRLPolicy:
+        """Give the policy's lazy layers (TorchRL's TinyVLA has them) their shapes, from one
+        greedy forward on a zero observation of ``spec`` (an :class:`envs.EnvSpec`); returns
+        the policy. Do it before copying the policy or handing its parameters to a loss.
+
+        Example:
+            >>> policy = TorchRLPolicy(TinyVLA(...)).materialize(envs.make("toy").spec)
+        """
+        obs = {k: np.zeros(f.shape, f.dtype) for k, f in spec.obs.items()}
+        before, self.deterministic = self.deterministic, True
+        try:
+            self(schema.make_batch([obs], [""], sample_seeds=[0]))
+        finally:
+            self.deterministic = before
+        return self
 
     @property
     def reproducible(self) -> bool:
