@@ -83,7 +83,7 @@ def _rows(policy, idx, spec, generator_seed=0):
     return policy(TensorDict(td, [len(idx)]))
 
 
-def check_batch_invariance(head: str) -> None:
+def check_batch_invariance(head: str, vision: str = "patches") -> None:
     """A row's outputs must not depend on which rows share its batch: random compositions
     and sizes (1 included), compared with the full batch, at one intra-op thread. Bit for
     bit with the token head; the flow head's action expert (torch's decoder layer: GEMMs of
@@ -91,7 +91,7 @@ def check_batch_invariance(head: str) -> None:
     torch.set_num_threads(1)
     spec = envs.make("toy", **JITTERY).spec
     torch.manual_seed(0)
-    policy = TinyVLA.from_spec(spec, chunk_len=4, head=head).eval()
+    policy = TinyVLA.from_spec(spec, chunk_len=4, head=head, vision=vision).eval()
     for data_seed in range(3):
         full = _rows(policy, list(range(12)), spec, data_seed)
         rng = random.Random(data_seed)
@@ -109,17 +109,25 @@ def check_batch_invariance(head: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "head,isa",
-    [("tokens", None), ("flow", None), ("tokens", "AVX2")],
+    "head,isa,vision",
+    [
+        ("tokens", None, "patches"),
+        ("flow", None, "patches"),
+        ("tokens", "AVX2", "patches"),
+        ("tokens", None, "keypoints"),
+    ],
 )
-def test_tinyvla_rows_are_batch_invariant(head, isa):
+def test_tinyvla_rows_are_batch_invariant(head, isa, vision):
     # In a fresh process, so that torch's thread count and MKL's instruction set are this
     # test's. MKL picks GEMM kernels by instruction set: "AVX2" runs the kernels of CPUs
     # without AVX-512, on which torch's own transformer layers were not batch-invariant.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     if isa is not None:
         env["MKL_ENABLE_INSTRUCTIONS"] = isa
-    code = f"from test_dynamic import check_batch_invariance; check_batch_invariance({head!r})"
+    code = (
+        "from test_dynamic import check_batch_invariance; "
+        f"check_batch_invariance({head!r}, {vision!r})"
+    )
     run = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )

@@ -9,6 +9,7 @@ import torch
 import envs
 from pipeline import schema
 from pipeline.policies import ExpertPolicy, LatencyPolicy, TinyVLA
+from pipeline.policies.layers import RowConv2d, SpatialSoftmax
 from pipeline.policies.sampling import row_normal, row_uniform
 
 
@@ -122,6 +123,49 @@ def test_tinyvla_rejects_mismatched_inputs():
     policy = TinyVLA(state_dim=27, cameras=("head",))
     with pytest.raises(ValueError, match="cameras"):
         policy(td)
+
+
+def test_row_conv_is_torchs_conv_and_batch_invariant():
+    torch.manual_seed(4)
+    conv = RowConv2d(3, 8, 5, stride=2, padding=2)
+    ref = torch.nn.Conv2d(3, 8, 5, stride=2, padding=2)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(5, 3, 17, 16)
+    y = conv(x)
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    assert y.shape == (5, 8, 9, 8)
+    assert torch.equal(conv(x[2:3])[0], y[2])  # a row alone: the same bits
+    with pytest.raises(NotImplementedError, match="groups"):
+        RowConv2d(4, 4, 3, groups=2)(torch.zeros(1, 4, 8, 8))
+
+
+def test_spatial_softmax_finds_each_channels_peak():
+    features = torch.zeros(2, 3, 9, 17)
+    peaks = [(0, 0), (4, 8), (8, 16)]  # (row, column): the corners and the centre
+    for k, (r, c) in enumerate(peaks):
+        features[:, k, r, c] = 50.0  # sharp enough for the expectation to sit on the peak
+    kp = SpatialSoftmax()(features)
+    want = torch.tensor([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]])  # (x, y) in [-1, 1]
+    torch.testing.assert_close(kp, want.expand(2, -1, -1), rtol=0, atol=1e-4)
+    uniform = SpatialSoftmax()(torch.zeros(1, 1, 4, 6))
+    torch.testing.assert_close(uniform, torch.zeros(1, 1, 2), rtol=0, atol=1e-6)
+
+
+def test_keypoint_vision_reads_where_things_are():
+    """The keypoint tower's tokens change with an object's position, and a pick-place
+    policy built on it runs; an unknown vision tower is named."""
+    env, td = _batch(n=2, resets=[0, 1])
+    torch.manual_seed(5)
+    policy = TinyVLA.from_spec(env.spec, chunk_len=4, vision="keypoints").eval()
+    out = policy(td.clone())
+    assert out[schema.ACTION_CHUNK].shape == (2, 4, 7)
+    with torch.no_grad():
+        image = td[schema.image_key("head")].float() / 255
+        kp = policy.keypoints(policy.stem(image))
+    assert kp.shape == (2, 32, 2) and kp.abs().max() <= 1
+    assert not torch.equal(kp[0], kp[1])  # two scenes, two sets of keypoints
+    with pytest.raises(ValueError, match="vision='cnn'"):
+        TinyVLA(state_dim=27, vision="cnn")
 
 
 def test_sizes():

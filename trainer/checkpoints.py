@@ -34,6 +34,7 @@ def _arch(policy: TinyVLA) -> dict:
         "size": policy.size,
         "temperature": policy.temperature,
         "prefix_conditioning": policy.conditions_on_prefix,
+        "vision": policy.vision_kind,
     }
 
 

@@ -41,6 +41,7 @@ class TrainConfig:
     env: str = "tabletop/reach"
     env_kwargs: dict = field(default_factory=lambda: {"cameras": ["head"], "image_size": 64})
     chunk_len: int = 8
+    vision: str = "patches"  # TinyVLA's vision tower: "patches" (ViT) or "keypoints"
     # Lookahead d (RolloutEngine(lookahead=d)): envs execute d actions of each chunk while
     # the next one is inferred, and the policy conditions on them (prefix conditioning,
     # cloned with random delays), so it trains under the delay it will face.
@@ -371,6 +372,7 @@ def _warm_start(cfg: TrainConfig, spec, env_kwargs: dict, curve: dict, log) -> T
         chunk_len=cfg.chunk_len,
         temperature=cfg.temperature,
         prefix_conditioning=cfg.lookahead > 0,
+        vision=cfg.vision,
     )
     if cfg.bc_demos:
         demos, expert_rate = collect_demos(

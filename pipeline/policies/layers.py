@@ -57,6 +57,48 @@ class RowPatchEmbed(nn.Conv2d):
         return row_linear(patches, self.weight.view(self.out_channels, -1), self.bias)
 
 
+class RowConv2d(nn.Conv2d):
+    """``nn.Conv2d`` as :func:`row_linear` over each image's unfolded windows (a conv picks
+    its algorithm by batch size, as a GEMM does). Zero padding, no groups or dilation. The
+    parameters are ``nn.Conv2d``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` -> ``[B, out, H', W']``."""
+        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros":
+            raise NotImplementedError("RowConv2d: zero padding, groups=1, dilation=1 only")
+        b, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # [B, C*kh*kw, L]
+        y = row_linear(cols.transpose(1, 2), self.weight.view(self.out_channels, -1), self.bias)
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        return y.transpose(1, 2).reshape(b, self.out_channels, oh, ow)
+
+
+class SpatialSoftmax(nn.Module):
+    """Each channel of a feature map as a keypoint: the expected ``(x, y)`` in ``[-1, 1]``
+    under a softmax over its positions (Levine et al. 2016, "End-to-End Training of Deep
+    Visuomotor Policies"). It hands the policy object positions as numbers, which a patch
+    grid has to learn to read out of its position embeddings. Batch-invariant: a softmax
+    per row and :func:`row_linear`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, K, H, W]`` -> ``[B, K, 2]``."""
+        b, k, h, w = features.shape
+        ys, xs = torch.meshgrid(
+            torch.linspace(-1, 1, h, device=features.device, dtype=features.dtype),
+            torch.linspace(-1, 1, w, device=features.device, dtype=features.dtype),
+            indexing="ij",
+        )
+        grid = torch.stack([xs.reshape(-1), ys.reshape(-1)])  # [2, H*W]
+        attn = torch.softmax(features.reshape(b, k, h * w) / self.log_temperature.exp(), dim=-1)
+        return row_linear(attn, grid, None)
+
+
 class RowEncoderLayer(nn.TransformerEncoderLayer):
     """torch's pre-norm encoder layer (same parameters and initialisation) computed with
     :func:`row_linear` and per-(row, head) ``scaled_dot_product_attention``, so that a row's

@@ -15,11 +15,19 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import schema
-from pipeline.policies.layers import Encoder, RowLinear, RowPatchEmbed
+from pipeline.policies.layers import (
+    Encoder,
+    RowConv2d,
+    RowLinear,
+    RowPatchEmbed,
+    SpatialSoftmax,
+)
 from pipeline.policies.sampling import row_normal, row_uniform, sample_categorical
 from pipeline.runtime.spans import mark
 
 NUM_BINS = 256
+KEYPOINTS = 32  # channels of the keypoint vision tower, one token each
+VISIONS = ("patches", "keypoints")
 RTC_MAX_GUIDANCE = 5.0  # the guidance weight's clip (beta in Black et al. 2025)
 
 
@@ -120,9 +128,13 @@ class TinyVLA(nn.Module):
         prefix_conditioning: condition on lookahead's frozen prefix (see Lookahead above).
         flow_sigma: standard deviation of the flow head's Gaussian last step; 0: none (the
             chunk is the clamped mean, with no ``sample_log_prob``).
+        vision: ``"patches"`` (ViT patch tokens) or ``"keypoints"`` (a conv stem whose 32
+            channels become keypoints by a spatial softmax, one token each: object positions
+            as coordinates, which a policy reading the scene from pixels needs; see
+            docs/training.md).
 
     Raises:
-        ValueError: ``head`` or ``size`` is not one of the above, ``temperature <= 0``,
+        ValueError: ``head``, ``size`` or ``vision`` is not one of the above, ``temperature <= 0``,
             ``chunk_len < 1``, ``flow_steps < 1``, or ``flow_sigma`` is not ``>= 0``.
     """
 
@@ -139,12 +151,15 @@ class TinyVLA(nn.Module):
         deterministic: bool = False,
         prefix_conditioning: bool = False,
         flow_sigma: float = 0.0,
+        vision: str = "patches",
     ) -> None:
         super().__init__()
         if head not in ("tokens", "flow"):
             raise ValueError(f"head={head!r}: choose 'tokens' or 'flow'")
         if size not in SIZES:
             raise ValueError(f"size={size!r}: choose from {sorted(SIZES)}")
+        if vision not in VISIONS:
+            raise ValueError(f"vision={vision!r}: choose from {VISIONS}")
         if temperature <= 0 or chunk_len < 1 or flow_steps < 1 or not flow_sigma >= 0:
             raise ValueError(
                 "temperature must be > 0, flow_sigma >= 0; chunk_len and flow_steps >= 1"
@@ -152,7 +167,7 @@ class TinyVLA(nn.Module):
         cfg = self.cfg = SIZES[size]
         self.state_dim, self.action_dim, self.chunk_len = state_dim, action_dim, chunk_len
         self.cameras = tuple(sorted(cameras))
-        self.head, self.size = head, size
+        self.head, self.size, self.vision_kind = head, size, vision
         self.temperature, self.flow_steps, self.deterministic = (
             temperature,
             flow_steps,
@@ -162,9 +177,24 @@ class TinyVLA(nn.Module):
         d = cfg.dim
         n_patches = (cfg.image_size // cfg.patch) ** 2
 
-        # Vision: one shared ViT patch encoder, plus a learned embedding per camera.
-        self.patch_embed = RowPatchEmbed(3, d, cfg.patch, cfg.patch)
-        self.patch_pos = nn.Parameter(torch.randn(1, n_patches, d) * 0.02)
+        # Vision: one shared tower for every camera, plus a learned embedding per camera.
+        if vision == "patches":  # ViT: one token per patch
+            self.patch_embed = RowPatchEmbed(3, d, cfg.patch, cfg.patch)
+            self.patch_pos = nn.Parameter(torch.randn(1, n_patches, d) * 0.02)
+        else:  # a conv stem at half resolution, one token per keypoint
+            c = KEYPOINTS
+            self.stem = nn.Sequential(
+                RowConv2d(3, c, 5, stride=2, padding=2),
+                nn.GELU(),
+                RowConv2d(c, c, 3, padding=1),
+                nn.GELU(),
+                RowConv2d(c, c, 3, padding=1),
+                nn.GELU(),
+                RowConv2d(c, c, 1),
+            )
+            self.keypoints = SpatialSoftmax()
+            self.keypoint_proj = RowLinear(2, d)
+            self.keypoint_id = nn.Parameter(torch.randn(1, c, d) * 0.02)
         self.camera_embed = nn.Parameter(torch.randn(max(1, len(self.cameras)), 1, d) * 0.02)
         self.vision = Encoder(d, cfg.heads, cfg.vision_layers)
         # Language: characters -> embeddings -> transformer.
@@ -226,10 +256,13 @@ class TinyVLA(nn.Module):
                 raise ValueError(
                     f"image {cam!r} must be uint8 [B,3,H,W], got {img.dtype}{list(img.shape)}"
                 )
-            x = img.to(self.patch_pos.dtype).div_(255.0)
+            x = img.to(self.camera_embed.dtype).div_(255.0)
             if x.shape[-1] != self.cfg.image_size or x.shape[-2] != self.cfg.image_size:
                 x = F.interpolate(x, size=self.cfg.image_size, mode="bilinear", align_corners=False)
-            p = self.patch_embed(x) + self.patch_pos
+            if self.vision_kind == "patches":
+                p = self.patch_embed(x) + self.patch_pos
+            else:
+                p = self.keypoint_proj(self.keypoints(self.stem(x))) + self.keypoint_id
             out.append(self.vision(p) + self.camera_embed[i])
         return out
 
