@@ -13,6 +13,7 @@
     python bench.py embedding       # worker RSS and threads when embedded in a trainer script
     python bench.py training        # GRPO demo; synchronous vs async (overlapped) training
     python bench.py torchrl         # TorchRL's TinyVLA in the engine: determinism, its cost
+    python bench.py gpu             # with a GPU: CUDA tests, copy overlap, GPU utilisation
 
 Every figure is a median over repeated windows after a warm-up, measured in one run, so
 ratios are comparable even on a noisy shared machine.
@@ -36,6 +37,7 @@ SUITES = {
     "embedding": "benchmarks.embedding",
     "training": "benchmarks.training",
     "torchrl": "benchmarks.torchrl_policies",
+    "gpu": "benchmarks.gpu",
 }
 
 

@@ -132,6 +132,7 @@ def test_low_and_high_precision_action_chunks_are_accepted(dtype, backend):
 
 
 # -- CUDA-registered memory ------------------------------------------------------------------------
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dropped_cuda_engine_unregisters_before_unmapping():
     policy = latency_policy().cuda()
