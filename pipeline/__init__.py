@@ -19,6 +19,7 @@ __all__ = [
     "EnvError",
     "NodeLostError",
     "ObservationError",
+    "PlacementError",
     "PolicyOutputError",
     "ProtocolError",
     "RolloutEngine",

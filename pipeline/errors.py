@@ -37,6 +37,11 @@ class NodeLostError(WorkerDiedError):
         self.node, self.workers = node, list(workers)
 
 
+class PlacementError(EngineError):
+    """The Ray cluster cannot hold the engine's node actors (1 CPU per worker, all at once):
+    the message names the demand, the CPUs Ray reports per node, and the option to change."""
+
+
 class ProtocolError(EngineError):
     """A frame arrived that the protocol does not allow there: a bug in the engine or the
     worker, never the env's doing, so it is not recovered from."""

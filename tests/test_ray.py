@@ -15,6 +15,9 @@ from helpers import TOY, assert_identical, latency_policy, make_engine, shm_segm
 
 from benchmarks.ray_cluster import LOOPBACK
 from pipeline import EnvError, RolloutEngine, WorkerStuckError
+from pipeline.backends.ray.placement import placement_problem
+from pipeline.backends.ray.pool import RayPool
+from pipeline.errors import PlacementError
 
 
 @pytest.fixture
@@ -197,6 +200,71 @@ def test_bad_backend_arguments_are_named():
         RolloutEngine("toy", _policy(), num_envs=4, workers_per_node=2)
     with pytest.raises(ValueError, match="workers_per_node=0"):
         RolloutEngine("toy", _policy(), num_envs=4, backend="ray", workers_per_node=0)
+
+
+@pytest.mark.parametrize(
+    ("num_workers", "per", "problem", "fix"),
+    [
+        (3, 3, "no alive Ray node has 3 CPUs (the largest has 2)", "set workers_per_node=2"),
+        (6, 2, "need 6 CPUs and the alive Ray nodes hold only 2 of them", "at most 4 workers"),
+    ],
+    ids=["an-actor-larger-than-any-node", "more-actors-than-the-nodes-hold"],
+)
+def test_node_actors_that_cannot_be_placed_fail_at_once_with_the_numbers(
+    cluster, num_workers, per, problem, fix
+):
+    # Nodes of 2 CPUs; a node actor takes 1 per worker. Ray would leave the actor that does
+    # not fit pending, silently, until the 360 s start timeout.
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError) as info:
+        make_engine(num_envs=12, num_workers=num_workers, backend="ray", workers_per_node=per)
+    assert time.monotonic() - t0 < 60
+    message = str(info.value)
+    assert f"{num_workers} workers at workers_per_node={per} make" in message
+    assert f"of {per} CPUs, 1 CPU per worker" in message
+    assert "Alive Ray nodes (total CPUs, from ray.nodes()): 2 with 2 CPUs, 1 with 0" in message
+    assert problem in message and fix in message
+    assert _cpus_all_free() and not shm_segments()
+
+
+def test_a_node_actor_that_stops_fitting_is_noticed_while_waiting(cluster, monkeypatch):
+    # As if a node left between the pool's check and its actors' creation: 3 node actors of
+    # 2 CPUs for 2 nodes of 2, the third never placed. The wait checks again every second.
+    checks = []
+    check = RayPool._check_placement
+
+    def all_but_the_first(self, alive):
+        checks.append(len(alive))
+        if len(checks) > 1:
+            check(self, alive)
+
+    monkeypatch.setattr(RayPool, "_check_placement", all_but_the_first)
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError, match="hold only 2 of them at once"):
+        make_engine(num_envs=12, num_workers=6, backend="ray", workers_per_node=2)
+    assert time.monotonic() - t0 < 60 and len(checks) > 1
+    assert _cpus_all_free() and not shm_segments()  # the placed actors and the pending one
+
+
+def test_the_placement_fix_names_a_workers_per_node_that_fits():
+    # The issue's case: 2 workers to a node actor, nodes of 1 CPU.
+    assert "Fix: set workers_per_node=1," in placement_problem(2, 2, [1.0, 1.0])
+    # Nodes of 3 CPUs hold one actor of 3 each but only one of 2: 2 per node is no fix.
+    assert placement_problem(6, 3, [3.0, 3.0]) is None
+    assert "Fix: set workers_per_node=3," in placement_problem(6, 4, [3.0, 3.0])
+    # No CPU anywhere: only more CPUs help.
+    assert "Fix: give each Ray node at least 2 CPUs" in placement_problem(2, 2, [0.0])
+
+
+def _cpus_all_free(timeout: float = 30.0) -> bool:
+    """Whether every CPU of the cluster is free within ``timeout`` s (no node actor is left:
+    each holds a CPU per worker; Ray reports a killed one's freed a moment later)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0.0) == ray.cluster_resources().get("CPU"):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_local_backend_does_not_import_ray():

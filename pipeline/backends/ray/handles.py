@@ -52,6 +52,7 @@ class NodeHandle:
     def __init__(self, index: int, workers: list[int], ray_node_id: str) -> None:
         self.index, self.workers, self.ray_node_id = index, workers, ray_node_id
         self.actor = None
+        self.placed = False  # Ray placed the actor (its __ray_ready__ answered, or failed)
         self.conn = None  # the node's reply channel (multiprocessing.connection.Connection)
         self.heard_at = 0.0  # when the node last sent anything (replies or a heartbeat)
         self.commands = 0  # calls sent to this actor (it checks their order)

@@ -47,11 +47,13 @@ from pipeline.backends.ray.handles import (
     raise_payload,
 )
 from pipeline.backends.ray.node import NodeActor, stage_rows
+from pipeline.backends.ray.placement import actor_sizes, placement_problem
 from pipeline.errors import (
     EngineError,
     EngineTimeout,
     EnvError,
     NodeLostError,
+    PlacementError,
     WorkerDiedError,
     WorkerStuckError,
 )
@@ -64,6 +66,14 @@ log = logging.getLogger("pipeline")
 # A node whose poll has not come back for this long past the hang timeout is not answering
 # (its own watchdog would have reported a stuck worker by then).
 _NODE_GRACE_S = 10.0
+# A node actor Ray has not placed for this long is logged (CPUs another job holds may free
+# up, so it is waited for until the start timeout).
+_PLACEMENT_WARN_S = 10.0
+
+
+def _cpus(node: dict) -> float:
+    """A Ray node's CPUs in total, as ``ray.nodes()`` reports them (none: 0)."""
+    return float(node["Resources"].get("CPU", 0.0))
 
 
 class RayPool(PoolBase):
@@ -107,8 +117,14 @@ class RayPool(PoolBase):
         self.rows = stage_rows(env_ids, env_stage)
         self.generation = [0] * self.num_workers
         self.inbox: list[deque] = [deque() for _ in range(self.num_workers)]
-        placement = self._ray_nodes()
-        per = workers_per_node
+        per = self.workers_per_node = workers_per_node
+        try:
+            # Before any actor is created: Ray leaves one that no node can hold pending,
+            # without an error, until the start timeout.
+            placement = self._ray_nodes(max(actor_sizes(self.num_workers, per)))
+        except BaseException:
+            self.close()  # shuts Ray down if this pool started it
+            raise
         self.nodes = [
             NodeHandle(n, list(range(n * per, min((n + 1) * per, self.num_workers))), node_id)
             for n, node_id in enumerate(
@@ -119,16 +135,66 @@ class RayPool(PoolBase):
         self.shm: SharedBuffers | None = None
         self.spec: EnvSpec | None = None
 
-    def _ray_nodes(self) -> list[str]:
-        """The alive Ray nodes to place node actors on: other nodes first (the driver's node
-        runs inference), then the driver's own."""
+    def _ray_nodes(self, cpus: int) -> list[str]:
+        """The alive Ray nodes with ``cpus`` CPUs, to place a node actor of ``cpus`` workers
+        on: other nodes first (the driver's node runs inference), then the driver's own.
+
+        Raises:
+            PlacementError: the alive nodes cannot hold every node actor at once.
+        """
+        alive = self._alive()
+        self._check_placement(alive)
+        here = self.ray.get_runtime_context().get_node_id()
+        fit = [n for n in alive if _cpus(n) >= cpus]
+        fit.sort(key=lambda n: (n["NodeID"] == here, n["NodeManagerAddress"], n["NodeID"]))
+        return [n["NodeID"] for n in fit]
+
+    def _alive(self) -> list[dict]:
+        return [n for n in self.ray.nodes() if n["Alive"]]
+
+    def _check_placement(self, alive: list[dict]) -> None:
+        """Raise :class:`PlacementError` if nodes ``alive`` cannot hold every node actor at
+        once (by their total CPUs: what other jobs hold now may be freed)."""
+        problem = placement_problem(
+            self.num_workers, self.workers_per_node, [_cpus(n) for n in alive]
+        )
+        if problem is not None:
+            raise PlacementError(problem)
+
+    def _await_placement(self, nodes: list[NodeHandle], timeout: float) -> None:
+        """Return once Ray has placed the actors of ``nodes``. Ray says nothing of an actor
+        it cannot place: every second this checks that the alive nodes still hold every
+        node actor (one may have left since the pool checked), and past ``timeout`` it
+        names what it waited for rather than let a node's start time out later."""
         ray = self.ray
-        here = ray.get_runtime_context().get_node_id()
-        alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
-        if not alive:
-            raise EngineError("no alive Ray node has a CPU to run env workers on")
-        alive.sort(key=lambda n: (n["NodeID"] == here, n["NodeManagerAddress"], n["NodeID"]))
-        return [n["NodeID"] for n in alive]
+        pending = {n.actor.__ray_ready__.remote(): n for n in nodes}
+        t0, warned = time.monotonic(), False
+        while True:
+            ready, _ = ray.wait(
+                list(pending), num_returns=len(pending), timeout=1.0, fetch_local=False
+            )
+            for ref in ready:  # placed (or failed to start: the node's first call says so)
+                pending.pop(ref).placed = True
+            if not pending:
+                return
+            self._check_placement(self._alive())
+            waited = time.monotonic() - t0
+            if waited > timeout or (waited > _PLACEMENT_WARN_S and not warned):
+                free = ray.available_resources().get("CPU", 0.0)
+                total = ray.cluster_resources().get("CPU", 0.0)
+                names = ", ".join(f"{n.index} ({len(n.workers)} CPUs)" for n in pending.values())
+                why = (
+                    f"Ray has not placed node actor(s) {names} in {waited:.0f} s: the alive "
+                    f"Ray nodes can hold every node actor, but {free:g} of the cluster's "
+                    f"{total:g} CPUs are free (ray.available_resources()); other actors or "
+                    f"tasks hold the rest"
+                )
+                if waited > timeout:
+                    raise EngineTimeout(
+                        f"{why}. Free them, run fewer workers (num_workers), or add Ray nodes"
+                    )
+                log.warning("%s; waiting up to %.0f s", why, timeout)
+                warned = True
 
     # -- start-up ----------------------------------------------------------------------------
     def _new_actor(self, node: NodeHandle):
@@ -142,6 +208,7 @@ class RayPool(PoolBase):
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.ray_node_id, soft=True),
             name=None,
         )
+        node.placed = False
         node.actor = actor_cls.remote(
             node.index, self.env, self.env_kwargs, self.env_ids, self.env_stage,
             self.auto_reset, self.env_name, workers=node.workers,
@@ -188,6 +255,7 @@ class RayPool(PoolBase):
             for node in self.nodes:
                 self._new_actor(node)
             hellos = [n.actor.hello.remote(start_timeout_s) for n in self.nodes]
+            self._await_placement(self.nodes, start_timeout_s)
             specs = [
                 self._hello_or_restart(n, ref, start_timeout_s)
                 for n, ref in zip(self.nodes, hellos, strict=True)
@@ -217,17 +285,19 @@ class RayPool(PoolBase):
             except (EnvError, WorkerDiedError) as exc:
                 w = exc.worker if exc.worker is not None else node.workers[0]
                 self.budget.charge(w, exc, -1, self.env_ids[w])  # re-raises when spent
-                self._restart_actor(node)
+                self._restart_actor(node, timeout)
                 ref = node.actor.hello.remote(timeout)
 
-    def _restart_actor(self, node: NodeHandle) -> None:
-        """Kill ``node``'s actor and start a new one, on the same Ray node if it is alive."""
+    def _restart_actor(self, node: NodeHandle, timeout: float) -> None:
+        """Kill ``node``'s actor and start a new one, on the same Ray node if it is alive;
+        return once Ray has placed it."""
         with contextlib.suppress(Exception):
             self.ray.kill(node.actor)
-        alive = {n["NodeID"] for n in self.ray.nodes() if n["Alive"]}
+        alive = {n["NodeID"] for n in self._alive()}
         if node.ray_node_id not in alive:
-            node.ray_node_id = self._ray_nodes()[0]
+            node.ray_node_id = self._ray_nodes(len(node.workers))[0]
         self._new_actor(node)
+        self._await_placement([node], timeout)
 
     def _attach(self, node: NodeHandle, timeout: float, slots: dict | None) -> None:
         lay = self.layout
@@ -376,7 +446,7 @@ class RayPool(PoolBase):
         return [w]
 
     def _replace_node(self, node: NodeHandle, timeout: float) -> None:
-        self._restart_actor(node)
+        self._restart_actor(node, timeout)
         spec = self._get(node, node.actor.hello.remote(timeout), timeout + 60, "creating its envs")
         if repr(spec) != repr(self.spec):
             raise EngineError(f"replacement node {node.index} has another env spec: {spec}")
@@ -443,9 +513,12 @@ class RayPool(PoolBase):
         ray = getattr(self, "ray", None)
         nodes = [n for n in getattr(self, "nodes", []) if n.actor is not None]
         if ray is not None and nodes and ray.is_initialized():
-            refs = [n.actor.close.remote() for n in nodes]
+            # An actor Ray never placed has no workers to stop; a call to it would wait out
+            # the 10 s.
+            refs = [n.actor.close.remote() for n in nodes if n.placed]
             with contextlib.suppress(Exception):
-                ray.wait(refs, num_returns=len(refs), timeout=10)
+                if refs:
+                    ray.wait(refs, num_returns=len(refs), timeout=10)
             for n in nodes:
                 with contextlib.suppress(Exception):
                     ray.kill(n.actor)
