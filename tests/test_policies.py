@@ -168,6 +168,25 @@ def test_keypoint_vision_reads_where_things_are():
         TinyVLA(state_dim=27, vision="cnn")
 
 
+def test_film_vision_starts_as_a_conv_net_and_listens_to_the_instruction():
+    """The FiLM tower's maps start at zero (the instruction does not change the image
+    tokens yet); once they are not, two instructions give two sets of tokens for one image."""
+    env, td = _batch(n=2, resets=[0, 0])
+    torch.manual_seed(5)
+    policy = TinyVLA.from_spec(env.spec, chunk_len=4, vision="film").eval()
+    assert policy(td.clone())[schema.ACTION_CHUNK].shape == (2, 4, 7)
+    image = td[schema.image_key("head")].float() / 255
+    texts = torch.randn(2, policy.cfg.dim)
+    with torch.no_grad():
+        tokens = policy.tower(image, texts)
+        assert tokens.shape == (2, 1 + 64, policy.cfg.dim)
+        torch.testing.assert_close(tokens[0], tokens[1], rtol=0, atol=0)
+        for film in policy.tower.films:
+            torch.nn.init.normal_(film.weight, std=0.1)
+        tokens = policy.tower(image, texts)
+    assert not torch.allclose(tokens[0], tokens[1])
+
+
 def test_sizes():
     tiny = TinyVLA(state_dim=27, size="tiny")
     n = sum(p.numel() for p in tiny.parameters())

@@ -59,6 +59,7 @@ def behaviour_clone(
     seed: int = 0,
     max_delay: int = 0,
     state_noise: float = 0.0,
+    privileged_weight: float = 0.0,
 ) -> list[float]:
     """Cross-entropy of the token head on the demonstrations' action bins; returns the loss
     of every step.
@@ -72,13 +73,34 @@ def behaviour_clone(
     few demonstrations, a state that is unique to its episode (initial joint noise) lets a
     policy memorise episodes instead of reading the images.
 
+    ``privileged_weight > 0`` adds an auxiliary loss, a simulator-only training signal: a
+    small head on the pooled :meth:`TinyVLA.query_features` regresses the env's privileged
+    state (``observation.privileged``: object and target positions, standardised per
+    dimension over the demonstrations), weighted by ``privileged_weight``. The head is
+    dropped afterwards; the policy still sees only images, instruction and ``state``. Cloning
+    alone does not teach a small vision tower where things are from a few thousand
+    decisions; this says it outright (as asymmetric actor-critic or privileged-information
+    distillation use what only the simulator knows).
+
     Example:
         >>> losses = behaviour_clone(policy, demos, num_steps=200)
+        >>> losses = behaviour_clone(pixels_policy, demos, 200, privileged_weight=1.0)
         >>> losses = behaviour_clone(rtc_policy, demos, num_steps=200, max_delay=3)
     """
     if max_delay and not getattr(policy, "conditions_on_prefix", False):
         raise ValueError("max_delay needs a policy built with prefix_conditioning=True")
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    params = list(policy.parameters())
+    if privileged_weight:
+        if schema.PRIVILEGED not in demos.keys(include_nested=True):
+            raise ValueError("privileged_weight needs demos with observation.privileged")
+        privileged = demos.get(schema.PRIVILEGED).float()
+        mean, std = privileged.mean(0), privileged.std(0).clamp_min(1e-3)
+        width = policy.cfg.dim
+        aux_head = torch.nn.Sequential(
+            torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, len(mean))
+        )
+        params += list(aux_head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     chunks = demos[schema.ACTION_CHUNK]
     targets = action_tokens(chunks)
@@ -103,11 +125,16 @@ def behaviour_clone(
             batch.set(schema.PREFIX_LEN, d)
             batch.set(schema.PREFIX_OVERLAP, d)
             target = target.masked_fill(frozen.unsqueeze(-1), -100)  # ignore_index
-        logits = policy.action_logits(batch)
+        features = policy.query_features(batch)
+        logits = policy.action_logits(batch, features)
         loss = F.cross_entropy(logits.reshape(-1, NUM_BINS), target.reshape(-1))
+        losses.append(float(loss.detach()))
+        if privileged_weight:
+            wanted = (privileged[idx] - mean) / std
+            aux = F.mse_loss(aux_head(features.mean(1)), wanted)
+            loss = loss + privileged_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
     policy.eval()
     return losses

@@ -41,7 +41,7 @@ class TrainConfig:
     env: str = "tabletop/reach"
     env_kwargs: dict = field(default_factory=lambda: {"cameras": ["head"], "image_size": 64})
     chunk_len: int = 8
-    vision: str = "patches"  # TinyVLA's vision tower: "patches" (ViT) or "keypoints"
+    vision: str = "patches"  # TinyVLA's vision tower: "patches" (ViT), "keypoints" or "film"
     # Lookahead d (RolloutEngine(lookahead=d)): envs execute d actions of each chunk while
     # the next one is inferred, and the policy conditions on them (prefix conditioning,
     # cloned with random delays), so it trains under the delay it will face.
@@ -71,6 +71,7 @@ class TrainConfig:
     bc_steps: int = 300
     bc_lr: float = 1e-3
     bc_state_noise: float = 0.0  # std of Gaussian noise on the state while cloning (bc.py)
+    bc_privileged: float = 0.0  # weight of the privileged-state auxiliary loss (bc.py)
     warm_start: str | None = None  # a checkpoint to start from instead of cloning
     # Greedy held-out success with black images and with swapped instructions, at the warm
     # start and at the end (trainer/ablations.py); envs with cameras only.
@@ -386,6 +387,7 @@ def _warm_start(cfg: TrainConfig, spec, env_kwargs: dict, curve: dict, log) -> T
             seed=cfg.seed,
             max_delay=cfg.lookahead,
             state_noise=cfg.bc_state_noise,
+            privileged_weight=cfg.bc_privileged,
         )
         curve["warm_start"] = {
             "demos": cfg.bc_demos,

@@ -41,10 +41,14 @@ WORKSPACE = (np.array([-0.30, -0.35, 0.022]), np.array([0.30, 0.35, 0.45]))
 MAX_LEAD = 0.04  # the commanded pose never leads the measured TCP by more (no wind-up)
 ROBOT_BASE = np.array([-0.45, 0.0, 0.0])
 TCP_DOWN = np.array([0.0, 0.0, 1.0, 0.0])  # (w, x, y, z): gripper pointing at the table
-CAMERAS = ("head", "wrist", "side")
+CAMERAS = ("head", "wrist", "side", "top")
 _FIXED_CAMERAS = {
     "head": ((0.38, 0.0, 0.48), (-0.12, 0.0, 0.06), 60.0),
     "side": ((0.05, 0.70, 0.45), (-0.10, 0.0, 0.08), 58.0),
+    # Steep (54 degrees down) and narrow onto the placement area (TABLE_XY), which fills the
+    # frame's width with the gripper's start above it: at 64x64 a cube is ~5 px wide, where
+    # the head camera's wide oblique view squeezes the area into a band of its lower third.
+    "top": ((0.40, 0.0, 0.55), (0.0, 0.0, 0.0), 42.0),
 }
 _WRIST_FOV = 80.0
 _ARM_COLOURS = ((200, 200, 205), (90, 95, 105))

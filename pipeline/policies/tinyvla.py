@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pipeline import schema
 from pipeline.policies.layers import (
     Encoder,
+    FiLMTower,
     RowConv2d,
     RowLinear,
     RowPatchEmbed,
@@ -27,7 +28,7 @@ from pipeline.runtime.spans import mark
 
 NUM_BINS = 256
 KEYPOINTS = 32  # channels of the keypoint vision tower, one token each
-VISIONS = ("patches", "keypoints")
+VISIONS = ("patches", "keypoints", "film")
 RTC_MAX_GUIDANCE = 5.0  # the guidance weight's clip (beta in Black et al. 2025)
 
 
@@ -128,10 +129,11 @@ class TinyVLA(nn.Module):
         prefix_conditioning: condition on lookahead's frozen prefix (see Lookahead above).
         flow_sigma: standard deviation of the flow head's Gaussian last step; 0: none (the
             chunk is the clamped mean, with no ``sample_log_prob``).
-        vision: ``"patches"`` (ViT patch tokens) or ``"keypoints"`` (a conv stem whose 32
-            channels become keypoints by a spatial softmax, one token each: object positions
-            as coordinates, which a policy reading the scene from pixels needs; see
-            docs/training.md).
+        vision: ``"patches"`` (ViT patch tokens), ``"keypoints"`` (a conv stem whose 32
+            channels become keypoints by a spatial softmax, one token each) or ``"film"``
+            (:class:`~pipeline.policies.layers.FiLMTower`: a conv tower conditioned on the
+            instruction, read out as a scene token and a token per cell of an 8x8 grid;
+            the one that learns where the named object is from pixels, docs/training.md).
 
     Raises:
         ValueError: ``head``, ``size`` or ``vision`` is not one of the above, ``temperature <= 0``,
@@ -181,6 +183,9 @@ class TinyVLA(nn.Module):
         if vision == "patches":  # ViT: one token per patch
             self.patch_embed = RowPatchEmbed(3, d, cfg.patch, cfg.patch)
             self.patch_pos = nn.Parameter(torch.randn(1, n_patches, d) * 0.02)
+        elif vision == "film":  # a conv tower that reads the instruction (layers.py)
+            self.tower = FiLMTower(d, d, cfg.image_size)
+            self.scene_to_queries = RowLinear(d, d)
         else:  # a conv stem at half resolution, one token per keypoint
             c = KEYPOINTS
             self.stem = nn.Sequential(
@@ -243,13 +248,18 @@ class TinyVLA(nn.Module):
             rows.append(ids)
         return torch.stack(rows).to(device, non_blocking=True)
 
-    def _vision_tokens(self, td: TensorDictBase) -> list[torch.Tensor]:
+    def _vision_tokens(
+        self, td: TensorDictBase, text: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Each camera's tokens, and (``vision="film"``) the sum of the cameras' scene tokens
+        as they leave the tower; ``text`` ``[B, d]`` (the pooled instruction) conditions the
+        FiLM tower."""
         present = schema.cameras_of(td)
         if present != list(self.cameras):
             raise ValueError(
                 f"TinyVLA was built for cameras {list(self.cameras)}, td has {present}"
             )
-        out = []
+        out, scene = [], None
         for i, cam in enumerate(self.cameras):
             img = td[schema.image_key(cam)]
             if img.dtype != torch.uint8 or img.ndim != 4 or img.shape[1] != 3:
@@ -261,31 +271,55 @@ class TinyVLA(nn.Module):
                 x = F.interpolate(x, size=self.cfg.image_size, mode="bilinear", align_corners=False)
             if self.vision_kind == "patches":
                 p = self.patch_embed(x) + self.patch_pos
+            elif self.vision_kind == "film":
+                p = self.tower(x, text)
+                scene = p[:, 0] if scene is None else scene + p[:, 0]
             else:
                 p = self.keypoint_proj(self.keypoints(self.stem(x))) + self.keypoint_id
             out.append(self.vision(p) + self.camera_embed[i])
-        return out
+        return out, scene
 
-    def _context(self, td: TensorDictBase) -> torch.Tensor:
+    def _context(self, td: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fusion's context tokens, and the scene summary of :meth:`_vision_tokens`."""
         state = td[schema.STATE]
         if state.shape[-1] != self.state_dim:
             raise ValueError(f"state has {state.shape[-1]} dims, TinyVLA expects {self.state_dim}")
         chars = self._chars(schema.instructions(td), state.device)
         text = self.text(self.char_embed(chars) + self.text_pos, pad=chars == 0)
-        text = text.masked_fill((chars == 0).unsqueeze(-1), 0.0)
-        tokens = [*self._vision_tokens(td), text, self.state_proj(state.float()).unsqueeze(1)]
-        return torch.cat(tokens, dim=1)
+        words = (chars != 0).unsqueeze(-1)
+        text = text.masked_fill(~words, 0.0)
+        pooled = text.sum(1) / words.sum(1).clamp_min(1)
+        vision, scene = self._vision_tokens(td, pooled)
+        tokens = [*vision, text, self.state_proj(state.float()).unsqueeze(1)]
+        return torch.cat(tokens, dim=1), scene
 
     # -- heads -------------------------------------------------------------------------------
-    def action_logits(self, td: TensorDictBase) -> torch.Tensor:
-        """Token-head logits ``[B, H, A, 256]`` (before temperature)."""
+    def query_features(self, td: TensorDictBase) -> torch.Tensor:
+        """The token head's input ``[B, H, d]``: the action queries after fusion with the
+        images, the instruction and the state (what an auxiliary training loss reads).
+
+        Example:
+            >>> feats = policy.query_features(td)       # [B, chunk_len, dim]
+        """
         if self.head != "tokens":
-            raise RuntimeError("action_logits() needs head='tokens'")
-        ctx = self._context(td)
-        b = ctx.shape[0]
-        fused = self.fusion(torch.cat([ctx, self._queries(td, b)], dim=1))
-        q = self.norm(fused[:, -self.chunk_len :])
-        return self.token_head(q).view(b, self.chunk_len, self.action_dim, NUM_BINS)
+            raise RuntimeError("query_features() needs head='tokens'")
+        ctx, scene = self._context(td)
+        queries = self._queries(td, ctx.shape[0])
+        if scene is not None:
+            # The scene token straight into every query: read through attention alone, one
+            # token among a hundred starts diluted a hundredfold, and cloning from a few
+            # thousand frames never undid that (docs/training.md).
+            queries = queries + self.scene_to_queries(scene).unsqueeze(1)
+        fused = self.fusion(torch.cat([ctx, queries], dim=1))
+        return self.norm(fused[:, -self.chunk_len :])
+
+    def action_logits(
+        self, td: TensorDictBase, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token-head logits ``[B, H, A, 256]`` (before temperature); ``features`` from
+        :meth:`query_features` when the caller has them already."""
+        q = self.query_features(td) if features is None else features
+        return self.token_head(q).view(q.shape[0], self.chunk_len, self.action_dim, NUM_BINS)
 
     def _queries(self, td: TensorDictBase, b: int) -> torch.Tensor:
         """The action queries; with prefix conditioning, the frozen actions' embeddings on
@@ -361,7 +395,7 @@ class TinyVLA(nn.Module):
             return td
         mark("sample")  # the flow head samples by denoising: all of it is sampling
         with self._flow_numerics(td, recompute=False):
-            mean = self._flow_mean(td, self.norm(self.fusion(self._context(td)))).detach()
+            mean = self._flow_mean(td, self.norm(self.fusion(self._context(td)[0]))).detach()
         sampled = self.sampled_mask(td)
         if self.flow_sigma > 0 and not self.deterministic:
             eps = row_normal(self._seeds(td), mean.shape[1:], mean.device, stream=1)
@@ -436,7 +470,7 @@ class TinyVLA(nn.Module):
         if self.flow_sigma <= 0 or self.deterministic:
             raise RuntimeError("the flow head has a log-prob only with flow_sigma > 0, stochastic")
         with self._flow_numerics(td, recompute=True):
-            ctx = self.norm(self.fusion(self._context(td)))
+            ctx = self.norm(self.fusion(self._context(td)[0]))
             mean = self._flow_mean(td, ctx)
         return self._gaussian_log_prob(chunk.to(ctx), mean, sampled)
 
