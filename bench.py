@@ -13,6 +13,7 @@
     python bench.py embedding       # worker RSS and threads when embedded in a trainer script
     python bench.py training        # GRPO demo; synchronous vs async (overlapped) training
     python bench.py torchrl         # TorchRL's TinyVLA in the engine: determinism, its cost
+    python bench.py scale           # 8 to 1024 envs: throughput, the loop's CPU, RSS, start-up
     python bench.py gpu             # with a GPU: CUDA tests, copy overlap, GPU utilisation
 
 Every figure is a median over repeated windows after a warm-up, measured in one run, so
@@ -37,6 +38,7 @@ SUITES = {
     "embedding": "benchmarks.embedding",
     "training": "benchmarks.training",
     "torchrl": "benchmarks.torchrl_policies",
+    "scale": "benchmarks.scale",
     "gpu": "benchmarks.gpu",
 }
 

@@ -114,9 +114,13 @@ def _batch(obs: dict, instructions, seeds: np.ndarray, device) -> TensorDict:
     return td if device.type == "cpu" else td.to(device)
 
 
-def run_gymnasium(args, spec, policy, device, quiet: bool = False, lean: bool = False) -> dict:
+def run_gymnasium(
+    args, spec, policy, device, quiet: bool = False, lean: bool = False, raw: bool = False
+) -> dict:
     """``lean``: the env returns no per-step info, and env steps are counted as
-    ``chunk`` per env and decision (exact for an env whose episodes never end early)."""
+    ``chunk`` per env and decision (exact for an env whose episodes never end early).
+    ``raw``: no policy and no TensorDict either; the same zero actions every step, the
+    rawest stepping Gymnasium can do (``policy`` is unused)."""
     from gymnasium.vector import AsyncVectorEnv
 
     from benchmarks.main import env_kwargs
@@ -125,6 +129,7 @@ def run_gymnasium(args, spec, policy, device, quiet: bool = False, lean: bool = 
     n = args.num_envs
     stepwise = args.env.startswith(SUITES)
     label = "gymnasium AsyncVectorEnv" + (", action by action" if stepwise else "")
+    label += ", raw (no policy)" if raw else ""
     say = (lambda *a, **k: None) if quiet else print
     say(f"  {label}: starting {n} processes (one per env)", flush=True)
     if stepwise:
@@ -136,16 +141,19 @@ def run_gymnasium(args, spec, policy, device, quiet: bool = False, lean: bool = 
         obs, info = vec.reset(seed=list(range(n)))
         instructions = info["instruction"]
         decision = 0
+        zeros = np.zeros(vec.action_space.shape, vec.action_space.dtype)
 
         def step(k: int) -> int:
             nonlocal obs, instructions, decision
             steps = 0
             for _ in range(k):
-                seeds = np.arange(n, dtype=np.int64) + decision * n
-                out = policy(_batch(obs, instructions, seeds, device))
-                actions = (
-                    out[schema.ACTION_CHUNK].detach().cpu().numpy()[:, : args.exec or args.chunk]
-                )
+                if raw:
+                    actions = zeros
+                else:
+                    seeds = np.arange(n, dtype=np.int64) + decision * n
+                    out = policy(_batch(obs, instructions, seeds, device))
+                    actions = out[schema.ACTION_CHUNK].detach().cpu().numpy()
+                    actions = actions[:, : args.exec or args.chunk]
                 if stepwise:
                     for j in range(actions.shape[1]):
                         obs, _, _, _, info = vec.step(actions[:, j])

@@ -11,8 +11,10 @@ camera, SAPIEN physics, auto-resets every 40 control steps). The policy is
 so that one stage's inference equals one stage's stepping at CV 0, the balanced case where
 overlap matters most; ``--base-share`` of it is the per-call base.
 
-Schedules: lock-step (sync, 1 stage), 2-stage pipelining, and dynamic batching (default rule:
-infer as soon as the policy is free, for every env ready then). Per row, medians over
+Schedules: lock-step (sync, 1 stage), 2-stage pipelining, and dynamic batching (its default,
+adaptive rule: batches of the size that the fitted ``L(B)`` and the measured step times say
+is best, a partial batch waiting at most the per-call cost; ``--min-batch``/``--max-wait-us``
+give the fixed rule instead). Per row, medians over
 ``--windows`` rollout() calls: decisions/s; the bound (the time the busier side needs: the
 simulated device's busy time for the batches this schedule formed, or the workers' measured
 busy time per worker; lock-step adds the two, as it cannot overlap them); throughput as a
@@ -52,6 +54,8 @@ def run(env: str, env_kwargs: dict, policy: LatencyPolicy, args, **schedule) -> 
     ) as engine:
         m = measure(engine, args.decisions, args.windows)
         sizes = list(engine.stats.batch_sizes)
+        rule = engine.batching
+        model = rule.latency_model() if hasattr(rule, "latency_model") else None
     rows = []
     for w in m["windows"]:
         cpu = sum(w["worker_busy_s"]) / 1e9 / args.workers  # per worker
@@ -69,6 +73,13 @@ def run(env: str, env_kwargs: dict, policy: LatencyPolicy, args, **schedule) -> 
     out["decisions_per_s"] = m["decisions_per_s"]
     out["spread"] = m["spread_decisions_per_s"]
     out["median_batch"] = float(np.median(sizes)) if sizes else 0.0
+    if model is not None:  # what the adaptive rule measured and chose
+        out["rule"] = {
+            "fitted_base_ms": model[0] / 1e6,
+            "fitted_per_item_ms": model[1] / 1e6,
+            "max_batch": rule.max_batch,
+            "max_wait_ms": rule.max_wait_ns / 1e6,
+        }
     return out
 
 
@@ -99,6 +110,14 @@ def workload(title: str, env: str, env_kwargs: dict, state_dim: int, latency: di
         policy = LatencyPolicy(state_dim=state_dim, chunk_len=args.chunk, **latency)
         rows[name] = r = run(env, env_kwargs, policy, args, **schedule)
         print(_line(name, r), flush=True)
+        if "rule" in r:
+            q = r["rule"]
+            print(
+                f"    adaptive rule: fitted L(B) = {q['fitted_base_ms']:.1f} + "
+                f"{q['fitted_per_item_ms']:.2f} ms x B; batches of {q['max_batch']}, a "
+                f"partial one waits up to {q['max_wait_ms']:.1f} ms",
+                flush=True,
+            )
     dyn, stages = rows["dynamic batching"], rows["2-stage pipelining"]
     print(
         f"  -> dynamic / 2-stage: {dyn['decisions_per_s'] / stages['decisions_per_s']:.2f}x; "

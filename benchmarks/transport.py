@@ -15,6 +15,8 @@ of moving observations and actions and of recording them, nothing else. Rows:
   runs, for 8 envs and for 2 envs (2 processes, like the engine's 2 workers); its loop calls
   the same policy on the same canonical TensorDict, and its env returns no per-step info
   (Gymnasium merges infos in Python), so it pays for nothing the engine does not;
+- the same ``AsyncVectorEnv`` for 8 envs *raw*: no policy, no TensorDict, the same zero
+  actions every step, no recording (the rawest peer: stepping alone);
 - floors measured in the same run: ``numpy.copyto`` of one step's bytes, cache-hot and into
   fresh memory; the IPC round trip of 2 spawned processes echoing a 16-byte frame.
 
@@ -62,7 +64,7 @@ def _engine_row(toy: dict, decisions: int, windows: int, **schedule) -> dict:
     }
 
 
-def _gym_row(toy: dict, n: int, decisions: int, windows: int) -> dict:
+def _gym_row(toy: dict, n: int, decisions: int, windows: int, raw: bool = False) -> dict:
     from benchmarks.gym_compare import run_gymnasium
 
     args = SimpleNamespace(
@@ -70,7 +72,7 @@ def _gym_row(toy: dict, n: int, decisions: int, windows: int) -> dict:
         decisions=decisions, windows=windows,
     )  # fmt: skip
     policy = LatencyPolicy(state_dim=toy["state_dim"], chunk_len=1)
-    r = run_gymnasium(args, None, policy, torch.device("cpu"), quiet=True, lean=True)
+    r = run_gymnasium(args, None, policy, torch.device("cpu"), quiet=True, lean=True, raw=raw)
     return {"env_steps_per_s": r["env_steps_per_s"], "spread": r["env_steps_per_s_spread"]}
 
 
@@ -105,6 +107,9 @@ def run(compare_gymnasium: bool, decisions: int = 300, windows: int = 5) -> dict
         if compare_gymnasium:
             for n in (NUM_ENVS, 2):
                 rows[f"gymnasium AsyncVectorEnv, n={n}"] = _gym_row(toy, n, decisions, windows)
+            rows[f"gymnasium AsyncVectorEnv, n={NUM_ENVS}, raw"] = _gym_row(
+                toy, NUM_ENVS, decisions, windows, raw=True
+            )
         # one decision's frames (every env's), as one copy
         hot_us, cold_us = _copyto_us(nbytes * NUM_ENVS) if nbytes > 1 << 16 else (0.0, 0.0)
         print(f"{title}: {nbytes / 1e3:.1f} kB per env step")

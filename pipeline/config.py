@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pipeline.backends import BackendName
-from pipeline.schedule.dynamic import Batching
+from pipeline.schedule.dynamic import AdaptiveBatching, Batching
 from pipeline.schedule.lookahead import Lookahead
 
 if TYPE_CHECKING:
@@ -55,9 +55,14 @@ class EngineConfig:
             steps and awaits each stage in turn (``num_stages=1`` is the lock-step baseline).
         schedule: ``"stages"`` (fixed groups) or ``"dynamic"`` (infer for whichever envs are
             ready, :mod:`pipeline.schedule.dynamic`).
-        min_batch: dynamic batching's smallest batch while more envs can come (default 1).
-        max_batch: dynamic batching's largest batch (default ``num_envs``).
-        max_wait_us: how long dynamic batching waits for more envs (default 0).
+        min_batch: dynamic batching's smallest batch while more envs can come (1 when only
+            the others are given). With none of ``min_batch``, ``max_batch`` and
+            ``max_wait_us``, dynamic batching sizes its batches from measurements
+            (:class:`~pipeline.schedule.dynamic.AdaptiveBatching`).
+        max_batch: dynamic batching's largest batch (``num_envs`` when only the others are
+            given).
+        max_wait_us: how long dynamic batching waits for more envs (0 when only the others
+            are given).
         seed: the root of every reset and sampling seed (:mod:`pipeline.seeding`).
         env_kwargs: keyword arguments for the env factory.
         device: where the policy runs; ``"auto"`` takes its parameters' device.
@@ -213,10 +218,13 @@ class EngineConfig:
             return self.num_envs
         return 2 if self.num_stages is None else self.num_stages
 
-    def batching(self) -> Batching | None:
-        """Dynamic batching's rule, or None with fixed stages."""
+    def batching(self) -> Batching | AdaptiveBatching | None:
+        """Dynamic batching's rule (adaptive unless a bound or the wait is given), or None
+        with fixed stages."""
         if self.schedule != "dynamic":
             return None
+        if (self.min_batch, self.max_batch, self.max_wait_us) == (None, None, None):
+            return AdaptiveBatching(self.num_envs, self.num_workers)
         return Batching.check(self.num_envs, self.min_batch, self.max_batch, self.max_wait_us)
 
     def lookahead_for(self, chunk_len: int) -> Lookahead:

@@ -5,7 +5,9 @@ import os
 import random
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 from factories import stuck_env
@@ -14,7 +16,7 @@ from helpers import assert_identical
 import envs
 from pipeline import RolloutEngine, WorkerStuckError
 from pipeline.policies import LatencyPolicy, TinyVLA
-from pipeline.schedule.dynamic import WAIT_FOR_REPLY, Batching
+from pipeline.schedule.dynamic import WAIT_FOR_REPLY, AdaptiveBatching, Batching, simulate
 
 # Step costs drawn per chunk with CV 1 (unseeded): which envs are ready together differs
 # from run to run and from turn to turn; the results must not.
@@ -35,6 +37,64 @@ def test_batching_rule():
     default = Batching.check(8, None, None, None)
     assert (default.min_batch, default.max_batch, default.max_wait_ns) == (1, 8, 0)
     assert default.wait_ns(ready=1, oldest_ns=5, now_ns=5, more_coming=True) is None
+
+
+def _fed(base_ms: float, per_item_ms: float, env_ms: float, sizes=(1, 3, 16, 2, 5)):
+    """An adaptive rule for 16 envs on 2 workers fed calls of ``sizes`` (first-ready's mix)
+    and steps, as the runner feeds it."""
+    rule = AdaptiveBatching(num_envs=16, num_workers=2)
+    env_ns = np.full(16, env_ms * 1e6)
+    for _ in range(8):
+        for b in sizes:
+            rule.observe(b, int((base_ms + per_item_ms * b) * 1e6), env_ns[:b])
+    rule.refit()  # on everything fed (observe refits at most every 2 s)
+    return rule
+
+
+def test_batching_simulation_matches_the_closed_forms():
+    ms = 1e6
+    steps = np.full(64, 4 * ms)
+    # One batch of all 16: lock-step, L(16) + 8 chunks per worker per round.
+    lock = simulate(16, 2, (ms, ms), steps, batch=16, wait_ns=10**12)
+    assert lock == pytest.approx(16 / (17 + 8 * 4) * 1e3, rel=1e-6)
+    # Batches of one: device-bound at 1 / L(1).
+    assert simulate(16, 2, (ms, ms), steps, batch=1, wait_ns=0) == pytest.approx(500, rel=1e-6)
+    # Two balanced stages (L(8) = 16 ms = 4 chunks of 4 ms per worker): the device never idles.
+    assert simulate(16, 2, (0, 2 * ms), steps, 8, 0) == pytest.approx(16 / 32 * 1e3, rel=1e-6)
+
+
+def test_adaptive_batching_fits_the_latency_and_picks_from_the_simulation():
+    # Before two batch sizes are seen: first-ready.
+    rule = AdaptiveBatching(num_envs=16, num_workers=2)
+    rule.observe(16, 5_000_000, np.full(16, 1_000_000))
+    assert (rule.max_batch, rule.max_wait_ns, rule.fitted) == (16, 0, False)
+    assert (
+        rule.wait_ns(ready=1, oldest_ns=0, now_ns=time.perf_counter_ns(), more_coming=True) is None
+    )
+    # The scheduler bench's balanced case: L(B) = 1 + 0.375 B ms, 1 ms chunks.
+    rule = _fed(1.0, 0.375, 1.0)
+    a, b = rule.latency_model()
+    assert a == pytest.approx(1e6) and b == pytest.approx(0.375e6)
+    assert rule.fitted and rule.max_wait_ns in (0, 1_000_000)
+    steps = np.full(16, 1e6)
+    best = simulate(16, 2, (a, b), steps, rule.max_batch, rule.max_wait_ns, 12)
+    for B in range(1, 17):  # nothing the rule could have chosen is faster
+        for w in (0, a):
+            assert simulate(16, 2, (a, b), steps, B, w, 12) <= best + 0.1
+    assert simulate(16, 2, (a, b), steps, 16, 0, 12) < best  # better than first-ready
+    # The wait runs from when the policy became free, or from when the first env became
+    # ready after that.
+    rule.max_batch, rule.max_wait_ns = 8, 1_000_000
+    free = rule._free_ns
+    assert rule.wait_ns(ready=0, oldest_ns=0, now_ns=free, more_coming=True) == WAIT_FOR_REPLY
+    assert rule.wait_ns(ready=8, oldest_ns=0, now_ns=free, more_coming=True) is None  # full
+    assert rule.wait_ns(ready=3, oldest_ns=0, now_ns=free, more_coming=False) is None  # no more
+    assert rule.wait_ns(ready=3, oldest_ns=0, now_ns=free + 400_000, more_coming=True) == 600_000
+    assert rule.wait_ns(ready=3, oldest_ns=0, now_ns=free + 10**6, more_coming=True) is None
+    late = free + 500_000
+    assert rule.wait_ns(ready=1, oldest_ns=late, now_ns=late + 10**5, more_coming=True) == 900_000
+    # A per-call cost that dominates: large batches.
+    assert _fed(20.0, 0.01, 1.0).max_batch >= 12
 
 
 @pytest.mark.parametrize(
@@ -115,6 +175,7 @@ def check_batch_invariance(head: str, vision: str = "patches") -> None:
         ("flow", None, "patches"),
         ("tokens", "AVX2", "patches"),
         ("tokens", None, "keypoints"),
+        ("tokens", None, "film"),
     ],
 )
 def test_tinyvla_rows_are_batch_invariant(head, isa, vision):

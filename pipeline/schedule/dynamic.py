@@ -11,16 +11,22 @@ EnvPool does. :class:`Batching` decides when a batch is worth inferring:
   (waits block in ``poll``, whose resolution is a millisecond: a shorter wait lasts a
   millisecond unless an env becomes ready first).
 
-The defaults (1, all envs, 0 us) infer as soon as the policy is free, for every env ready by
-then: the batch size follows the policy's latency on its own (a slow call lets more envs
-finish). Which envs share a batch never changes a trajectory, because every row's sampling
-seed depends only on its own episode and decision, and a batch-invariant policy computes
-each row alike in any batch (see ``RolloutEngine``).
+``min_batch=1`` (with the other two left out) is first-ready batching: infer as soon as the
+policy is free, for every env ready by then. Left to itself that forms small batches, each
+paying the policy's per-call cost again, so the loop ends up bound by the device where fixed
+stages are not. With none of the three given, :class:`AdaptiveBatching` sizes batches from
+measurements instead. Which envs share a batch never changes a trajectory, because every
+row's sampling seed depends only on its own episode and decision, and a batch-invariant policy
+computes each row alike in any batch (see ``RolloutEngine``).
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 WAIT_FOR_REPLY = -1  # wait for the next env to become ready, however long (watchdog aside)
 
@@ -61,6 +67,9 @@ class Batching:
             raise ValueError(f"max_wait_us={max_wait_us!r} must be >= 0")
         return cls(lo, hi, int(wait * 1000))
 
+    def observe(self, batch: int, policy_ns: int, env_ns: np.ndarray) -> None:
+        """A fixed rule learns nothing from a turn (see :meth:`AdaptiveBatching.observe`)."""
+
     def wait_ns(self, ready: int, oldest_ns: int, now_ns: int, more_coming: bool) -> int | None:
         """``None`` to infer now for up to ``max_batch`` of the ``ready`` envs; otherwise how
         long to wait for more (:data:`WAIT_FOR_REPLY`: until the next env is ready).
@@ -72,4 +81,146 @@ class Batching:
         if ready < self.min_batch:
             return WAIT_FOR_REPLY
         remaining = oldest_ns + self.max_wait_ns - now_ns
+        return None if remaining <= 0 else remaining
+
+
+def simulate(
+    num_envs: int,
+    num_workers: int,
+    latency: tuple[float, float],
+    step_ns: np.ndarray,
+    batch: int,
+    wait_ns: float,
+    rounds: int = 12,
+    seed: int = 0,
+) -> float:
+    """Decisions per second of dynamic batching with batches of ``batch`` and a partial batch
+    waiting ``wait_ns`` after the policy is free, in a small event simulation: env ``i`` on
+    worker ``i % num_workers``, each worker stepping its commanded envs in order, each chunk's
+    time drawn from the measured ``step_ns``, calls of ``a + b * B``. What the runner does,
+    without its own cost.
+
+    Example:
+        >>> simulate(16, 2, (8e6, 3e6), np.full(64, 8e6), batch=8, wait_ns=8e6)
+    """
+    rng = np.random.default_rng(seed)
+    a, b = latency
+    ready_at = np.zeros(num_envs)  # when each env became (or will become) ready
+    worker_free = np.zeros(num_workers)
+    stepping = np.zeros(num_envs, bool)
+    warm, target = 2 * num_envs, (rounds + 2) * num_envs  # the first rounds are a transient
+    draws = rng.choice(step_ns, size=target + num_envs)
+    now = free = t_warm = 0.0
+    decisions = 0
+    while decisions < target:
+        stepping &= ready_at > now
+        ready = np.flatnonzero(~stepping)
+        since = max(ready_at[ready].min(), free) if len(ready) else np.inf
+        if len(ready) >= batch or now >= since + wait_ns:
+            chosen = ready[np.argsort(ready_at[ready], kind="stable")[:batch]]
+            now = free = now + a + b * len(chosen)
+            for env in chosen:  # dispatched in order; a worker steps its envs one by one
+                w = env % num_workers
+                worker_free[w] = max(worker_free[w], now) + draws[decisions]
+                ready_at[env], stepping[env] = worker_free[w], True
+                decisions += 1
+                if decisions == warm:
+                    t_warm = now
+            continue
+        nxt = ready_at[stepping].min() if stepping.any() else np.inf
+        now = max(now, min(nxt, since + wait_ns))
+    return (decisions - warm) / (now - t_warm) * 1e9 if now > t_warm else 0.0
+
+
+class AdaptiveBatching:
+    """The default rule of ``schedule="dynamic"``: batches of the size the measurements say
+    gives the most decisions per second.
+
+    It fits the policy's latency ``L(B) = a + b * B`` online from its own calls and keeps
+    the envs' measured chunk times (their spread included), then replays them in
+    :func:`simulate` for every batch size, a partial batch inferred at once or after waiting
+    ``a`` (the per-call cost: waiting longer idles the device for more than the extra call
+    that inferring now costs), and keeps the fastest. For a balanced workload with equal
+    step times that is about two stages' worth; with spread step times it does not wait
+    for a stage's stragglers. Until it has calls of two sizes to fit it batches first-ready
+    (which forms batches of many sizes); then it refits at most every 2 s (a refit costs
+    tens of milliseconds for 16 envs). The simulation leaves out the loop's own CPU, which
+    on a machine with as many workers as cores is taken from a worker. Nothing it chooses
+    changes a trajectory.
+
+    Example:
+        >>> rule = AdaptiveBatching(num_envs=16, num_workers=2)
+        >>> rule.observe(batch=8, policy_ns=4_000_000, env_ns=np.full(8, 1_000_000))
+    """
+
+    def __init__(self, num_envs: int, num_workers: int) -> None:
+        self.num_envs, self.num_workers = num_envs, num_workers
+        self.min_batch, self.max_batch, self.max_wait_ns = 1, num_envs, 0
+        self.fitted = False
+        self._free_ns = 0  # when the last policy call returned
+        # Per batch size: [calls, mean latency ns]; the sizes of the first-ready warm-up stay
+        # in the fit after the rule settles on a few sizes.
+        self._latency: dict[int, list[float]] = {}
+        self._env_ns: deque[float] = deque(maxlen=4 * num_envs)
+        self._since_fit = self._next_fit_ns = 0
+
+    def observe(self, batch: int, policy_ns: int, env_ns: np.ndarray) -> None:
+        """One turn: its batch size, the policy call's latency and the batch's envs' last
+        stepping (``env_ns`` per env, 0 where nothing was stepped yet)."""
+        self._free_ns = time.perf_counter_ns()
+        calls, mean = self._latency.get(batch, (0, 0.0))
+        calls = min(calls + 1, 32)  # a running mean that follows a drifting latency
+        self._latency[batch] = [calls, mean + (policy_ns - mean) / calls]
+        self._env_ns.extend(float(x) for x in env_ns if x > 0)
+        self._since_fit += batch
+        # Refit after every env decided once, then at most every 20 times what a refit
+        # costs (and 2 s): the simulation stays a small share of the loop's time.
+        if self._since_fit >= self.num_envs and self._free_ns >= self._next_fit_ns:
+            self._since_fit = 0
+            self.refit()
+            cost = time.perf_counter_ns() - self._free_ns
+            self._next_fit_ns = time.perf_counter_ns() + max(2 * 10**9, 20 * cost)
+
+    def latency_model(self) -> tuple[float, float] | None:
+        """``(a, b)`` of ``L(B) = a + b * B`` in ns, or None before two sizes were seen."""
+        if len(self._latency) < 2:
+            return None
+        sizes = np.array(list(self._latency), float)
+        calls, lat = np.array(list(self._latency.values()), float).T
+        w = calls / calls.sum()
+        mb, ml = (w * sizes).sum(), (w * lat).sum()
+        var = (w * (sizes - mb) ** 2).sum()
+        b = max(0.0, (w * (sizes - mb) * (lat - ml)).sum() / var)
+        a = ml - b * mb
+        if a < 0:  # no per-call base: all proportional
+            a, b = 0.0, (w * lat * sizes).sum() / (w * sizes**2).sum()
+        return a, b
+
+    def refit(self) -> None:
+        """Fit ``L(B)`` and choose the batch size and wait now (``observe`` calls this)."""
+        model = self.latency_model()
+        if model is None or len(self._env_ns) < self.num_envs:
+            return
+        steps = np.array(self._env_ns)
+        # Every batch size, a partial batch inferred at once or after waiting the per-call
+        # cost: the simulated best (ties to the larger batch, which costs the device less).
+        n = self.num_envs
+        sizes = range(1, n + 1) if n <= 32 else sorted({*np.geomspace(1, n, 16).round(), n // 2})
+        rounds = int(np.clip(20_000 // n, 2, 12))  # a bounded simulation, whatever n is
+        candidates = [(int(B), w) for B in sizes for w in (0.0, model[0])]
+        rates = [simulate(n, self.num_workers, model, steps, B, w, rounds) for B, w in candidates]
+        best = max(range(len(candidates)), key=lambda i: (round(rates[i], 1), candidates[i]))
+        self.max_batch, wait = candidates[best]
+        self.max_wait_ns = int(wait)
+        self.fitted = True
+
+    def wait_ns(self, ready: int, oldest_ns: int, now_ns: int, more_coming: bool) -> int | None:
+        """``None`` to infer now for up to ``max_batch`` of the ``ready`` envs, otherwise how
+        long to wait for more (see :meth:`Batching.wait_ns`); the wait runs from when the
+        policy became free or the first env became ready, whichever is later."""
+        if ready >= self.max_batch or (ready and not more_coming):
+            return None
+        if not ready:
+            return WAIT_FOR_REPLY
+        remaining = max(oldest_ns, self._free_ns) + self.max_wait_ns - now_ns
         return None if remaining <= 0 else remaining

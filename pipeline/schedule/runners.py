@@ -20,8 +20,10 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+import numpy as np
+
 from pipeline.record.plans import Plan
-from pipeline.schedule.dynamic import Batching
+from pipeline.schedule.dynamic import AdaptiveBatching, Batching
 from pipeline.schedule.stages import Stage, StageState
 from pipeline.schedule.turns import Turns
 
@@ -74,11 +76,14 @@ class PipelinedRunner:
 class DynamicRunner:
     """First-ready batching over single-env stages."""
 
-    def __init__(self, turns: Turns, stages: list[Stage], rule: Batching) -> None:
+    def __init__(
+        self, turns: Turns, stages: list[Stage], rule: Batching | AdaptiveBatching
+    ) -> None:
         self.turns, self.stages, self.rule = turns, stages, rule
 
     def run(self, plan: Plan) -> None:
         turns, rule, cells, channel = self.turns, self.rule, self.stages, self.turns.channel
+        results = turns.a["results"]
         while True:
             channel.harvest(0)
             ready = [c for c in cells if c.state is StageState.READY and plan.wants(c)]
@@ -92,10 +97,16 @@ class DynamicRunner:
                 continue
             ready.sort(key=lambda c: c.ready_ns)
             batch = ready[: rule.max_batch]
-            turns.dispatch(batch, turns.infer(batch), plan)
+            # The batch's last stepping, read before this turn's dispatch overwrites it.
+            env_ns = np.array([results[c.slot, c.lo]["env_ns"] for c in batch])
+            out = turns.infer(batch)
+            rule.observe(len(batch), batch[0].turn_policy_ns, env_ns)
+            turns.dispatch(batch, out, plan)
 
 
-def make_runner(mode: str, rule: Batching | None, turns: Turns, stages: list[Stage]) -> Runner:
+def make_runner(
+    mode: str, rule: Batching | AdaptiveBatching | None, turns: Turns, stages: list[Stage]
+) -> Runner:
     """The strategy for ``mode`` and the batching rule (``None``: fixed stages)."""
     if rule is not None:
         return DynamicRunner(turns, stages, rule)
