@@ -146,10 +146,14 @@ def demo(minutes: float, out: str) -> None:
 def recheck(out: str, episodes: int, seed: int) -> None:
     """The run's checkpoints on reset seeds no evaluation of the run has seen: ``best.pt``
     was chosen on the run's own held-out seeds, so its score there is biased upwards."""
-    cfg = TrainConfig()
+    import json
+
+    with open(os.path.join(out, "curve.json")) as f:  # the run's env, not the defaults
+        saved = json.load(f)["config"]
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     env_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.env_kwargs.items()}
     seeds = range(seed, seed + episodes)
-    print(f"{episodes} fresh held-out seeds ({seed}...): checkpoints of {out}")
+    print(f"{episodes} fresh held-out seeds ({seed}...) of {cfg.env}: checkpoints of {out}")
     for name in ("warm_start", "best", "final"):
         policy, _ = load_checkpoint(os.path.join(out, f"{name}.pt"))
         with RolloutEngine(cfg.env, policy, num_envs=cfg.num_envs, env_kwargs=env_kwargs) as e:

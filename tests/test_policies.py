@@ -9,7 +9,7 @@ import torch
 import envs
 from pipeline import schema
 from pipeline.policies import ExpertPolicy, LatencyPolicy, TinyVLA
-from pipeline.policies.layers import RowConv2d, SpatialSoftmax
+from pipeline.policies.layers import RowConv2d, RowGroupNorm, SpatialSoftmax
 from pipeline.policies.sampling import row_normal, row_uniform
 
 
@@ -137,6 +137,14 @@ def test_row_conv_is_torchs_conv_and_batch_invariant():
     assert torch.equal(conv(x[2:3])[0], y[2])  # a row alone: the same bits
     with pytest.raises(NotImplementedError, match="groups"):
         RowConv2d(4, 4, 3, groups=2)(torch.zeros(1, 4, 8, 8))
+    # Its GroupNorm companion: torch's numbers, a row's bits the same alone as in a batch.
+    norm = RowGroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    z = norm(y)
+    want = torch.nn.functional.group_norm(y, 4, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(z, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(norm(y[2:3])[0], z[2])
 
 
 def test_spatial_softmax_finds_each_channels_peak():
