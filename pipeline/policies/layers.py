@@ -74,6 +74,17 @@ class RowConv2d(nn.Conv2d):
         return y.transpose(1, 2).reshape(b, self.out_channels, oh, ow)
 
 
+def pixel_grid(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """``[2, H, W]``: each pixel's ``x`` and ``y`` in ``[-1, 1]``, in ``like``'s dtype and
+    device."""
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, h, dtype=like.dtype, device=like.device),
+        torch.linspace(-1, 1, w, dtype=like.dtype, device=like.device),
+        indexing="ij",
+    )
+    return torch.stack([xs, ys])
+
+
 class RowGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` computed per image from plain reductions: torch's kernel gave a row
     other bits in a batch than alone (measured on the FiLM tower's conv outputs, 1e-6). The
@@ -93,12 +104,7 @@ def with_coordinates(images: torch.Tensor) -> torch.Tensor:
     """``[B, 3, H, W]`` -> ``[B, 5, H, W]``: each pixel's ``x`` and ``y`` in ``[-1, 1]`` as
     two more channels (CoordConv, Liu et al. 2018)."""
     b, _, h, w = images.shape
-    ys, xs = torch.meshgrid(
-        torch.linspace(-1, 1, h, dtype=images.dtype, device=images.device),
-        torch.linspace(-1, 1, w, dtype=images.dtype, device=images.device),
-        indexing="ij",
-    )
-    return torch.cat([images, torch.stack([xs, ys]).expand(b, 2, h, w)], dim=1)
+    return torch.cat([images, pixel_grid(h, w, images).expand(b, 2, h, w)], dim=1)
 
 
 class FiLMTower(nn.Module):
@@ -172,12 +178,7 @@ class SpatialSoftmax(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``[B, K, H, W]`` -> ``[B, K, 2]``."""
         b, k, h, w = features.shape
-        ys, xs = torch.meshgrid(
-            torch.linspace(-1, 1, h, device=features.device, dtype=features.dtype),
-            torch.linspace(-1, 1, w, device=features.device, dtype=features.dtype),
-            indexing="ij",
-        )
-        grid = torch.stack([xs.reshape(-1), ys.reshape(-1)])  # [2, H*W]
+        grid = pixel_grid(h, w, features).reshape(2, h * w)
         attn = torch.softmax(features.reshape(b, k, h * w) / self.log_temperature.exp(), dim=-1)
         return row_linear(attn, grid, None)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class Batching:
     min_batch: int
     max_batch: int
     max_wait_ns: int
+    learns: ClassVar[bool] = False  # no measurements to observe (AdaptiveBatching does)
 
     @classmethod
     def check(
@@ -66,9 +68,6 @@ class Batching:
         if not wait >= 0:  # also rejects NaN
             raise ValueError(f"max_wait_us={max_wait_us!r} must be >= 0")
         return cls(lo, hi, int(wait * 1000))
-
-    def observe(self, batch: int, policy_ns: int, env_ns: np.ndarray) -> None:
-        """A fixed rule learns nothing from a turn (see :meth:`AdaptiveBatching.observe`)."""
 
     def wait_ns(self, ready: int, oldest_ns: int, now_ns: int, more_coming: bool) -> int | None:
         """``None`` to infer now for up to ``max_batch`` of the ``ready`` envs; otherwise how
@@ -153,9 +152,11 @@ class AdaptiveBatching:
         >>> rule.observe(batch=8, policy_ns=4_000_000, env_ns=np.full(8, 1_000_000))
     """
 
+    learns: ClassVar[bool] = True  # the runner hands it every turn (observe)
+
     def __init__(self, num_envs: int, num_workers: int) -> None:
         self.num_envs, self.num_workers = num_envs, num_workers
-        self.min_batch, self.max_batch, self.max_wait_ns = 1, num_envs, 0
+        self.max_batch, self.max_wait_ns = num_envs, 0
         self.fitted = False
         self._free_ns = 0  # when the last policy call returned
         # Per batch size: [calls, mean latency ns]; the sizes of the first-ready warm-up stay

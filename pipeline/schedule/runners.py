@@ -74,7 +74,8 @@ class PipelinedRunner:
 
 
 class DynamicRunner:
-    """First-ready batching over single-env stages."""
+    """Dynamic batching over single-env stages, as its rule allows; an adaptive rule is
+    handed every turn's measurements."""
 
     def __init__(
         self, turns: Turns, stages: list[Stage], rule: Batching | AdaptiveBatching
@@ -97,6 +98,9 @@ class DynamicRunner:
                 continue
             ready.sort(key=lambda c: c.ready_ns)
             batch = ready[: rule.max_batch]
+            if not rule.learns:
+                turns.dispatch(batch, turns.infer(batch), plan)
+                continue
             # The batch's last stepping, read before this turn's dispatch overwrites it.
             env_ns = np.array([results[c.slot, c.lo]["env_ns"] for c in batch])
             out = turns.infer(batch)
