@@ -74,6 +74,10 @@ class EngineConfig:
         on_worker_failure: ``"restart"`` replaces a failed worker and re-runs its episodes;
             ``"raise"`` raises.
         max_restarts: replacements over the engine's life.
+        spare_worker: keep one worker process started ahead, its libraries imported and
+            (for a registered env) its envs built, to replace a failed worker at once; the
+            next spare then starts in the background at idle priority. None: on for the
+            local backend when failed workers are replaced.
         hang_timeout_s: a worker whose progress stands still this long has failed.
         start_timeout_s: how long start-up (env creation) may take.
         pin_workers: pin each worker process to one core.
@@ -112,6 +116,7 @@ class EngineConfig:
     auto_reset: bool = True
     on_worker_failure: OnWorkerFailure = "restart"
     max_restarts: int = 10
+    spare_worker: bool | None = None
     hang_timeout_s: float = 60.0
     start_timeout_s: float = 300.0
     pin_workers: bool = False
@@ -190,6 +195,16 @@ class EngineConfig:
         if not self.start_timeout_s > 0:
             raise ValueError(f"start_timeout_s={self.start_timeout_s} must be > 0")
         _int("max_restarts", self.max_restarts, 0)
+        if self.spare_worker and (self.on_worker_failure != "restart" or not self.max_restarts):
+            raise ValueError(
+                f"spare_worker=True replaces failed workers, but on_worker_failure="
+                f"{self.on_worker_failure!r} with max_restarts={self.max_restarts} replaces none"
+            )
+        if self.spare_worker and self.backend != "local":
+            raise ValueError(
+                f"spare_worker=True needs backend='local' (process workers of the engine's "
+                f"own), not backend={self.backend!r}"
+            )
         if self.max_staleness is not None:
             _int("max_staleness", self.max_staleness, 0)
         threads = self.inference_threads
@@ -291,6 +306,9 @@ class EngineConfig:
             profile=self.profile,
             max_restarts=self.max_restarts if self.on_worker_failure == "restart" else 0,
         )
+        if self.backend == "local":
+            restarts = options["max_restarts"] > 0
+            options["spare"] = restarts if self.spare_worker is None else self.spare_worker
         if self.backend == "ray":
             options.update(
                 workers_per_node=self.workers_per_node,

@@ -2,6 +2,7 @@
 
 import gc
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -277,6 +278,42 @@ def test_restart_budget_is_finite(backend):
         e.rollout(4)
     assert any("budget of 2 is spent" in note for note in info.value.__notes__)
     assert e.closed
+
+
+# -- the spare ------------------------------------------------------------------------------------
+def _kill_between_calls(spare: bool):
+    """Two calls with worker 1 SIGKILLed between them, on a registered env (a spare builds
+    its envs ahead for those)."""
+    import psutil
+
+    with make_engine(latency_policy(), spare_worker=spare) as e:
+        first = e.rollout(5)
+        victim = e._pool.procs[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        second = e.rollout(10)
+        pool, spare_pid = e._pool, e._pool._spare[0].pid if e._pool._spare else None
+        used = (e.stats.restarts, pool.spares_used, pool.prebuilt_envs_used)
+    if spare_pid is not None:  # the next spare, started after the replacement: closed too
+        assert not psutil.pid_exists(spare_pid) or psutil.Process(spare_pid).status() == "zombie"
+    return first, second, used
+
+
+def test_a_spare_replaces_a_killed_worker_with_its_envs_built_ahead_and_the_same_data():
+    with_spare, without = _kill_between_calls(True), _kill_between_calls(False)
+    assert with_spare[2] == (1, 1, 4)  # one replacement: the spare, its 4 envs built ahead
+    assert without[2] == (1, 0, 0)  # a fresh process that built its own
+    # Whichever process took over, every recorded byte is the same (aborted retries too).
+    for a, b in zip(with_spare[:2], without[:2], strict=True):
+        assert_identical(a, b)
+    assert with_spare[1]["aborted"][[1, 3, 5, 7]].any()  # the kill did interrupt episodes
+
+
+def test_spare_worker_needs_restarts_and_the_local_backend():
+    with pytest.raises(ValueError, match="on_worker_failure='raise'"):
+        make_engine(latency_policy(), spare_worker=True, on_worker_failure="raise")
+    with pytest.raises(ValueError, match="spare_worker=True needs backend='local'"):
+        make_engine(latency_policy(), spare_worker=True, backend="inline")
 
 
 # -- the watchdog ---------------------------------------------------------------------------------

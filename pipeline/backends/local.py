@@ -38,9 +38,10 @@ from pipeline.errors import (
 )
 from pipeline.runtime import protocol as P
 from pipeline.runtime.layout import Layout, SharedBuffers
-from pipeline.runtime.process import worker_main
+from pipeline.runtime.process import spare_main, worker_main
 from pipeline.runtime.spans import SpanRing
 from pipeline.runtime.stacks import dump_stacks, own_stacks
+from pipeline.runtime.worker import SpareConfig
 
 
 class WorkerPool(PoolBase):
@@ -67,6 +68,7 @@ class WorkerPool(PoolBase):
         profile: bool = False,
         max_restarts: int = 0,
         workers: list[int] | None = None,
+        spare: bool = False,
     ) -> None:
         self.env, self.env_kwargs, self.env_name = env, env_kwargs, env_name
         self.budget = RestartBudget(max_restarts, len(env_ids))
@@ -96,6 +98,12 @@ class WorkerPool(PoolBase):
         # last changed (or the worker last replied).
         self._watch: dict[int, tuple[int, float]] = {}
         self._fd_owner: dict[int, tuple[str, int]] = {}
+        # A process started ahead of need (runtime/process.py: spare_main), as (process,
+        # connection): a replacement takes it, so the loop waits for an attach, not for a
+        # Python start-up, imports and env creation; the next one starts in the background.
+        self.spare_wanted = spare
+        self._spare: tuple | None = None
+        self.spares_used = self.prebuilt_envs_used = 0
 
     # -- start-up ----------------------------------------------------------------------------
     def start(self, make_layout: Callable[[EnvSpec], Layout], start_timeout_s: float) -> EnvSpec:
@@ -129,6 +137,8 @@ class WorkerPool(PoolBase):
                 self.shm.arrays["profile_on"][0] = 1
             for w in self.local:
                 self._attach(w, start_timeout_s)
+            if self.spare_wanted:
+                self._spawn_spare()
         except BaseException:
             self.close()
             raise
@@ -148,8 +158,46 @@ class WorkerPool(PoolBase):
         child_conn.close()
         self.procs[w], self.conns[w] = proc, parent_conn
 
+    def _spawn_spare(self) -> None:
+        import multiprocess as mp
+
+        ctx = mp.get_context("spawn")
+        cfg = SpareConfig(
+            env_fn=self.env,
+            env_kwargs=self.env_kwargs,
+            num_envs=max(len(ids) for ids in self.env_ids),
+            parent_pid=os.getpid(),
+        )
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=spare_main, args=(cfg, child_conn), name="rollout-spare")
+        proc.daemon = True
+        with worker_environ(), without_main(self.env):
+            proc.start()
+        child_conn.close()
+        self._spare = (proc, parent_conn)
+
+    def _assign_spare(self, w: int) -> bool:
+        """Make the spare worker ``w`` (it goes on with the hand-shake); False when there is
+        none, or it is gone."""
+        if self._spare is None:
+            return False
+        (proc, conn), self._spare = self._spare, None
+        if hasattr(os, "sched_setscheduler"):  # still preparing: at normal priority now
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(proc.pid, os.SCHED_OTHER, os.sched_param(0))
+        try:
+            P.send(conn, P.Frame(P.ASSIGN))
+            conn.send(self.worker_config(w, self.worker_cpu[w] if self.worker_cpu else None))
+        except OSError:
+            shutdown([proc], [conn], None)
+            return False
+        self.procs[w], self.conns[w] = proc, conn
+        self.spares_used += 1
+        return True
+
     def _hello(self, w: int, timeout: float) -> EnvSpec:
-        self._expect(w, P.HELLO, timeout, "creating its envs")
+        hello = self._expect(w, P.HELLO, timeout, "creating its envs")
+        self.prebuilt_envs_used += hello.stage
         return self.conns[w].recv()
 
     def _hello_or_replace(self, w: int, timeout: float) -> EnvSpec:
@@ -173,27 +221,25 @@ class WorkerPool(PoolBase):
         self._fd_owner[conn.fileno()] = ("conn", w)
         self._fd_owner[proc.sentinel] = ("sentinel", w)
 
-    def _expect(self, w: int, kind: int, timeout: float, doing: str) -> None:
+    def _expect(self, w: int, kind: int, timeout: float, doing: str) -> P.Frame:
         from multiprocess.connection import wait
 
         conn, proc = self.conns[w], self.procs[w]
         ready = wait([conn, proc.sentinel], timeout)
         if conn in ready:
             try:
-                got = P.recv(conn).kind
+                frame = P.recv(conn)
             except (EOFError, OSError):
                 raise WorkerDiedError(
                     self.death(w, doing) + ". Workers are spawned: a script that creates the "
                     "engine at import time must guard it with `if __name__ == '__main__':`",
                     worker=w,
                 ) from None
-            if got == P.ERROR:
+            if frame.kind == P.ERROR:
                 raise conn.recv().to_error(self.env_name)
-            if got != kind:
-                raise ProtocolError(
-                    f"worker {w}: expected {P.NAMES[kind]}, got {P.NAMES.get(got, got)}"
-                )
-            return
+            if frame.kind != kind:
+                raise ProtocolError(f"worker {w}: expected {P.NAMES[kind]}, got {frame}")
+            return frame
         if proc.sentinel in ready:
             raise WorkerDiedError(self.death(w, doing), worker=w)
         raise EngineTimeout(f"worker {w} did not finish {doing} within {timeout:.0f} s", worker=w)
@@ -406,11 +452,14 @@ class WorkerPool(PoolBase):
         """Kill worker ``w`` and start a replacement attached to the same shared memory,
         whatever the budget says (the caller accounted for it)."""
         self._kill(w)
-        self._spawn(w)
+        if not self._assign_spare(w):
+            self._spawn(w)
         spec = self._hello_or_replace(w, start_timeout_s)
         if repr(spec) != repr(self.spec):
             raise EngineError(f"replacement worker {w} has another env spec: {spec}", worker=w)
         self._attach(w, start_timeout_s)
+        if self.spare_wanted:
+            self._spawn_spare()  # at idle priority: ready for the next failure
 
     def _kill(self, w: int) -> None:
         """Stop worker ``w`` at once and forget its pipe (its replies are lost)."""
@@ -440,7 +489,9 @@ class WorkerPool(PoolBase):
     # -- shutdown ----------------------------------------------------------------------------
     def close(self) -> None:
         """Stop every worker and release the shared memory. Idempotent."""
-        procs = [p for p in self.procs if p is not None]
-        conns = [c for c in self.conns if c is not None]
+        spare, self._spare = self._spare, None
+        extra = [spare] if spare is not None else []
+        procs = [p for p in self.procs if p is not None] + [p for p, _ in extra]
+        conns = [c for c in self.conns if c is not None] + [c for _, c in extra]
         shm, self.shm = self.shm, None
         shutdown(procs, conns, shm)

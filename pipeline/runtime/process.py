@@ -5,6 +5,8 @@ spec, maps the shared memory the parent sends, and then serves frames until CLOS
 Any exception is reported to the parent as a :class:`~pipeline.runtime.protocol.WorkerFailure`
 and the process exits. It also exits when its parent dies: the kernel kills it
 (``PR_SET_PDEATHSIG``) and, as a second line, its command pipe reaches EOF.
+:func:`spare_main` starts a process ahead of need (a spare): it prepares at idle priority,
+then becomes whichever worker it is assigned.
 
 Like the rest of :mod:`pipeline.runtime`, this imports no torch.
 """
@@ -17,7 +19,7 @@ import sys
 
 from pipeline.runtime import protocol as P
 from pipeline.runtime.layout import Layout, SharedBuffers
-from pipeline.runtime.worker import Worker, WorkerConfig
+from pipeline.runtime.worker import SpareConfig, Worker, WorkerConfig, prebuild_envs
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -47,11 +49,11 @@ def serve(worker: Worker, conn) -> None:
         worker.run_tails()  # lookahead: execute on while the next chunks are inferred
 
 
-def _start(worker: Worker, conn) -> bool:
+def _start(worker: Worker, conn, prebuilt: list | None) -> bool:
     """The hand-shake, worker side: offer the spec, map the memory the parent sends, confirm.
     False when the parent abandoned start-up (another worker failed)."""
-    spec = worker.create_envs()
-    P.send(conn, P.Frame(P.HELLO))
+    spec = worker.create_envs(prebuilt)
+    P.send(conn, P.Frame(P.HELLO, stage=len(prebuilt or ())))  # envs a spare built ahead
     conn.send(spec)
     attach = P.recv_attach(conn)
     if attach is None:
@@ -62,8 +64,44 @@ def _start(worker: Worker, conn) -> bool:
     return True
 
 
-def worker_main(cfg: WorkerConfig, conn) -> None:
-    """Process entry point (see the module docstring for the state machine)."""
+def _idle_priority(on: bool) -> None:
+    """SCHED_IDLE while a spare prepares: it takes only cycles no one else wants, so
+    building it never slows the running workers or the loop. Back to SCHED_OTHER (nice
+    unchanged, which an unprivileged process may do) once it is a worker."""
+    if hasattr(os, "SCHED_IDLE"):
+        policy = os.SCHED_IDLE if on else os.SCHED_OTHER
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+        except OSError:
+            pass  # not permitted here: it stays at normal priority, which is still correct
+
+
+def spare_main(spare: SpareConfig, conn) -> None:
+    """Entry point of a spare: import the env's libraries and build its envs ahead (at idle
+    priority), then wait to be assigned a worker's config and go on as that worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(spare.parent_pid)
+    _idle_priority(True)
+    prebuilt = prebuild_envs(spare)
+    try:
+        frame = P.recv(conn)
+        cfg = conn.recv() if frame.kind == P.ASSIGN else None
+    except (EOFError, OSError):
+        cfg = None  # the parent is gone
+    if cfg is None:  # CLOSE: not needed after all
+        for env in prebuilt:
+            try:
+                env.close()
+            except Exception:
+                pass
+        return
+    _idle_priority(False)
+    worker_main(cfg, conn, prebuilt)
+
+
+def worker_main(cfg: WorkerConfig, conn, prebuilt: list | None = None) -> None:
+    """Process entry point (see the module docstring for the state machine); ``prebuilt``:
+    the envs a spare built ahead."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with_parent(cfg.parent_pid)
     if cfg.cpu is not None and hasattr(os, "sched_setaffinity"):
@@ -76,7 +114,7 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
         pass
     worker = Worker(cfg)
     try:
-        if _start(worker, conn):
+        if _start(worker, conn, prebuilt):
             serve(worker, conn)
     except BaseException as exc:  # report everything, including KeyboardInterrupt in an env
         failure = worker.failure(exc)

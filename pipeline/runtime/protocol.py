@@ -10,12 +10,17 @@ sentinel at once, so a dead worker is noticed immediately.
 
 Start-up hand-shake (the only place anything but a frame travels):
 
-1. worker -> ``HELLO`` frame, then the env spec, pickled (``conn.send``). A worker whose env
+1. worker -> ``HELLO`` frame (its ``stage`` field: how many of its envs a spare built
+   ahead), then the env spec, pickled (``conn.send``). A worker whose env
    factory raises sends ``ERROR`` instead (see below) and exits.
 2. parent -> ``ATTACH`` frame, then ``(num_envs, chunk_len, num_workers)`` pickled, then the
    shared segment's file descriptor (``SCM_RIGHTS``). Or ``CLOSE``, when start-up is
    abandoned (another worker failed): the worker closes its envs and exits with code 0.
 3. worker -> ``ATTACHED`` frame once the memory is mapped.
+
+A spare (a process started ahead of need, :func:`~pipeline.runtime.process.spare_main`)
+first waits for ``ASSIGN`` and the :class:`~pipeline.runtime.worker.WorkerConfig` of the
+worker it becomes, pickled, or ``CLOSE``; then it goes on at step 1.
 
 Then, in the RUNNING state, commands (parent -> worker), each answered by exactly one reply
 in order:
@@ -49,13 +54,14 @@ from pipeline.errors import EnvError, ObservationError, ProtocolError
 _WIRE = struct.Struct("<BBHIq")
 FRAME_SIZE = _WIRE.size
 
-RESET, STEP, CLOSE, ATTACH = 1, 2, 3, 4
+RESET, STEP, CLOSE, ATTACH, ASSIGN = 1, 2, 3, 4, 5
 DONE, ERROR, HELLO, ATTACHED = 10, 11, 12, 13
 NAMES = {
     RESET: "RESET",
     STEP: "STEP",
     CLOSE: "CLOSE",
     ATTACH: "ATTACH",
+    ASSIGN: "ASSIGN",
     DONE: "DONE",
     ERROR: "ERROR",
     HELLO: "HELLO",

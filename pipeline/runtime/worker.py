@@ -47,6 +47,37 @@ class WorkerConfig:
 
 
 @dataclass
+class SpareConfig:
+    """What a spare is started with: enough to import the env's libraries and, for a
+    registered env, to build ``num_envs`` envs before it knows which worker it replaces."""
+
+    env_fn: Any
+    env_kwargs: dict
+    num_envs: int
+    parent_pid: int
+
+
+def prebuild_envs(spare: SpareConfig) -> list:
+    """A spare's envs, built ahead: only for a registered env (a factory may ask
+    :func:`current_worker`, unknown until the spare is assigned). Nothing on failure: the
+    assigned worker then builds its envs itself and reports the error as any worker does."""
+    if not isinstance(spare.env_fn, str):
+        return []
+    built = []
+    try:
+        for _ in range(spare.num_envs):
+            built.append(_make_env(spare))
+    except Exception:
+        for env in built:
+            try:
+                env.close()
+            except Exception:
+                pass
+        return []
+    return built
+
+
+@dataclass
 class _Carried:
     """What an env's lookahead actions came to: part of its next decision's window."""
 
@@ -58,7 +89,7 @@ class _Carried:
     env_ns: int
 
 
-def _make_env(cfg: WorkerConfig):
+def _make_env(cfg: WorkerConfig | SpareConfig):
     if isinstance(cfg.env_fn, str):
         import envs
 
@@ -157,16 +188,24 @@ class Worker:
         self.state = state
 
     # -- start-up ----------------------------------------------------------------------------
-    def create_envs(self) -> EnvSpec:
-        """Create this worker's envs (timed for the profiler) and return their one spec."""
+    def create_envs(self, prebuilt: list | None = None) -> EnvSpec:
+        """Create this worker's envs (timed for the profiler) and return their one spec.
+        ``prebuilt``: envs a spare built ahead (:func:`prebuild_envs`), taken first; any
+        left over are closed."""
+        prebuilt = list(prebuilt or ())
         for env_id in self.cfg.env_ids:
             self.current_env = env_id
+            if prebuilt:
+                self.envs[env_id] = prebuilt.pop()
+                continue
             t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
             with self._running:
                 self.envs[env_id] = _make_env(self.cfg)
             if self.cfg.profile:
                 self.init_spans.append((t0, time.perf_counter_ns(), time.thread_time_ns() - c0))
         self.current_env = None
+        for env in prebuilt:
+            env.close()
         specs = {repr(e.spec) for e in self.envs.values()}
         if len(specs) != 1:
             raise ValueError(f"envs in one worker disagree on their spec: {sorted(specs)}")
