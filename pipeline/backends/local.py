@@ -491,6 +491,11 @@ class WorkerPool(PoolBase):
         """Stop every worker and release the shared memory. Idempotent."""
         spare, self._spare = self._spare, None
         extra = [spare] if spare is not None else []
+        if spare is not None:
+            # Killed outright: it maps no shared memory and has served nothing, and one still
+            # preparing at idle priority would read CLOSE only once its envs are built.
+            with contextlib.suppress(OSError):
+                spare[0].kill()
         procs = [p for p in self.procs if p is not None] + [p for p, _ in extra]
         conns = [c for c in self.conns if c is not None] + [c for _, c in extra]
         shm, self.shm = self.shm, None
