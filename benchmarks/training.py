@@ -202,27 +202,21 @@ def perception(scenes: int, steps: int, vision: str, lr: float, camera: str) -> 
     of two cubes, named by colour; the target is the only flat square) for ``steps`` steps
     of 32 at learning rate ``lr``; held-out mean absolute error in cm every 200 steps
     (predicting the mean scores about 7.5 and 8.5)."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
-    import envs
     from envs.tabletop.env import STATE_LAYOUT
     from pipeline import schema
     from pipeline.policies import TinyVLA
+    from trainer.perception import reset_scenes
 
-    env = envs.make("tabletop/pick-place", cameras=(camera,), image_size=64, state="proprio")
-    obs, texts = [], []
-    for seed in range(scenes):
-        o, _ = env.reset(seed=10**7 + seed)
-        obs.append(o)
-        texts.append(env.instruction)
-    env.close()
-    privileged = torch.from_numpy(np.stack([o["privileged"] for o in obs]))
+    kwargs = {"cameras": (camera,), "image_size": 64, "state": "proprio"}
+    data = reset_scenes("tabletop/pick-place", kwargs, scenes, seed=10**7)
+    privileged = data.get(schema.PRIVILEGED)
     xy = [STATE_LAYOUT["object_pos"].start, STATE_LAYOUT["target_pos"].start]
     truth = torch.cat([privileged[:, i : i + 2] for i in xy], dim=1)  # metres
     torch.manual_seed(0)
-    policy = TinyVLA(state_dim=obs[0]["state"].shape[0], cameras=(camera,), vision=vision)
+    policy = TinyVLA(state_dim=data.get(schema.STATE).shape[-1], cameras=(camera,), vision=vision)
     width = policy.cfg.dim
     head = torch.nn.Sequential(
         torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, 4)
@@ -230,7 +224,7 @@ def perception(scenes: int, steps: int, vision: str, lr: float, camera: str) -> 
     opt = torch.optim.AdamW([*policy.parameters(), *head.parameters()], lr=lr)
     gen = torch.Generator().manual_seed(0)
     train_n = scenes - 500
-    held = schema.make_batch(obs[train_n:], texts[train_n:])
+    held = data[train_n:]
 
     def predict(td):  # decimetres: targets of order 1
         return head(policy.query_features(td).mean(1)) / 10
@@ -246,8 +240,8 @@ def perception(scenes: int, steps: int, vision: str, lr: float, camera: str) -> 
                 f"object {err[:2].mean():.2f} cm, target {err[2:].mean():.2f} cm",
                 flush=True,
             )
-        idx = torch.randint(train_n, (32,), generator=gen).tolist()
-        td = schema.make_batch([obs[i] for i in idx], [texts[i] for i in idx])
+        idx = torch.randint(train_n, (32,), generator=gen)
+        td = data[idx]
         loss = F.mse_loss(predict(td) * 10, truth[idx] * 10)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -23,12 +23,14 @@ from trainer.loop import (
     toy_reach_config,
     train,
 )
+from trainer.perception import PrivilegedHead, pretrain_perception, reset_scenes
 from trainer.runlog import RunLog
 from trainer.video import EvalVideo
 
 __all__ = [
     "Ablated",
     "EvalVideo",
+    "PrivilegedHead",
     "RunLog",
     "TrainConfig",
     "ablation_success",
@@ -43,6 +45,8 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "learning_rate",
+    "pretrain_perception",
+    "reset_scenes",
     "load_checkpoint",
     "run_iterations",
     "save_checkpoint",

@@ -16,6 +16,8 @@ from pipeline import RolloutEngine, schema
 from pipeline.policies import ExpertPolicy
 from pipeline.policies.tinyvla import NUM_BINS, action_tokens
 from pipeline.record.views import steps
+from trainer.fitting import fit_minibatches
+from trainer.perception import PrivilegedHead
 
 
 def collect_demos(
@@ -60,6 +62,7 @@ def behaviour_clone(
     max_delay: int = 0,
     state_noise: float = 0.0,
     privileged_weight: float = 0.0,
+    privileged_head: PrivilegedHead | None = None,
 ) -> list[float]:
     """Cross-entropy of the token head on the demonstrations' action bins; returns the loss
     of every step.
@@ -76,8 +79,9 @@ def behaviour_clone(
     ``privileged_weight > 0`` adds an auxiliary loss, a simulator-only training signal: a
     small head on the pooled :meth:`TinyVLA.query_features` regresses the env's privileged
     state (``observation.privileged``: object and target positions, standardised per
-    dimension over the demonstrations), weighted by ``privileged_weight``. The head is
-    dropped afterwards; the policy still sees only images, instruction and ``state``. Cloning
+    dimension over the demonstrations; :class:`PrivilegedHead`, or ``privileged_head``, e.g.
+    the one :func:`pretrain_perception` trained), weighted by ``privileged_weight``. The head
+    is dropped afterwards; the policy still sees only images, instruction and ``state``. Cloning
     alone does not teach a small vision tower where things are from a few thousand
     decisions; this says it outright (as asymmetric actor-critic or privileged-information
     distillation use what only the simulator knows).
@@ -93,24 +97,17 @@ def behaviour_clone(
     if privileged_weight:
         if schema.PRIVILEGED not in demos.keys(include_nested=True):
             raise ValueError("privileged_weight needs demos with observation.privileged")
-        privileged = demos.get(schema.PRIVILEGED).float()
-        mean, std = privileged.mean(0), privileged.std(0).clamp_min(1e-3)
-        width = policy.cfg.dim
-        aux_head = torch.nn.Sequential(
-            torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, len(mean))
-        )
-        params += list(aux_head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+        aux = privileged_head
+        if aux is None:
+            aux = PrivilegedHead(policy.cfg.dim, demos.get(schema.PRIVILEGED))
+        params += list(aux.parameters())
     chunks = demos[schema.ACTION_CHUNK]
     targets = action_tokens(chunks)
     horizon = targets.shape[1]
     if not 0 <= max_delay < horizon:
         raise ValueError(f"max_delay={max_delay} must be in [0, chunk_len={horizon})")
-    losses = []
-    policy.train()
-    for _ in range(num_steps):
-        idx = torch.randint(len(demos), (min(batch_size, len(demos)),), generator=gen)
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         batch, target = demos[idx], targets[idx]
         if state_noise:
             batch = batch.clone(recurse=False)
@@ -127,14 +124,10 @@ def behaviour_clone(
             target = target.masked_fill(frozen.unsqueeze(-1), -100)  # ignore_index
         features = policy.query_features(batch)
         logits = policy.action_logits(batch, features)
-        loss = F.cross_entropy(logits.reshape(-1, NUM_BINS), target.reshape(-1))
-        losses.append(float(loss.detach()))
-        if privileged_weight:
-            wanted = (privileged[idx] - mean) / std
-            aux = F.mse_loss(aux_head(features.mean(1)), wanted)
-            loss = loss + privileged_weight * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    policy.eval()
-    return losses
+        clone = F.cross_entropy(logits.reshape(-1, NUM_BINS), target.reshape(-1))
+        if not privileged_weight:
+            return clone, clone
+        aux_loss = aux.loss(features, batch.get(schema.PRIVILEGED))
+        return clone + privileged_weight * aux_loss, clone
+
+    return fit_minibatches(policy, params, len(demos), num_steps, batch_loss, batch_size, lr, seed)

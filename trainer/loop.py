@@ -24,12 +24,13 @@ import torch
 from tensordict import TensorDict
 
 import envs
-from pipeline import RolloutEngine
+from pipeline import RolloutEngine, schema
 from pipeline.policies import TinyVLA
 from trainer.ablations import ablation_success
 from trainer.bc import behaviour_clone, collect_demos
 from trainer.checkpoints import load_checkpoint, load_resume, save_checkpoint, save_resume
 from trainer.grpo import add_proximal_log_probs, dynamic_sample, evaluate, grpo_loss
+from trainer.perception import PrivilegedHead, pretrain_perception, reset_scenes
 from trainer.runlog import RunLog
 from trainer.video import EvalVideo
 
@@ -72,6 +73,12 @@ class TrainConfig:
     bc_lr: float = 1e-3
     bc_state_noise: float = 0.0  # std of Gaussian noise on the state while cloning (bc.py)
     bc_privileged: float = 0.0  # weight of the privileged-state auxiliary loss (bc.py)
+    # Perception pre-training before the cloning (trainer/perception.py): the vision tower
+    # regresses the privileged state of this many fresh reset scenes (0: none) from image
+    # and instruction, for perception_steps steps at bc_lr; cloning's privileged loss then
+    # continues with the same head.
+    perception_scenes: int = 0
+    perception_steps: int = 2000
     warm_start: str | None = None  # a checkpoint to start from instead of cloning
     # Greedy held-out success with black images and with swapped instructions, at the warm
     # start and at the end (trainer/ablations.py); envs with cameras only.
@@ -82,6 +89,11 @@ class TrainConfig:
     resume: bool = False  # continue the run in out/ from its last resume checkpoint
     seed: int = 0
     out: str | None = None
+
+
+# Reset seeds of perception pre-training: apart from the held-out evaluation seeds (10**9 on)
+# and the training resets (hashed 63-bit seeds).
+PERCEPTION_SEED = 10**7
 
 
 def toy_reach_config(**overrides) -> TrainConfig:
@@ -375,10 +387,39 @@ def _warm_start(cfg: TrainConfig, spec, env_kwargs: dict, curve: dict, log) -> T
         prefix_conditioning=cfg.lookahead > 0,
         vision=cfg.vision,
     )
+    demos = None
     if cfg.bc_demos:
         demos, expert_rate = collect_demos(
             cfg.env, env_kwargs, cfg.bc_demos, cfg.chunk_len, seed=cfg.seed + 12345
         )
+    head = None
+    if cfg.perception_scenes:
+        seed = PERCEPTION_SEED + cfg.seed * 10**6
+        scenes = reset_scenes(cfg.env, env_kwargs, cfg.perception_scenes + 256, seed)
+        # One standardisation over the reset scenes and the demonstrations: the head goes on
+        # into the cloning, whose states (a lifted, turned cube; a moved arm) a reset never
+        # shows, and a dimension nearly constant at reset would blow up there.
+        reference = [scenes.get(schema.PRIVILEGED)]
+        if demos is not None and cfg.bc_privileged:
+            reference.append(demos.get(schema.PRIVILEGED))
+        head = PrivilegedHead(policy.cfg.dim, torch.cat([r.float() for r in reference]))
+        plosses = pretrain_perception(
+            policy,
+            head,
+            scenes[256:],
+            cfg.perception_steps,
+            lr=cfg.bc_lr,
+            seed=cfg.seed,
+            held_out=scenes[:256],
+            log=log,
+        )
+        curve["perception"] = {
+            "scenes": cfg.perception_scenes,
+            "steps": cfg.perception_steps,
+            "loss_first_last": [plosses[0], plosses[-1]] if plosses else [],
+            "seconds": time.perf_counter() - t0,
+        }
+    if demos is not None:
         losses = behaviour_clone(
             policy,
             demos,
@@ -388,6 +429,7 @@ def _warm_start(cfg: TrainConfig, spec, env_kwargs: dict, curve: dict, log) -> T
             max_delay=cfg.lookahead,
             state_noise=cfg.bc_state_noise,
             privileged_weight=cfg.bc_privileged,
+            privileged_head=head,
         )
         curve["warm_start"] = {
             "demos": cfg.bc_demos,

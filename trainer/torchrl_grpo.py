@@ -35,6 +35,7 @@ from pipeline import schema
 from pipeline.policies import ExpertPolicy
 from pipeline.record.views import steps
 from pipeline.torchrl import RolloutCollector, TorchRLPolicy
+from trainer.fitting import fit_minibatches
 from trainer.grpo import evaluate, group_advantages, informative_groups
 from trainer.loop import attach_progress, write_curve
 
@@ -154,19 +155,21 @@ def warm_start(policy: TorchRLPolicy, demos: TensorDict, cfg: TorchRLGRPOConfig)
     actor = policy.vla.get_new_version(logits_only=True, inplace=False)
     loss_fn = BCLoss(actor)
     loss_fn.set_keys(action=EXPERT_TOKENS)
-    opt = torch.optim.AdamW(loss_fn.parameters(), lr=cfg.bc_lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    losses = []
-    policy.train()
-    for _ in range(cfg.bc_steps):
-        idx = torch.randint(len(demos), (min(cfg.bc_batch, len(demos)),), generator=gen)
+
+    def nll(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         loss = loss_fn(demos[idx])["loss_bc"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    policy.eval()
-    return losses
+        return loss, loss
+
+    return fit_minibatches(
+        policy,
+        loss_fn.parameters(),
+        len(demos),
+        cfg.bc_steps,
+        nll,
+        cfg.bc_batch,
+        cfg.bc_lr,
+        cfg.seed,
+    )
 
 
 def grpo_step(
