@@ -35,6 +35,7 @@ PICK = dict(cameras=("head",), image_size=64)
 
 def _engines(args) -> dict[str, RolloutEngine]:
     common = dict(num_envs=8, num_workers=2, num_stages=2, max_restarts=10_000, seed=0)
+    common["spare_worker"] = False if args.no_spare else None  # None: the default, a spare
     return {
         "toy": RolloutEngine(
             "toy",
@@ -129,6 +130,7 @@ def run(args) -> dict:
     t_start = time.monotonic()
     t_minute, last = t_start, dict(decisions=0, steps=0)
     steps = {name: 0 for name in engines}
+    replace_s = {name: 0.0 for name in engines}  # the loop's time inside replacements
     if chaos:
         chaos.start()
     try:
@@ -140,6 +142,7 @@ def run(args) -> dict:
             e.stats.reset()
             td = e.collect_episodes(2, 4) if kind == "episodes" else e.rollout(12)
             steps[name] += e.stats.env_steps
+            replace_s[name] += e.stats.replace_ns / 1e9
             _account(name, kind, td, totals)
             i += 1
             now = time.monotonic()
@@ -171,9 +174,18 @@ def run(args) -> dict:
         if chaos:
             chaos.stop()
         restarts = {n: len(e.failures) for n, e in engines.items()}
+        spares = {n: e._pool.spares_used for n, e in engines.items()}
         for e in engines.values():
             e.close()
-    return _summary(args, minutes, samples, totals, restarts, chaos)
+    res = _summary(args, minutes, samples, totals, restarts, chaos)
+    res["replace_s"], res["spares_used"] = replace_s, spares
+    for name in engines:
+        if restarts[name]:
+            print(
+                f"  {name}: {replace_s[name]:.1f} s inside {restarts[name]} replacements "
+                f"({replace_s[name] / restarts[name]:.3f} s each), {spares[name]} by a spare"
+            )
+    return res
 
 
 def _summary(args, minutes, samples, totals, restarts, chaos) -> dict:
@@ -213,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--chaos", type=float, default=0.0, help="kill a worker every N s (0: off)")
+    ap.add_argument("--no-spare", action="store_true", help="replace workers cold")
     ap.add_argument("--out", default=None, help="JSON results (default bench_results/soak-*.json)")
     args = ap.parse_args(argv)
     res = run(args)

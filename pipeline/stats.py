@@ -36,6 +36,7 @@ class EngineStats:
     batch_sizes: deque = field(default_factory=deque)  # rows of each policy call
     record_ns: int = 0  # copying decisions into the trajectory store
     restarts: int = 0  # workers replaced (``engine.failures`` says why)
+    replace_ns: int = 0  # the loop's time inside those replacements (a spare shortens it)
     async_calls: int = 0  # collect_episodes_async calls started
     stale_dropped: int = 0  # episodes dropped as older than max_staleness, collected again
     worker_env_ns: np.ndarray = None
@@ -50,6 +51,7 @@ class EngineStats:
     def reset(self) -> None:
         self.decisions = self.env_steps = self.policy_ns = 0
         self.record_ns = self.restarts = self.async_calls = self.stale_dropped = 0
+        self.replace_ns = 0
         self.turn_ns, self.turn_policy_ns, self.turn_env_ns, self.batch_sizes = (
             deque(maxlen=TURN_SAMPLES) for _ in range(4)
         )

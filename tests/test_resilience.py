@@ -294,6 +294,7 @@ def _kill_between_calls(spare: bool):
         second = e.rollout(10)
         pool, spare_pid = e._pool, e._pool._spare[0].pid if e._pool._spare else None
         used = (e.stats.restarts, pool.spares_used, pool.prebuilt_envs_used)
+        assert e.stats.replace_ns > 0  # the loop's time inside the replacement is counted
     if spare_pid is not None:  # the next spare, started after the replacement: closed too
         assert not psutil.pid_exists(spare_pid) or psutil.Process(spare_pid).status() == "zombie"
     return first, second, used

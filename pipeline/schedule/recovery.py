@@ -53,7 +53,11 @@ class Recovery:
                 raise exc
             self.phase("bookkeeping")
             try:
-                replaced = self.pool.replace(exc.worker, exc, self.start_timeout_s)
+                t0 = time.perf_counter_ns()
+                try:
+                    replaced = self.pool.replace(exc.worker, exc, self.start_timeout_s)
+                finally:
+                    self.turns.stats.replace_ns += time.perf_counter_ns() - t0
                 self.turns.stats.restarts += 1
                 for s in self.stages:
                     s.lost.update(w for w in replaced if w in s.workers)
