@@ -131,6 +131,7 @@ def run(args) -> dict:
     t_minute, last = t_start, dict(decisions=0, steps=0)
     steps = {name: 0 for name in engines}
     replace_s = {name: 0.0 for name in engines}  # the loop's time inside replacements
+    replaced = {name: 0 for name in engines}  # and their number (failures keeps 1000 at most)
     if chaos:
         chaos.start()
     try:
@@ -143,6 +144,7 @@ def run(args) -> dict:
             td = e.collect_episodes(2, 4) if kind == "episodes" else e.rollout(12)
             steps[name] += e.stats.env_steps
             replace_s[name] += e.stats.replace_ns / 1e9
+            replaced[name] += e.stats.restarts
             _account(name, kind, td, totals)
             i += 1
             now = time.monotonic()
@@ -178,12 +180,12 @@ def run(args) -> dict:
         for e in engines.values():
             e.close()
     res = _summary(args, minutes, samples, totals, restarts, chaos)
-    res["replace_s"], res["spares_used"] = replace_s, spares
+    res["replace_s"], res["replaced"], res["spares_used"] = replace_s, replaced, spares
     for name in engines:
-        if restarts[name]:
+        if replaced[name]:
             print(
-                f"  {name}: {replace_s[name]:.1f} s inside {restarts[name]} replacements "
-                f"({replace_s[name] / restarts[name]:.3f} s each), {spares[name]} by a spare"
+                f"  {name}: {replace_s[name]:.1f} s inside {replaced[name]} replacements "
+                f"({replace_s[name] / replaced[name]:.3f} s each), {spares[name]} by a spare"
             )
     return res
 

@@ -281,18 +281,22 @@ def test_restart_budget_is_finite(backend):
 
 
 # -- the spare ------------------------------------------------------------------------------------
-def _kill_between_calls(spare: bool):
+def _kill_between_calls(spare: bool, wait: bool = True):
     """Two calls with worker 1 SIGKILLed between them, on a registered env (a spare builds
-    its envs ahead for those)."""
+    its envs ahead for those); with ``wait``, once the spare is ready."""
     import psutil
 
     with make_engine(latency_policy(), spare_worker=spare) as e:
         first = e.rollout(5)
+        # Ready before the kill, so that the replacement takes all four envs built ahead (one
+        # assigned while preparing stops early and builds the rest itself: fine, but fewer).
+        if wait:
+            assert e._pool.wait_spare(120.0) is spare
         victim = e._pool.procs[1]
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(10)
         second = e.rollout(10)
-        pool, spare_pid = e._pool, e._pool._spare[0].pid if e._pool._spare else None
+        pool, spare_pid = e._pool, e._pool._spare.proc.pid if e._pool._spare else None
         used = (e.stats.restarts, pool.spares_used, pool.prebuilt_envs_used)
         assert e.stats.replace_ns > 0  # the loop's time inside the replacement is counted
     if spare_pid is not None:  # the next spare, started after the replacement: closed too
@@ -308,6 +312,12 @@ def test_a_spare_replaces_a_killed_worker_with_its_envs_built_ahead_and_the_same
     for a, b in zip(with_spare[:2], without[:2], strict=True):
         assert_identical(a, b)
     assert with_spare[1]["aborted"][[1, 3, 5, 7]].any()  # the kill did interrupt episodes
+    # Assigned at once, perhaps still importing: it stops preparing, says READY first and
+    # builds what it lacks; the data are the same whatever it had built.
+    early = _kill_between_calls(True, wait=False)
+    assert early[2][:2] == (1, 1) and 0 <= early[2][2] <= 4
+    for a, b in zip(early[:2], without[:2], strict=True):
+        assert_identical(a, b)
 
 
 def test_spare_worker_needs_restarts_and_the_local_backend():

@@ -16,6 +16,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from envs.spec import EnvSpec
@@ -42,6 +43,15 @@ from pipeline.runtime.process import spare_main, worker_main
 from pipeline.runtime.spans import SpanRing
 from pipeline.runtime.stacks import dump_stacks, own_stacks
 from pipeline.runtime.worker import SpareConfig
+
+
+@dataclass
+class _Spare:
+    """The process started ahead of need, and whether it has said READY."""
+
+    proc: Any
+    conn: Any
+    ready: bool = False
 
 
 class WorkerPool(PoolBase):
@@ -102,7 +112,8 @@ class WorkerPool(PoolBase):
         # connection): a replacement takes it, so the loop waits for an attach, not for a
         # Python start-up, imports and env creation; the next one starts in the background.
         self.spare_wanted = spare
-        self._spare: tuple | None = None
+        self._spare: _Spare | None = None
+        self._ready_due: set[int] = set()  # workers, once spares, whose READY is still to come
         self.spares_used = self.prebuilt_envs_used = 0
 
     # -- start-up ----------------------------------------------------------------------------
@@ -174,28 +185,60 @@ class WorkerPool(PoolBase):
         with worker_environ(), without_main(self.env):
             proc.start()
         child_conn.close()
-        self._spare = (proc, parent_conn)
+        self._spare = _Spare(proc, parent_conn)
+
+    def wait_spare(self, timeout: float) -> bool:
+        """Wait until the spare has prepared (its envs built); False when there is none, or
+        it is not ready within ``timeout`` seconds.
+
+        Example:
+            >>> pool.wait_spare(60.0)  # a replacement from now on needs only an attach
+            True
+        """
+        spare = self._spare
+        if spare is None:
+            return False
+        if not spare.ready and spare.conn.poll(timeout):
+            try:
+                frame = P.recv(spare.conn)
+            except (EOFError, OSError):
+                return False  # it died: a replacement finds out and spawns cold
+            if frame.kind != P.READY:
+                raise ProtocolError(f"the spare: expected READY, got {frame}")
+            spare.ready = True
+        return spare.ready
 
     def _assign_spare(self, w: int) -> bool:
         """Make the spare worker ``w`` (it goes on with the hand-shake); False when there is
         none, or it is gone."""
         if self._spare is None:
             return False
-        (proc, conn), self._spare = self._spare, None
-        if hasattr(os, "sched_setscheduler"):  # still preparing: at normal priority now
+        spare, self._spare = self._spare, None
+        proc, conn = spare.proc, spare.conn
+        # Still preparing (an import cannot be interrupted): at normal priority now, every
+        # thread; where not permitted, the spare's own switch on ASSIGN does it.
+        if hasattr(os, "sched_setscheduler"):
             with contextlib.suppress(OSError):
-                os.sched_setscheduler(proc.pid, os.SCHED_OTHER, os.sched_param(0))
+                for tid in os.listdir(f"/proc/{proc.pid}/task"):
+                    with contextlib.suppress(OSError):
+                        os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
         try:
             P.send(conn, P.Frame(P.ASSIGN))
             conn.send(self.worker_config(w, self.worker_cpu[w] if self.worker_cpu else None))
         except OSError:
             shutdown([proc], [conn], None)
+            proc.close()
             return False
         self.procs[w], self.conns[w] = proc, conn
+        if not spare.ready:
+            self._ready_due.add(w)
         self.spares_used += 1
         return True
 
     def _hello(self, w: int, timeout: float) -> EnvSpec:
+        if w in self._ready_due:  # a spare assigned before it said READY says it first
+            self._ready_due.discard(w)
+            self._expect(w, P.READY, timeout, "preparing as a spare")
         hello = self._expect(w, P.HELLO, timeout, "creating its envs")
         self.prebuilt_envs_used += hello.stage
         return self.conns[w].recv()
@@ -490,13 +533,14 @@ class WorkerPool(PoolBase):
     def close(self) -> None:
         """Stop every worker and release the shared memory. Idempotent."""
         spare, self._spare = self._spare, None
-        extra = [spare] if spare is not None else []
+        procs = [p for p in self.procs if p is not None]
+        conns = [c for c in self.conns if c is not None]
         if spare is not None:
             # Killed outright: it maps no shared memory and has served nothing, and one still
             # preparing at idle priority would read CLOSE only once its envs are built.
             with contextlib.suppress(OSError):
-                spare[0].kill()
-        procs = [p for p in self.procs if p is not None] + [p for p, _ in extra]
-        conns = [c for c in self.conns if c is not None] + [c for _, c in extra]
+                spare.proc.kill()
+            procs.append(spare.proc)
+            conns.append(spare.conn)
         shm, self.shm = self.shm, None
         shutdown(procs, conns, shm)

@@ -13,13 +13,20 @@ Like the rest of :mod:`pipeline.runtime`, this imports no torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 
 from pipeline.runtime import protocol as P
 from pipeline.runtime.layout import Layout, SharedBuffers
-from pipeline.runtime.worker import SpareConfig, Worker, WorkerConfig, prebuild_envs
+from pipeline.runtime.worker import (
+    SpareConfig,
+    Worker,
+    WorkerConfig,
+    close_quietly,
+    prebuild_envs,
+)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -53,7 +60,8 @@ def _start(worker: Worker, conn, prebuilt: list | None) -> bool:
     """The hand-shake, worker side: offer the spec, map the memory the parent sends, confirm.
     False when the parent abandoned start-up (another worker failed)."""
     spec = worker.create_envs(prebuilt)
-    P.send(conn, P.Frame(P.HELLO, stage=len(prebuilt or ())))  # envs a spare built ahead
+    used = min(len(prebuilt or ()), len(worker.cfg.env_ids))
+    P.send(conn, P.Frame(P.HELLO, stage=used))  # envs a spare built ahead
     conn.send(spec)
     attach = P.recv_attach(conn)
     if attach is None:
@@ -64,36 +72,60 @@ def _start(worker: Worker, conn, prebuilt: list | None) -> bool:
     return True
 
 
+def _threads() -> list[int]:
+    """Every thread of this process: what an env library started while a spare prepared
+    must be scheduled and pinned as the worker is."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def _may_leave_idle() -> bool:
+    """Whether this process could leave SCHED_IDLE again. Unprivileged, it may only if
+    RLIMIT_NICE allows its nice value (``can_nice`` in the kernel), and that limit is 0 by
+    default: without the way back a spare would serve at idle priority, starved."""
+    if os.geteuid() == 0:
+        return True
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    return soft == resource.RLIM_INFINITY or 20 - nice <= soft
+
+
 def _idle_priority(on: bool) -> None:
     """SCHED_IDLE while a spare prepares: it takes only cycles no one else wants, so
-    building it never slows the running workers or the loop. Back to SCHED_OTHER (nice
-    unchanged, which an unprivileged process may do) once it is a worker."""
-    if hasattr(os, "SCHED_IDLE"):
-        policy = os.SCHED_IDLE if on else os.SCHED_OTHER
+    building it never slows the running workers or the loop; back to SCHED_OTHER, every
+    thread, once it is a worker. Where the way back is not allowed it stays at normal
+    priority throughout, which is slower to prepare but still correct."""
+    if not hasattr(os, "SCHED_IDLE") or (on and not _may_leave_idle()):
+        return
+    policy = os.SCHED_IDLE if on else os.SCHED_OTHER
+    for tid in _threads():
         try:
-            os.sched_setscheduler(0, policy, os.sched_param(0))
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
         except OSError:
-            pass  # not permitted here: it stays at normal priority, which is still correct
+            pass  # a thread that just ended, or not permitted: it stays as it was
 
 
 def spare_main(spare: SpareConfig, conn) -> None:
     """Entry point of a spare: import the env's libraries and build its envs ahead (at idle
-    priority), then wait to be assigned a worker's config and go on as that worker."""
+    priority), then wait to be assigned a worker's config and go on as that worker. An
+    assignment that arrives while it prepares stops the preparing."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(spare.parent_pid)
-    _idle_priority(True)
-    prebuilt = prebuild_envs(spare)
+    if not conn.poll(0):
+        _idle_priority(True)
+    prebuilt = prebuild_envs(spare, assigned=lambda: conn.poll(0))
     try:
+        P.send(conn, P.Frame(P.READY, stage=len(prebuilt)))
         frame = P.recv(conn)
         cfg = conn.recv() if frame.kind == P.ASSIGN else None
     except (EOFError, OSError):
         cfg = None  # the parent is gone
     if cfg is None:  # CLOSE: not needed after all
-        for env in prebuilt:
-            try:
-                env.close()
-            except Exception:
-                pass
+        close_quietly(prebuilt)
         return
     _idle_priority(False)
     worker_main(cfg, conn, prebuilt)
@@ -105,7 +137,9 @@ def worker_main(cfg: WorkerConfig, conn, prebuilt: list | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with_parent(cfg.parent_pid)
     if cfg.cpu is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cfg.cpu})
+        for tid in _threads() if prebuilt is not None else [0]:
+            with contextlib.suppress(OSError):  # a thread that just ended
+                os.sched_setaffinity(tid, {cfg.cpu})
     try:
         import cv2
 

@@ -19,8 +19,10 @@ Start-up hand-shake (the only place anything but a frame travels):
 3. worker -> ``ATTACHED`` frame once the memory is mapped.
 
 A spare (a process started ahead of need, :func:`~pipeline.runtime.process.spare_main`)
-first waits for ``ASSIGN`` and the :class:`~pipeline.runtime.worker.WorkerConfig` of the
-worker it becomes, pickled, or ``CLOSE``; then it goes on at step 1.
+first prepares and says ``READY`` (its ``stage`` field: the envs it built; an ``ASSIGN``
+that comes first cuts the preparing short, and ``READY`` still comes), then waits for
+``ASSIGN`` and the :class:`~pipeline.runtime.worker.WorkerConfig` of the worker it becomes,
+pickled, or ``CLOSE``; then it goes on at step 1.
 
 Then, in the RUNNING state, commands (parent -> worker), each answered by exactly one reply
 in order:
@@ -55,7 +57,7 @@ _WIRE = struct.Struct("<BBHIq")
 FRAME_SIZE = _WIRE.size
 
 RESET, STEP, CLOSE, ATTACH, ASSIGN = 1, 2, 3, 4, 5
-DONE, ERROR, HELLO, ATTACHED = 10, 11, 12, 13
+DONE, ERROR, HELLO, ATTACHED, READY = 10, 11, 12, 13, 14
 NAMES = {
     RESET: "RESET",
     STEP: "STEP",
@@ -66,6 +68,7 @@ NAMES = {
     ERROR: "ERROR",
     HELLO: "HELLO",
     ATTACHED: "ATTACHED",
+    READY: "READY",
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,24 +58,33 @@ class SpareConfig:
     parent_pid: int
 
 
-def prebuild_envs(spare: SpareConfig) -> list:
-    """A spare's envs, built ahead: only for a registered env (a factory may ask
-    :func:`current_worker`, unknown until the spare is assigned). Nothing on failure: the
-    assigned worker then builds its envs itself and reports the error as any worker does."""
-    if not isinstance(spare.env_fn, str):
+def prebuild_envs(spare: SpareConfig, assigned: Callable[[], bool]) -> list:
+    """A spare's envs, built ahead: only for the project's own registered envs (a factory,
+    or a suite's user constructor, may ask :func:`current_worker`, unknown until the spare
+    is assigned). It stops early once ``assigned()``: the worker then builds the rest at
+    normal priority. Nothing on failure: the assigned worker then builds its envs itself and
+    reports the error as any worker does."""
+    import envs
+
+    if not isinstance(spare.env_fn, str) or spare.env_fn not in envs.names():
         return []
     built = []
     try:
-        for _ in range(spare.num_envs):
+        while len(built) < spare.num_envs and not assigned():
             built.append(_make_env(spare))
     except Exception:
-        for env in built:
-            try:
-                env.close()
-            except Exception:
-                pass
+        close_quietly(built)
         return []
     return built
+
+
+def close_quietly(built: list) -> None:
+    """Close envs nobody will use; an error closing one must not fail a worker."""
+    for env in built:
+        try:
+            env.close()
+        except Exception:
+            pass
 
 
 @dataclass
@@ -192,11 +202,12 @@ class Worker:
         """Create this worker's envs (timed for the profiler) and return their one spec.
         ``prebuilt``: envs a spare built ahead (:func:`prebuild_envs`), taken first; any
         left over are closed."""
-        prebuilt = list(prebuilt or ())
+        ready = iter(prebuilt or ())  # in the order built, as a cold worker builds them
         for env_id in self.cfg.env_ids:
             self.current_env = env_id
-            if prebuilt:
-                self.envs[env_id] = prebuilt.pop()
+            env = next(ready, None)
+            if env is not None:
+                self.envs[env_id] = env
                 continue
             t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
             with self._running:
@@ -204,8 +215,7 @@ class Worker:
             if self.cfg.profile:
                 self.init_spans.append((t0, time.perf_counter_ns(), time.thread_time_ns() - c0))
         self.current_env = None
-        for env in prebuilt:
-            env.close()
+        close_quietly(list(ready))
         specs = {repr(e.spec) for e in self.envs.values()}
         if len(specs) != 1:
             raise ValueError(f"envs in one worker disagree on their spec: {sorted(specs)}")
