@@ -320,6 +320,25 @@ def test_a_spare_replaces_a_killed_worker_with_its_envs_built_ahead_and_the_same
         assert_identical(a, b)
 
 
+def test_a_spare_goes_idle_only_where_it_can_come_back():
+    # Unprivileged, the kernel lets a process leave SCHED_IDLE only if RLIMIT_NICE allows
+    # its nice value (0 by default: it does not); a spare stuck there would serve starved.
+    # In a child process, so that this one's scheduling is never touched.
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from pipeline.runtime.process import _idle_priority; "
+        "_idle_priority(True); idle = os.sched_getscheduler(0) == os.SCHED_IDLE; "
+        "_idle_priority(False); print(idle, os.sched_getscheduler(0) == os.SCHED_OTHER)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    went_idle, came_back = out.stdout.split()
+    assert came_back == "True"
+    if os.geteuid() == 0:
+        assert went_idle == "True"  # root may always come back, so it does go idle
+
+
 def test_spare_worker_needs_restarts_and_the_local_backend():
     with pytest.raises(ValueError, match="on_worker_failure='raise'"):
         make_engine(latency_policy(), spare_worker=True, on_worker_failure="raise")
