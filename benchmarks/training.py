@@ -208,6 +208,7 @@ def perception(scenes: int, steps: int, vision: str, lr: float, camera: str) -> 
     from envs.tabletop.env import STATE_LAYOUT
     from pipeline import schema
     from pipeline.policies import TinyVLA
+    from trainer.fitting import fit_minibatches
     from trainer.perception import reset_scenes
 
     kwargs = {"cameras": (camera,), "image_size": 64, "state": "proprio"}
@@ -221,17 +222,13 @@ def perception(scenes: int, steps: int, vision: str, lr: float, camera: str) -> 
     head = torch.nn.Sequential(
         torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, 4)
     )
-    opt = torch.optim.AdamW([*policy.parameters(), *head.parameters()], lr=lr)
-    gen = torch.Generator().manual_seed(0)
     train_n = scenes - 500
     held = data[train_n:]
 
     def predict(td):  # decimetres: targets of order 1
         return head(policy.query_features(td).mean(1)) / 10
 
-    print(f"{scenes} scenes, {vision} vision, lr {lr:g}, {camera} camera")
-    t0 = time.perf_counter()
-    for step in range(steps + 1):
+    def report(step: int) -> None:
         if step % 200 == 0:
             with torch.no_grad():
                 err = (predict(held) - truth[train_n:]).abs().mean(0) * 100
@@ -240,12 +237,15 @@ def perception(scenes: int, steps: int, vision: str, lr: float, camera: str) -> 
                 f"object {err[:2].mean():.2f} cm, target {err[2:].mean():.2f} cm",
                 flush=True,
             )
-        idx = torch.randint(train_n, (32,), generator=gen)
-        td = data[idx]
-        loss = F.mse_loss(predict(td) * 10, truth[idx] * 10)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    def batch_loss(idx, gen):
+        loss = F.mse_loss(predict(data[idx]) * 10, truth[idx] * 10)
+        return loss, loss
+
+    print(f"{scenes} scenes, {vision} vision, lr {lr:g}, {camera} camera")
+    t0 = time.perf_counter()
+    params = [*policy.parameters(), *head.parameters()]
+    fit_minibatches(policy, params, train_n, steps, batch_loss, 32, lr, 0, report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,15 +52,17 @@ class PrivilegedHead(torch.nn.Module):
             torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, int(keep.sum()))
         )
 
+    def standardise(self, privileged: torch.Tensor) -> torch.Tensor:
+        """The kept dimensions of ``privileged``, in the reference's standard deviations."""
+        return (privileged.float()[:, self.keep] - self.mean) / self.std
+
     def loss(self, features: torch.Tensor, privileged: torch.Tensor) -> torch.Tensor:
         """Mean squared error in standard deviations; ``features`` is ``[B, Q, D]``."""
-        wanted = (privileged.float()[:, self.keep] - self.mean) / self.std
-        return F.mse_loss(self.net(features.mean(1)), wanted)
+        return F.mse_loss(self.net(features.mean(1)), self.standardise(privileged))
 
     def baseline(self, privileged: torch.Tensor) -> float:
         """The loss of predicting ``privileged``'s own mean: what a head that saw nothing scores."""
-        wanted = (privileged.float()[:, self.keep] - self.mean) / self.std
-        return float(wanted.var(0, unbiased=False).mean())
+        return float(self.standardise(privileged).var(0, unbiased=False).mean())
 
 
 def reset_scenes(env: str, env_kwargs: dict, count: int, seed: int) -> TensorDict:

@@ -39,7 +39,7 @@ from pipeline.errors import (
 )
 from pipeline.runtime import protocol as P
 from pipeline.runtime.layout import Layout, SharedBuffers
-from pipeline.runtime.process import spare_main, worker_main
+from pipeline.runtime.process import set_scheduler, spare_main, worker_main
 from pipeline.runtime.spans import SpanRing
 from pipeline.runtime.stacks import dump_stacks, own_stacks
 from pipeline.runtime.worker import SpareConfig
@@ -108,8 +108,8 @@ class WorkerPool(PoolBase):
         # last changed (or the worker last replied).
         self._watch: dict[int, tuple[int, float]] = {}
         self._fd_owner: dict[int, tuple[str, int]] = {}
-        # A process started ahead of need (runtime/process.py: spare_main), as (process,
-        # connection): a replacement takes it, so the loop waits for an attach, not for a
+        # A process started ahead of need (runtime/process.py: spare_main): a replacement
+        # takes it, so the loop waits for an attach, not for a
         # Python start-up, imports and env creation; the next one starts in the background.
         self.spare_wanted = spare
         self._spare: _Spare | None = None
@@ -217,11 +217,8 @@ class WorkerPool(PoolBase):
         proc, conn = spare.proc, spare.conn
         # Still preparing (an import cannot be interrupted): at normal priority now, every
         # thread; where not permitted, the spare's own switch on ASSIGN does it.
-        if hasattr(os, "sched_setscheduler"):
-            with contextlib.suppress(OSError):
-                for tid in os.listdir(f"/proc/{proc.pid}/task"):
-                    with contextlib.suppress(OSError):
-                        os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+        if hasattr(os, "SCHED_OTHER"):
+            set_scheduler(os.SCHED_OTHER, proc.pid)
         try:
             P.send(conn, P.Frame(P.ASSIGN))
             conn.send(self.worker_config(w, self.worker_cpu[w] if self.worker_cpu else None))

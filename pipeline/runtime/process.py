@@ -72,13 +72,21 @@ def _start(worker: Worker, conn, prebuilt: list | None) -> bool:
     return True
 
 
-def _threads() -> list[int]:
-    """Every thread of this process: what an env library started while a spare prepared
-    must be scheduled and pinned as the worker is."""
+def _threads(pid: int | str = "self") -> list[int]:
+    """Every thread of a process: what an env library started while a spare prepared must
+    be scheduled and pinned as the worker is."""
     try:
-        return [int(t) for t in os.listdir("/proc/self/task")]
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except OSError:
-        return [0]
+        return [0] if pid == "self" else []
+
+
+def set_scheduler(policy: int, pid: int | str = "self") -> None:
+    """``policy`` (``os.SCHED_*``) for every thread of process ``pid``; a thread that just
+    ended, or a change not permitted, leaves that thread as it was."""
+    for tid in _threads(pid):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
 
 
 def _may_leave_idle() -> bool:
@@ -101,12 +109,7 @@ def _idle_priority(on: bool) -> None:
     priority throughout, which is slower to prepare but still correct."""
     if not hasattr(os, "SCHED_IDLE") or (on and not _may_leave_idle()):
         return
-    policy = os.SCHED_IDLE if on else os.SCHED_OTHER
-    for tid in _threads():
-        try:
-            os.sched_setscheduler(tid, policy, os.sched_param(0))
-        except OSError:
-            pass  # a thread that just ended, or not permitted: it stays as it was
+    set_scheduler(os.SCHED_IDLE if on else os.SCHED_OTHER)
 
 
 def spare_main(spare: SpareConfig, conn) -> None:
@@ -137,7 +140,7 @@ def worker_main(cfg: WorkerConfig, conn, prebuilt: list | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with_parent(cfg.parent_pid)
     if cfg.cpu is not None and hasattr(os, "sched_setaffinity"):
-        for tid in _threads() if prebuilt is not None else [0]:
+        for tid in _threads():  # a spare's env libraries may have started threads
             with contextlib.suppress(OSError):  # a thread that just ended
                 os.sched_setaffinity(tid, {cfg.cpu})
     try:

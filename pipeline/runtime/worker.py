@@ -78,8 +78,8 @@ def prebuild_envs(spare: SpareConfig, assigned: Callable[[], bool]) -> list:
     return built
 
 
-def close_quietly(built: list) -> None:
-    """Close envs nobody will use; an error closing one must not fail a worker."""
+def close_quietly(built) -> None:
+    """Close envs on the way out; an error closing one must not fail a worker."""
     for env in built:
         try:
             env.close()
@@ -513,11 +513,7 @@ class Worker:
         if self.state is State.CLOSED:
             return
         self._to(State.CLOSED)
-        for env in self.envs.values():
-            try:
-                env.close()
-            except Exception:
-                pass
+        close_quietly(self.envs.values())
         if hasattr(self, "shm"):
             self.a = {}
             if unmap:
