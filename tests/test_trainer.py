@@ -54,6 +54,26 @@ def test_cosine_learning_rate_falls_from_lr_to_a_tenth_and_a_bad_schedule_is_nam
         learning_rate(TrainConfig(lr_schedule="linear"), 0.5)
 
 
+def test_lr_warmup_ramps_the_first_optimizer_steps_and_counts_them_from_the_optimizer():
+    from trainer.loop import optimizer_steps
+
+    cfg = TrainConfig(lr=1e-3, lr_warmup=4)
+    assert [learning_rate(cfg, 0.0, s) for s in range(6)] == pytest.approx(
+        [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    )
+    with pytest.raises(ValueError, match="lr_warmup must be >= 0"):
+        learning_rate(TrainConfig(lr_warmup=-1), 0.0)
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    assert optimizer_steps(opt) == 0
+    for _ in range(3):
+        w.sum().backward()
+        opt.step()
+    resumed = torch.optim.AdamW([w], lr=1e-3)
+    resumed.load_state_dict(opt.state_dict())
+    assert optimizer_steps(opt) == optimizer_steps(resumed) == 3
+
+
 def test_state_noise_while_cloning_perturbs_the_samples_and_not_the_demonstrations():
     from trainer import behaviour_clone, collect_demos
 
