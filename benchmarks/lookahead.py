@@ -13,6 +13,12 @@ Parts:
   duration of ``d`` control steps. Per cell, for ``d`` = 1, 2, 4 at 1 and 2 stages:
   decisions/s (median of ``--windows`` rollout() calls) against ``d=0`` at the same latency,
   and the workers' ``wait_actions`` share of wall time (one profiled call) for both.
+- ``fleet``: every worker holding several envs: ``--fleet-envs`` envs on
+  ``--fleet-workers`` workers, 1 stage, a latency L equal to what the workers' ``d = 4``
+  frozen steps cover (``d`` x envs per worker x the step time). Decisions/s at ``d=0`` and
+  ``d=4``, the two engines taking turns window by window, and their ratio against the ideal
+  ``(L + W) / max(W, W - T + L)`` (``W``: a worker's time per decision, ``T``: its frozen
+  steps' share of it).
 - ``expert``: the scripted expert of ``tabletop/pick-place`` (state only), chunks of 12
   executed 8 at a time, with prefix conditioning (it plans from where the frozen actions
   leave the arm) and without ("naive async": its chunk runs from step ``d`` on), on the same
@@ -116,6 +122,54 @@ def throughput(args) -> dict:
     return out
 
 
+def fleet(args) -> dict:
+    d, per_worker = 4, args.fleet_envs // args.fleet_workers
+    toy = dict(state_dim=16, episode_len=10_000, step_cost_us=args.step_cost_us)
+    step_ms = calibrate_env_ms(toy, EXEC) / EXEC
+    latency_ms = d * per_worker * step_ms
+    work, tails = per_worker * EXEC * step_ms, per_worker * d * step_ms
+    ideal = (latency_ms + work) / max(work, work - tails + latency_ms)
+    print(
+        f"fleet: {args.fleet_envs} toy envs on {args.fleet_workers} workers, 1 stage, "
+        f"{step_ms:.2f} ms per control step (measured), chunks of {CHUNK} executed {EXEC} at a "
+        f"time, L = {latency_ms:.1f} ms (what d={d} covers); ideal d={d} / d=0: {ideal:.2f}x; "
+        f"medians of {args.windows} windows of {args.decisions} decisions, the engines in turn"
+    )
+    engines, rates = {}, {}
+    try:
+        for delay in (0, d):
+            policy = LatencyPolicy(state_dim=16, chunk_len=CHUNK, base_ms=latency_ms)
+            e = engines[delay] = RolloutEngine(
+                "toy", policy, num_envs=args.fleet_envs, num_workers=args.fleet_workers,
+                num_stages=1, exec_len=EXEC, lookahead=delay, env_kwargs=toy,
+            )  # fmt: skip
+            e.rollout(max(2, args.decisions // 2))
+            rates[delay] = []
+        for _ in range(args.windows):  # interleaved: a noisy minute hits both engines alike
+            for delay, e in engines.items():
+                t0 = time.perf_counter()
+                e.rollout(args.decisions)
+                rates[delay].append(args.decisions / (time.perf_counter() - t0))
+    finally:
+        for e in engines.values():
+            e.close()
+    d0, dd = float(np.median(rates[0])), float(np.median(rates[d]))
+    print(
+        f"  d=0 {d0:6.1f}  d={d} {dd:6.1f} decisions/s: {dd / d0:.2f}x "
+        f"({dd / d0 / ideal:.0%} of the ideal {ideal:.2f}x)",
+        flush=True,
+    )
+    return {
+        "step_ms": step_ms,
+        "latency_ms": latency_ms,
+        "ideal": ideal,
+        "d0": d0,
+        f"d{d}": dd,
+        "ratio": dd / d0,
+        "windows": {str(k): v for k, v in rates.items()},
+    }
+
+
 def expert(args) -> dict:
     env_kwargs = dict(cameras=())
     seeds = list(range(args.episodes))
@@ -211,7 +265,7 @@ def join(args) -> dict:
     return out
 
 
-PARTS = {"throughput": throughput, "expert": expert, "join": join}
+PARTS = {"throughput": throughput, "fleet": fleet, "expert": expert, "join": join}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--decisions", type=int, default=30, help="per window and env")
     ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--fleet-envs", type=int, default=8)
+    ap.add_argument("--fleet-workers", type=int, default=2)
     ap.add_argument("--episodes", type=int, default=48)
     ap.add_argument("--demos", type=int, default=256)
     ap.add_argument("--join-env", default="tabletop/pick-place")
