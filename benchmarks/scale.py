@@ -2,6 +2,7 @@
 
     python bench.py scale                        # 8, 32, 128, 512, 1024 envs on 2 workers
     python bench.py scale --num-envs 32,256 --out scale.json
+    python bench.py scale --plot docs/scale.png  # the sweep as a figure
 
 Toy env at 0.2 ms of CPU per control step, state plus one 64x64 camera, chunks of 8;
 ``LatencyPolicy`` (1 ms base, 0.02 ms per item: latency without CPU), 2 stages. Per point:
@@ -79,6 +80,32 @@ def point(num_envs: int, windows: int, seconds: float) -> dict:
     return res
 
 
+def plot(points: list[dict], path: str) -> None:
+    """Decisions/s and the loop's CPU per env decision (and per turn) against envs, log x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [p["num_envs"] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(n, [p["decisions_per_s"] for p in points], "o-")
+    left.set(xscale="log", xlabel="envs (2 workers)", ylabel="env decisions / s", ylim=(0, None))
+    left.set_title("throughput")
+    right.plot(n, [p["loop_cpu_us_per_env_decision"] for p in points], "o-", label="per env")
+    right.plot(n, [p["loop_cpu_us_per_turn"] for p in points], "s--", label="per stage turn")
+    right.set(xscale="log", yscale="log", xlabel="envs (2 workers)", ylabel="loop CPU (us)")
+    right.set_title("the loop's own CPU")
+    right.legend()
+    for ax in (left, right):
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(n, [str(x) for x in n])
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="bench.py scale",
@@ -89,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=12.0, help="measured seconds per point")
     ap.add_argument("--out", default=None, help="write the points as JSON here")
+    ap.add_argument("--plot", default=None, help="write the sweep as a PNG here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     sizes = [int(n) for n in args.num_envs.split(",")]
@@ -125,4 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump({"toy": TOY, "points": points}, f, indent=1, default=float)
         print(f"wrote {args.out}")
+    if args.plot:
+        plot(points, args.plot)
+        print(f"wrote {args.plot}")
     return 0
