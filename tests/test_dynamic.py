@@ -63,6 +63,20 @@ def test_batching_simulation_matches_the_closed_forms():
     assert simulate(16, 2, (0, 2 * ms), steps, 8, 0) == pytest.approx(16 / 32 * 1e3, rel=1e-6)
 
 
+def test_stage_simulation_matches_the_closed_forms_and_bounds_the_scheduler_bench():
+    from benchmarks.scheduler import ceiling, simulate_stages
+
+    ms = 1e6
+    steps = np.full(64, 4 * ms)
+    lock = simulate_stages(16, 2, (ms, ms), steps, stages=1)
+    assert lock == pytest.approx(16 / (17 + 8 * 4) * 1e3, rel=1e-6)
+    assert simulate_stages(16, 2, (0, 2 * ms), steps, stages=2) == pytest.approx(500, rel=1e-6)
+    # Equal chunk times: nothing for dynamic batching to win; spread ones: stages wait.
+    latency = dict(base_ms=8.4, per_item_ms=3.14)
+    assert ceiling(0.0, 8.37, latency, 16, 2)["ratio"] == pytest.approx(1.0, abs=0.02)
+    assert ceiling(1.0, 8.37, latency, 16, 2)["ratio"] > 1.05
+
+
 def test_adaptive_batching_fits_the_latency_and_picks_from_the_simulation():
     # Before two batch sizes are seen: first-ready.
     rule = AdaptiveBatching(num_envs=16, num_workers=2)
