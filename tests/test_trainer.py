@@ -373,3 +373,23 @@ def test_evaluation_videos_and_tensorboard_logs(tmp_path):
         assert tag in tags, tag
     once = [s.value for s in ea.Scalars("train/success_once")]
     assert once == pytest.approx([r["success_once"] for r in curve["iterations"]])
+
+
+def test_freeze_perception_updates_the_head_and_leaves_the_encoders_as_cloned(tmp_path):
+    from trainer import load_checkpoint
+
+    cfg = toy_reach_config(iterations=2, eval_every=100, eval_episodes=4, bc_demos=4,
+                           bc_steps=2, num_envs=4, groups=2, group_size=4,
+                           freeze_perception=True, out=str(tmp_path))  # fmt: skip
+    train(cfg, log=lambda m: None)
+    before, _ = load_checkpoint(str(tmp_path / "warm_start.pt"))
+    after, _ = load_checkpoint(str(tmp_path / "final.pt"))
+    frozen = {id(p) for p in after.perception_parameters()}
+    assert frozen  # the instruction encoder at least (toy has no camera)
+    moved = {
+        name: not torch.equal(p, dict(before.named_parameters())[name])
+        for name, p in after.named_parameters()
+    }
+    names = {name for name, p in after.named_parameters() if id(p) in frozen}
+    assert not any(moved[n] for n in names)
+    assert any(moved[n] for n in moved if n.startswith("token_head"))

@@ -64,6 +64,9 @@ class TrainConfig:
     # steps move every weight by about lr whatever the gradient's size, so a fresh optimizer
     # on a cloned policy can undo the cloning in one update (KL 0.08 at 1e-4 on pixels).
     lr_warmup: int = 0
+    # GRPO updates only the fusion, state projection and action head; the vision tower and
+    # the instruction encoder (TinyVLA.perception_parameters) keep their warm-start weights.
+    freeze_perception: bool = False
     clip: float = 0.2
     epochs: int = 1
     minibatch: int = 128
@@ -324,7 +327,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         curve = {"config": asdict(cfg), "warm_start": {}, "iterations": [], "evals": []}
         policy = _warm_start(cfg, spec, env_kwargs, curve, log)
     policy.eval()
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    if cfg.freeze_perception:
+        for p in policy.perception_parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     update = grpo_update(policy, opt, cfg)
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])

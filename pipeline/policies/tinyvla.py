@@ -29,6 +29,11 @@ from pipeline.runtime.spans import mark
 NUM_BINS = 256
 KEYPOINTS = 32  # channels of the keypoint vision tower, one token each
 VISIONS = ("patches", "keypoints", "film")
+# Top-level attributes that encode images and the instruction (perception_parameters).
+PERCEPTION_MODULES = frozenset(
+    {"patch_embed", "patch_pos", "tower", "stem", "keypoints", "keypoint_proj", "keypoint_id",
+     "camera_embed", "vision", "char_embed", "text_pos", "text"}
+)  # fmt: skip
 RTC_MAX_GUIDANCE = 5.0  # the guidance weight's clip (beta in Black et al. 2025)
 
 
@@ -292,6 +297,19 @@ class TinyVLA(nn.Module):
         vision, scene = self._vision_tokens(td, pooled)
         tokens = [*vision, text, self.state_proj(state.float()).unsqueeze(1)]
         return torch.cat(tokens, dim=1), scene
+
+    def perception_parameters(self) -> list[nn.Parameter]:
+        """The vision tower's and the instruction encoder's parameters: what turns pixels and
+        text into tokens, as opposed to the fusion, the state projection and the action head.
+        RL fine-tuning can hold them fixed (the trainer's ``--freeze-perception``).
+
+        Example:
+            >>> for p in policy.perception_parameters():
+            ...     p.requires_grad_(False)
+        """
+        return [
+            p for name, p in self.named_parameters() if name.split(".", 1)[0] in PERCEPTION_MODULES
+        ]
 
     # -- heads -------------------------------------------------------------------------------
     def query_features(self, td: TensorDictBase) -> torch.Tensor:
