@@ -7,6 +7,7 @@
     python bench.py training --part recheck --out DIR  # a demo's checkpoints on fresh seeds
     python bench.py training --part pixels-bc   # cloned from pixels: held-out cross-entropy
     python bench.py training --part perception --vision film --lr 2e-4   # where things are
+    python bench.py training --part gradient-noise --out DIR  # how much of a GRPO step is noise
 
 ``demo`` runs ``python -m trainer``'s defaults for ``--minutes`` of GRPO and prints held-out
 success before and after, with the curve written to ``--out``.
@@ -161,6 +162,70 @@ def recheck(out: str, episodes: int, seed: int) -> None:
         print(f"  {name + '.pt':<16} greedy {rates['greedy']:.3f}, sampled {rates['sampled']:.3f}")
 
 
+def gradient_noise(out: str, checkpoint: str, batches: int) -> None:
+    """How much of one GRPO batch's gradient is signal. ``batches`` independent batches of
+    the run's size (``--groups`` informative groups of ``--group-size``, refilled as in
+    training) from ``out/<checkpoint>.pt``; for each, the gradient of the GRPO loss over the
+    whole batch at the weights that sampled it. With g_i = mu + noise_i, the mean of
+    g_i . g_j over pairs i != j estimates |mu|^2 and the mean |g_i|^2 estimates |mu|^2 plus
+    the noise's E|noise|^2: their ratio is the signal's share of a batch gradient's squared
+    norm, and (1 - share) / share the batch multiple at which signal and noise are equal."""
+    import itertools
+    import json
+
+    import torch
+
+    from trainer.grpo import add_proximal_log_probs, dynamic_sample, grpo_loss
+
+    with open(os.path.join(out, "curve.json")) as f:  # the run's env, not the defaults
+        saved = json.load(f)["config"]
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    env_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.env_kwargs.items()}
+    policy, _ = load_checkpoint(os.path.join(out, f"{checkpoint}.pt"))
+    policy.eval()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    grads, infos = [], []
+    kw = dict(num_envs=cfg.num_envs, num_workers=cfg.num_workers, env_kwargs=env_kwargs)
+    with RolloutEngine(cfg.env, policy, seed=cfg.seed + 1, **kw) as engine:
+        collect = lambda: engine.collect_episodes(cfg.groups, cfg.group_size)  # noqa: E731
+        for _ in range(batches):
+            batch, report = dynamic_sample(
+                collect(), collect, cfg.groups, cfg.group_size, cfg.max_refills
+            )
+            if batch is None:
+                continue
+            add_proximal_log_probs(policy, batch)
+            share = (1.0 / batch["length"].float()).sum()  # grpo_loss's per-episode weights
+            policy.zero_grad(set_to_none=True)
+            for lo in range(0, len(batch), 256):
+                part = batch[lo : lo + 256]
+                loss, _ = grpo_loss(policy, part, cfg.clip)
+                (loss * (1.0 / part["length"].float()).sum() / share).backward()
+            # Parameters the loss does not reach (the privileged head) count as zeros.
+            flat = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            grads.append(torch.cat([g.reshape(-1) for g in flat]))
+            infos.append((len(batch), report.groups_kept, report.successes / report.episodes))
+    print(f"{checkpoint}.pt of {out} ({cfg.env}, {cfg.env_kwargs}):")
+    for (rows, groups, success), g in zip(infos, grads, strict=True):
+        print(f"  batch: {rows} decisions, {groups} groups kept, success {success:.2f}, "
+              f"|g| {float(g.norm()):.4f}")  # fmt: skip
+    if len(grads) < 2:
+        print("  fewer than two informative batches: nothing to compare")
+        return
+    pairs = list(itertools.combinations(range(len(grads)), 2))
+    dots = [float(grads[i] @ grads[j]) for i, j in pairs]
+    norms = [float(g.norm()) for g in grads]
+    cosines = [float(grads[i] @ grads[j]) / (norms[i] * norms[j]) for i, j in pairs]
+    signal = statistics.mean(dots) / statistics.mean(float(g @ g) for g in grads)
+    print(f"  cosine between batches: mean {statistics.mean(cosines):.3f} "
+          f"(min {min(cosines):.3f}, max {max(cosines):.3f})")  # fmt: skip
+    if signal > 0:
+        print(f"  signal share of |g|^2: {signal:.3f}; signal equals noise at "
+              f"{(1 - signal) / signal:.1f}x this batch")  # fmt: skip
+    else:
+        print(f"  signal share of |g|^2: {signal:.3f} (no signal measurable over the noise)")
+
+
 def pixels_bc(episodes: int, steps: int) -> None:
     """Does a policy cloned from pixels generalise? ``episodes`` pick-place demonstrations
     with ``state="proprio"`` (one 64x64 camera), every tenth episode held out; TinyVLA cloned
@@ -254,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parts = ("demo", "async", "async-cpu", "recheck", "pixels-bc", "perception")
+    parts = ("demo", "async", "async-cpu", "recheck", "pixels-bc", "perception", "gradient-noise")
     ap.add_argument("--part", choices=parts, default="async")
     ap.add_argument(
         "--episodes", type=int, help="recheck: fresh seeds (256); pixels-bc: demonstrations (512)"
@@ -268,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--camera", default="top", help="perception: the camera")
     ap.add_argument("--scenes", type=int, default=8000, help="perception: reset scenes")
     ap.add_argument("--out", default="bench_results/grpo")
+    ap.add_argument("--checkpoint", default="warm_start", help="gradient-noise: in --out")
+    ap.add_argument("--batches", type=int, default=6, help="gradient-noise: batches")
     ap.add_argument(
         "--train-per-item-ms",
         type=float,
@@ -281,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         recheck(args.out, args.episodes or 256, args.seed)
     elif args.part == "pixels-bc":
         pixels_bc(args.episodes or 512, args.bc_steps)
+    elif args.part == "gradient-noise":
+        gradient_noise(args.out, args.checkpoint, args.batches)
     elif args.part == "perception":
         perception(args.scenes, args.bc_steps, args.vision, args.lr, args.camera)
     elif args.part == "async":
