@@ -9,7 +9,13 @@ import torch
 import envs
 from pipeline import schema
 from pipeline.policies import ExpertPolicy, LatencyPolicy, TinyVLA
-from pipeline.policies.layers import RowConv2d, RowGroupNorm, SpatialSoftmax
+from pipeline.policies.layers import (
+    BatchInvariant,
+    RowConv2d,
+    RowGroupNorm,
+    SpatialSoftmax,
+    batched_kernels,
+)
 from pipeline.policies.sampling import row_normal, row_uniform
 
 
@@ -193,6 +199,42 @@ def test_film_vision_starts_as_a_conv_net_and_listens_to_the_instruction():
             torch.nn.init.normal_(film.weight, std=0.1)
         tokens = policy.tower(image, texts)
     assert not torch.allclose(tokens[0], tokens[1])
+
+
+@pytest.mark.parametrize("vision", ["patches", "keypoints", "film"])
+def test_batched_kernels_compute_the_same_policy_for_training(vision):
+    """Inside ``batched_kernels`` every batch-invariant layer uses torch's batched kernels:
+    the same log-probs to about 1e-4 and gradients that train alike; after the block (an
+    exception included) the layers compute row by row again, and another copy of the policy
+    is never switched."""
+    import copy
+
+    env, td = _batch(n=3, resets=[0, 1, 2])
+    torch.manual_seed(6)
+    policy = TinyVLA.from_spec(env.spec, chunk_len=4, vision=vision).eval()
+    other = copy.deepcopy(policy)
+    tokens = policy(td.clone())[schema.ACTION_TOKENS]
+    rows = policy.token_log_probs(td, tokens)
+    rows.sum().backward()
+    grads = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+    policy.zero_grad()
+    layers = [m for m in policy.modules() if isinstance(m, BatchInvariant)]
+    assert len(layers) >= 5
+    with batched_kernels(policy):
+        assert not any(m.batch_invariant for m in layers)
+        assert all(m.batch_invariant for m in other.modules() if isinstance(m, BatchInvariant))
+        batched = policy.token_log_probs(td, tokens)
+        batched.sum().backward()
+    torch.testing.assert_close(batched, rows, rtol=0, atol=1e-3)
+    for g, p in zip(grads, [p for p in policy.parameters() if p.grad is not None], strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-2, atol=1e-3)
+    assert all(m.batch_invariant for m in layers)
+    with pytest.raises(RuntimeError, match="inside"), batched_kernels(policy):
+        raise RuntimeError("inside")
+    assert all(m.batch_invariant for m in layers)
+    # Row by row again: a row alone has the same bits as in its batch.
+    with torch.no_grad():
+        assert torch.equal(policy.token_log_probs(td[1:2], tokens[1:2])[0], rows[1].detach())
 
 
 def test_sizes():

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from pipeline.policies.layers import batched_kernels
+
 
 def fit_minibatches(
     policy: torch.nn.Module,
@@ -25,7 +27,8 @@ def fit_minibatches(
     """``num_steps`` AdamW steps on ``params``, each on ``batch_size`` rows of ``range(size)``
     drawn with a generator seeded by ``seed``; ``batch_loss(idx, gen)`` returns the loss to
     minimise and the loss to record (the first may add auxiliary terms). ``policy`` is in
-    train mode meanwhile and in eval mode after. ``before_step(step)`` runs before every
+    train mode meanwhile, with torch's batched kernels (``batched_kernels``), and in eval
+    mode after. ``before_step(step)`` runs before every
     step and once after the last (``step == num_steps``), e.g. to evaluate held-out data.
     Returns the recorded loss of every step.
 
@@ -39,16 +42,17 @@ def fit_minibatches(
     gen = torch.Generator().manual_seed(seed)
     losses = []
     policy.train()
-    for step in range(num_steps):
+    with batched_kernels(policy):
+        for step in range(num_steps):
+            if before_step is not None:
+                before_step(step)
+            idx = torch.randint(size, (min(batch_size, size),), generator=gen)
+            loss, recorded = batch_loss(idx, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(recorded.detach()))
         if before_step is not None:
-            before_step(step)
-        idx = torch.randint(size, (min(batch_size, size),), generator=gen)
-        loss, recorded = batch_loss(idx, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(recorded.detach()))
-    if before_step is not None:
-        before_step(num_steps)
+            before_step(num_steps)
     policy.eval()
     return losses

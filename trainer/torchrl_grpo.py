@@ -33,6 +33,7 @@ from torchrl.objectives import BCLoss, ClipPPOLoss
 import envs
 from pipeline import schema
 from pipeline.policies import ExpertPolicy
+from pipeline.policies.layers import batched_kernels
 from pipeline.record.views import steps
 from pipeline.torchrl import RolloutCollector, TorchRLPolicy
 from trainer.fitting import fit_minibatches
@@ -215,16 +216,17 @@ def grpo_step(
     gap = float((prox.sum((1, 2)) - x.get(schema.SAMPLE_LOG_PROB)).abs().max())
     policy.train()
     infos = []
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for lo in range(0, len(x), cfg.minibatch):
-            out = loss_fn(x[order[lo : lo + cfg.minibatch]])
-            loss = out["loss_objective"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            opt.step()
-            infos.append((float(loss.detach()), float(out["clip_fraction"])))
+    with batched_kernels(policy):  # as the reference trainer (trainer/loop.py) does
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for lo in range(0, len(x), cfg.minibatch):
+                out = loss_fn(x[order[lo : lo + cfg.minibatch]])
+                loss = out["loss_objective"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                opt.step()
+                infos.append((float(loss.detach()), float(out["clip_fraction"])))
     policy.eval()
     loss_mean, clip_mean = np.mean(infos, axis=0).tolist()
     return {"steps": len(x), "loss": loss_mean, "clip_fraction": clip_mean, "behaviour_gap": gap}
