@@ -13,8 +13,8 @@ overlap matters most; ``--base-share`` of it is the per-call base.
 
 Schedules: lock-step (sync, 1 stage), 2-stage pipelining, and dynamic batching (its default,
 adaptive rule: batches of the size that the fitted ``L(B)`` and the measured step times say
-is best, a partial batch waiting at most the per-call cost or until it is full;
-``--min-batch``/``--max-wait-us`` give the fixed rule instead). Per row, medians over
+is best, a partial batch waiting at most the per-call cost; ``--min-batch``/``--max-wait-us``
+give the fixed rule instead). Per row, medians over
 ``--windows`` rollout() calls: decisions/s; the bound (the time the busier side needs: the
 simulated device's busy time for the batches this schedule formed, or the workers' measured
 busy time per worker; lock-step adds the two, as it cannot overlap them); throughput as a
@@ -34,7 +34,7 @@ import envs
 from benchmarks.engine import calibrate_env_ms, measure
 from pipeline import RolloutEngine
 from pipeline.policies import LatencyPolicy
-from pipeline.schedule.dynamic import WAIT_FOR_REPLY, simulate
+from pipeline.schedule.dynamic import simulate
 
 SCHEDULES = {
     "lock-step (sync, 1 stage)": dict(mode="sync", num_stages=1),
@@ -79,8 +79,7 @@ def run(env: str, env_kwargs: dict, policy: LatencyPolicy, args, **schedule) -> 
             "fitted_base_ms": model[0] / 1e6,
             "fitted_per_item_ms": model[1] / 1e6,
             "max_batch": rule.max_batch,
-            # None: a partial batch waits until it is full (the rule's stage-like choice)
-            "max_wait_ms": None if rule.max_wait_ns == WAIT_FOR_REPLY else rule.max_wait_ns / 1e6,
+            "max_wait_ms": rule.max_wait_ns / 1e6,
         }
     return out
 
@@ -130,7 +129,7 @@ def ceiling(cv: float, env_ms: float, latency: dict, envs: int, workers: int) ->
     dynamic = max(
         simulate(envs, workers, model, step_ns, batch, wait, rounds=60)
         for batch in range(1, envs + 1)
-        for wait in (0.0, model[0], np.inf)
+        for wait in (0.0, model[0])
     )
     return {"stages": stages, "dynamic": dynamic, "ratio": dynamic / stages}
 
@@ -172,12 +171,10 @@ def workload(
         print(_line(name, r), flush=True)
         if "rule" in r:
             q = r["rule"]
-            wait = q["max_wait_ms"]
-            wait = "until it is full" if wait is None else f"up to {wait:.1f} ms"
             print(
                 f"    adaptive rule: fitted L(B) = {q['fitted_base_ms']:.1f} + "
                 f"{q['fitted_per_item_ms']:.2f} ms x B; batches of {q['max_batch']}, a "
-                f"partial one waits {wait}",
+                f"partial one waits up to {q['max_wait_ms']:.1f} ms",
                 flush=True,
             )
     dyn, stages = rows["dynamic batching"], rows["2-stage pipelining"]

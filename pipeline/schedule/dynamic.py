@@ -92,7 +92,6 @@ def simulate(
     wait_ns: float,
     rounds: int = 12,
     seed: int = 0,
-    calls: list[int] | None = None,
 ) -> float:
     """Decisions per second of dynamic batching with batches of ``batch`` and a partial batch
     waiting ``wait_ns`` after the policy is free, in a small event simulation: env ``i`` on
@@ -119,8 +118,6 @@ def simulate(
         if len(ready) >= batch or now >= since + wait_ns:
             chosen = ready[np.argsort(ready_at[ready], kind="stable")[:batch]]
             now = free = now + a + b * len(chosen)
-            if calls is not None and decisions >= warm:
-                calls.append(len(chosen))
             for env in chosen:  # dispatched in order; a worker steps its envs one by one
                 w = env % num_workers
                 worker_free[w] = max(worker_free[w], now) + draws[decisions]
@@ -140,15 +137,14 @@ class AdaptiveBatching:
 
     It fits the policy's latency ``L(B) = a + b * B`` online from its own calls and keeps
     the envs' measured chunk times (their spread included), then replays them in
-    :func:`simulate` for every batch size, a partial batch inferred at once, after waiting
+    :func:`simulate` for every batch size, a partial batch inferred at once or after waiting
     ``a`` (the per-call cost: waiting longer idles the device for more than the extra call
-    that inferring now costs) or only once full (what fixed stages do). Of the candidates
-    within 2% of the fastest it keeps the one that forms the largest batches: the loop pays
-    its own cost per turn, which the simulation leaves out. For a balanced workload with
-    equal step times that is about two stages' worth; with spread step times it does not
-    wait for a stage's stragglers. Until it has calls of two sizes to fit it batches
-    first-ready (which forms batches of many sizes); then it refits every 2 s, backing off
-    to every 32 s while its choice holds. Nothing it chooses changes a trajectory.
+    that inferring now costs), and keeps the largest batch inferred at once of those within
+    2% of the fastest (the fewest turns, which the simulation does not charge for; else the
+    fastest). With spread step times it does not wait for a stage's stragglers. Until it has
+    calls of two sizes to fit it batches first-ready (which forms batches of many sizes);
+    then it refits every 2 s, backing off to every 32 s while its choice holds. Nothing it
+    chooses changes a trajectory.
 
     Example:
         >>> rule = AdaptiveBatching(num_envs=16, num_workers=2)
@@ -226,32 +222,28 @@ class AdaptiveBatching:
         m = min(n, max(self.SIM_ENVS, self.num_workers))
         k = n / m
         steps = np.array(self._env_ns) * k
-        # Every batch size; a partial batch inferred at once, after waiting the per-call
-        # cost, or only once full (fixed stages' behaviour, the best for equal step times).
-        candidates = [(B, w) for B in range(1, m + 1) for w in (0.0, a, np.inf)]
-        rates, formed = [], []
-        for B, w in candidates:
-            calls: list[int] = []
-            rate = simulate(
-                m, self.num_workers, (a, b * k), steps, B, w, self.SIM_ROUNDS, calls=calls
-            )
-            rates.append(rate)
-            formed.append(float(np.mean(calls)) if calls else 0.0)
-        # The simulation leaves out the loop's own cost, which is paid per turn: of the
-        # candidates within SIMULATION_TIE of the best (its sampling noise at these rounds),
-        # the one that forms the largest batches, i.e. the fewest turns, then the longest
-        # wait (a batch the simulation forms by timing alone, the real loop's noisier timing
-        # splits). A strict argmax picked among near-equal candidates by noise, and in the
-        # real loop the smaller batches it then formed cost throughput (batches of up to 6
-        # gave 1.01x the 2-stage throughput where up to 16 gave 1.11x, at CV 1).
+        # Every batch size, a partial batch inferred at once or after waiting the per-call cost.
+        candidates = [(B, w) for B in range(1, m + 1) for w in (0.0, a)]
+        rates = [
+            simulate(m, self.num_workers, (a, b * k), steps, B, w, self.SIM_ROUNDS)
+            for B, w in candidates
+        ]
+        # Candidates within SIMULATION_TIE of the fastest are equal as far as the simulation
+        # can tell (its sampling noise at these rounds); of those, the largest batch inferred
+        # at once costs the real loop the fewest turns, which the simulation leaves out. A
+        # strict argmax picked among near-equal candidates by noise: batches of up to 6 gave
+        # 1.01x the 2-stage throughput where up to 16 gave 1.11x, at CV 1.
         top = max(rates)
-        best = max(
-            (i for i in range(len(candidates)) if rates[i] >= (1 - self.SIMULATION_TIE) * top),
-            key=lambda i: (round(formed[i], 1), candidates[i][1], rates[i]),
-        )
-        size, wait = candidates[best]
+        tied = [
+            c
+            for c, r in zip(candidates, rates, strict=True)
+            if r >= (1 - self.SIMULATION_TIE) * top
+        ]
+        at_once = [c for c in tied if c[1] == 0.0]
+        best = max(at_once) if at_once else candidates[int(np.argmax(rates))]
+        size, wait = best
         self.max_batch = min(n, max(1, round(size * k)))
-        self.max_wait_ns = WAIT_FOR_REPLY if wait == np.inf else int(wait)
+        self.max_wait_ns = int(wait)
         self.fitted = True
 
     def wait_ns(self, ready: int, oldest_ns: int, now_ns: int, more_coming: bool) -> int | None:
@@ -260,7 +252,7 @@ class AdaptiveBatching:
         policy became free or the first env became ready, whichever is later."""
         if ready >= self.max_batch or (ready and not more_coming):
             return None
-        if not ready or self.max_wait_ns == WAIT_FOR_REPLY:
+        if not ready:
             return WAIT_FOR_REPLY
         remaining = max(oldest_ns, self._free_ns) + self.max_wait_ns - now_ns
         return None if remaining <= 0 else remaining
