@@ -217,7 +217,7 @@ class AdaptiveBatching:
         # m envs whose chunks take k times as long and whose calls cost a + k * b * B' step
         # and infer a round in the same time as n envs with calls of a + b * B (B = k * B'),
         # so the rate is k times the simulated one. Without this a refit for 1,024 envs
-        # simulated 34 fleets of 1,024 and stalled the loop for seconds.
+        # simulated each candidate on a fleet of 1,024 and stalled the loop for seconds.
         n = self.num_envs
         m = min(n, max(self.SIM_ENVS, self.num_workers))
         k = n / m
