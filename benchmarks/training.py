@@ -144,15 +144,22 @@ def demo(minutes: float, out: str) -> None:
     print(f"curve: {out}/curve.json, {out}/curve.png")
 
 
-def recheck(out: str, episodes: int, seed: int) -> None:
-    """The run's checkpoints on reset seeds no evaluation of the run has seen: ``best.pt``
-    was chosen on the run's own held-out seeds, so its score there is biased upwards."""
+def _saved_config(out: str) -> tuple[TrainConfig, dict]:
+    """The config a run in ``out`` saved with its curve (its env, not the defaults), and its
+    env kwargs as the engine takes them."""
     import json
 
-    with open(os.path.join(out, "curve.json")) as f:  # the run's env, not the defaults
+    with open(os.path.join(out, "curve.json")) as f:
         saved = json.load(f)["config"]
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     env_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.env_kwargs.items()}
+    return cfg, env_kwargs
+
+
+def recheck(out: str, episodes: int, seed: int) -> None:
+    """The run's checkpoints on reset seeds no evaluation of the run has seen: ``best.pt``
+    was chosen on the run's own held-out seeds, so its score there is biased upwards."""
+    cfg, env_kwargs = _saved_config(out)
     seeds = range(seed, seed + episodes)
     print(f"{episodes} fresh held-out seeds ({seed}...) of {cfg.env}: checkpoints of {out}")
     for name in ("warm_start", "best", "final"):
@@ -171,16 +178,12 @@ def gradient_noise(out: str, checkpoint: str, batches: int) -> None:
     the noise's E|noise|^2: their ratio is the signal's share of a batch gradient's squared
     norm, and (1 - share) / share the batch multiple at which signal and noise are equal."""
     import itertools
-    import json
 
     import torch
 
     from trainer.grpo import add_proximal_log_probs, dynamic_sample, grpo_loss
 
-    with open(os.path.join(out, "curve.json")) as f:  # the run's env, not the defaults
-        saved = json.load(f)["config"]
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
-    env_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.env_kwargs.items()}
+    cfg, env_kwargs = _saved_config(out)
     policy, _ = load_checkpoint(os.path.join(out, f"{checkpoint}.pt"))
     policy.eval()
     params = [p for p in policy.parameters() if p.requires_grad]
