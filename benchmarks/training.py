@@ -208,18 +208,18 @@ def gradient_noise(out: str, checkpoint: str, batches: int) -> None:
             flat = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
             grads.append(torch.cat([g.reshape(-1) for g in flat]))
             infos.append((len(batch), report.groups_kept, report.successes / report.episodes))
+    norms = [float(g.norm()) for g in grads]
     print(f"{checkpoint}.pt of {out} ({cfg.env}, {cfg.env_kwargs}):")
-    for (rows, groups, success), g in zip(infos, grads, strict=True):
+    for (rows, groups, success), norm in zip(infos, norms, strict=True):
         print(f"  batch: {rows} decisions, {groups} groups kept, success {success:.2f}, "
-              f"|g| {float(g.norm()):.4f}")  # fmt: skip
+              f"|g| {norm:.4f}")  # fmt: skip
     if len(grads) < 2:
         print("  fewer than two informative batches: nothing to compare")
         return
     pairs = list(itertools.combinations(range(len(grads)), 2))
     dots = [float(grads[i] @ grads[j]) for i, j in pairs]
-    norms = [float(g.norm()) for g in grads]
-    cosines = [float(grads[i] @ grads[j]) / (norms[i] * norms[j]) for i, j in pairs]
-    signal = statistics.mean(dots) / statistics.mean(float(g @ g) for g in grads)
+    cosines = [d / (norms[i] * norms[j]) for d, (i, j) in zip(dots, pairs, strict=True)]
+    signal = statistics.mean(dots) / statistics.mean(x * x for x in norms)
     print(f"  cosine between batches: mean {statistics.mean(cosines):.3f} "
           f"(min {min(cosines):.3f}, max {max(cosines):.3f})")  # fmt: skip
     if signal > 0:

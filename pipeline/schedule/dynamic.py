@@ -180,7 +180,7 @@ class AdaptiveBatching:
         self._since_fit += batch
         # Refit after every env decided once, then at most every 20 times what a refit
         # costs, and every 2 s while the choice moves, backing off to every 32 s while it
-        # holds: a refit stops the loop (0.1-0.2 s for 16 envs on a busy 2-core machine), so
+        # holds: a refit stops the loop (0.2-0.3 s for 16 envs on a busy 2-core machine), so
         # refits every 2 s would take several percent of its time for good.
         if self._since_fit >= self.num_envs and self._free_ns >= self._next_fit_ns:
             self._since_fit = 0
@@ -240,8 +240,7 @@ class AdaptiveBatching:
             if r >= (1 - self.SIMULATION_TIE) * top
         ]
         at_once = [c for c in tied if c[1] == 0.0]
-        best = max(at_once) if at_once else candidates[int(np.argmax(rates))]
-        size, wait = best
+        size, wait = max(at_once) if at_once else candidates[int(np.argmax(rates))]
         self.max_batch = min(n, max(1, round(size * k)))
         self.max_wait_ns = int(wait)
         self.fitted = True
