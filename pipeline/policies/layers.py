@@ -56,7 +56,7 @@ class BatchInvariant:
 def batched_kernels(model: nn.Module) -> Iterator[None]:
     """torch's batched kernels in ``model``'s batch-invariant layers for the block, for
     training: forward and backward took 0.5-0.6 of the time (TinyVLA with the FiLM tower,
-    256 rows, one CPU thread: 5.5-7.0 s against 11.4 s). A row's output then depends on its
+    256 rows, one CPU thread: 5.5-7.1 s against 11.4-11.7 s). A row's output then depends on its
     batch in the last bits (a token's log-probability by up to 4e-5), which a gradient step
     does not need; rollouts must not run inside it. Another copy of the model (an overlapped
     rollout's) is left alone.
