@@ -23,9 +23,11 @@ install: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench.py $(ARGS)
 
+# Two test processes: one test alone leaves part of a 2-core machine idle (waits on workers,
+# on Ray, on timeouts). The Ray tests stay in one of them, which starts the loopback cluster.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=10 $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10 $(ARGS)
 
 # The suite three times while two busy loops hog both cores (what a shared CI machine does).
 test-loaded: $(STAMP)
