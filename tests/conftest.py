@@ -53,7 +53,10 @@ def ray_cluster():
 def pytest_collection_modifyitems(config, items) -> None:
     """With parallel tests (``-n 2 --dist loadgroup``, as ``make test`` runs them), every
     test on Ray goes to the same test process, so the session's one loopback cluster is
-    started once, not once per process."""
+    started once, not once per process. The longest work goes first (the Ray tests, then
+    those marked ``slow``), so that it overlaps everything else rather than running alone
+    at the end."""
+    order = {}
     for item in items:
         callspec = getattr(item, "callspec", None)
         params = callspec.params.values() if callspec is not None else ()
@@ -63,6 +66,10 @@ def pytest_collection_modifyitems(config, items) -> None:
             or any(isinstance(v, str) and v == "ray" for v in params)
         ):
             item.add_marker(pytest.mark.xdist_group("ray"))
+            order[item.nodeid] = 0
+        else:
+            order[item.nodeid] = 1 if item.get_closest_marker("slow") else 2
+    items.sort(key=lambda item: order[item.nodeid])
 
 
 def _still_running(p) -> bool:

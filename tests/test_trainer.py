@@ -279,6 +279,7 @@ def _cli(cfg) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_iteration_resumes_with_the_seeds_it_would_have_drawn(tmp_path):
     import dataclasses
     import os
