@@ -18,10 +18,14 @@ of moving observations and actions and of recording them, nothing else. Rows:
 - the same ``AsyncVectorEnv`` for 8 envs *raw*: no policy, no TensorDict, the same zero
   actions every step, no recording (the rawest peer: stepping alone);
 - floors measured in the same run: ``numpy.copyto`` of one step's bytes, cache-hot and into
-  fresh memory; the IPC round trip of 2 spawned processes echoing a 16-byte frame.
+  fresh memory; the IPC round trip of 2 spawned processes echoing a 16-byte frame; the same
+  round trip by socket pair (the engine's wake-up), pipe and eventfd, with forked echoes,
+  to show whether another wake-up would be cheaper.
 
 Per row: env steps/s (median of windows) and, for the engine, the overhead per decision
-(round trip less policy and env time, median) against the IPC floor.
+(round trip less policy and env time, median) against the IPC floor. Then where a lock-step
+decision's time goes: the same engine under its own profiler (which adds a little to every
+phase), each phase's wall and CPU time per decision, in the loop and in each worker.
 """
 
 from __future__ import annotations
@@ -64,6 +68,34 @@ def _engine_row(toy: dict, decisions: int, windows: int, **schedule) -> dict:
     }
 
 
+def _turn_profile(toy: dict, decisions: int) -> dict:
+    """Per phase, wall and CPU us per decision of the lock-step engine (sync, 1 stage) under
+    its profiler: ``{process: {phase: (wall_us, cpu_us)}}``."""
+    policy = LatencyPolicy(state_dim=toy["state_dim"], chunk_len=1)
+    with RolloutEngine(
+        "toy", policy, num_envs=NUM_ENVS, num_workers=WORKERS, env_kwargs=toy, mode="sync",
+        num_stages=1,
+    ) as engine:  # fmt: skip
+        engine.rollout(decisions)  # the trajectory buffers of this length, allocated once
+        with engine.profile() as prof:
+            engine.rollout(decisions)
+        report = prof.report().to_dict()
+    return {
+        p["name"]: {
+            phase: (v["wall_s"] * 1e6 / decisions, v["cpu_s"] * 1e6 / decisions)
+            for phase, v in p["phases"].items()
+        }
+        for p in report["processes"]
+    }
+
+
+def _print_turn_profile(profile: dict) -> None:
+    print("  where a lock-step decision goes (profiled; wall / CPU us per decision):")
+    for process, phases in profile.items():
+        parts = ", ".join(f"{ph} {w:.0f}/{c:.0f}" for ph, (w, c) in phases.items())
+        print(f"    {process}: {parts}")
+
+
 def _gym_row(toy: dict, n: int, decisions: int, windows: int, raw: bool = False) -> dict:
     from benchmarks.gym_compare import run_gymnasium
 
@@ -87,7 +119,18 @@ def run(compare_gymnasium: bool, decisions: int = 300, windows: int = 5) -> dict
         f"IPC floor: {WORKERS} spawned processes echoing one 16-byte frame: round trip median "
         f"{floor:.0f} us (p99 {floor_p99:.0f})\n"
     )
-    results: dict = {"ipc_floor_us": floor, "ipc_floor_p99_us": floor_p99, "rows": {}}
+    wake = {kind: ipc_floor.wake_up_us(kind, WORKERS) for kind in ipc_floor.WAKE_UPS}
+    print(
+        "the same round trip by wake-up (forked echoes), median / p99: "
+        + ", ".join(f"{k} {m:.0f} / {p:.0f} us" for k, (m, p) in wake.items())
+        + "\n"
+    )
+    results: dict = {
+        "ipc_floor_us": floor,
+        "ipc_floor_p99_us": floor_p99,
+        "wake_up_us": {k: {"median": m, "p99": p} for k, (m, p) in wake.items()},
+        "rows": {},
+    }
     for title, kw in SETUPS.items():
         toy = dict(kw, episode_len=1000, static_images=True)
         nbytes = sum(int(np.prod(fs.shape)) * fs.dtype.itemsize
@@ -141,13 +184,17 @@ def run(compare_gymnasium: bool, decisions: int = 300, windows: int = 5) -> dict
                     share = r["env_steps_per_s"] * nbytes / 1e9 / copy_gbs
                     print(f"  -> {name}: {share:.0%} of fresh-memory copyto bandwidth")
         print(
-            f"  -> engine overhead per decision / IPC floor: {best['overhead_us'] / floor:.1f}x\n",
+            f"  -> engine overhead per decision / IPC floor: {best['overhead_us'] / floor:.1f}x",
             flush=True,
         )
+        profile = _turn_profile(toy, decisions)
+        _print_turn_profile(profile)
+        print(flush=True)
         results["rows"][title] = {
             "bytes_per_step": nbytes,
             "copyto_hot_us": hot_us,
             "copyto_fresh_us": cold_us,
+            "turn_profile_us": profile,
             **rows,
         }
     return results
