@@ -58,8 +58,9 @@ class BufferPool:
     A buffer is handed out again only when nothing outside the pool references it: every
     tensor and view of a returned TensorDict holds a reference to its buffer, so a result
     the caller still holds (or any part of it) is never overwritten; a new buffer is
-    allocated instead. The pool keeps at most ``keep`` buffers per shape and dtype, so a
-    caller that keeps every result (a replay buffer) costs no more than without a pool.
+    allocated instead. The pool keeps at most ``keep`` buffers per shape, dtype and index
+    within a call (see :meth:`take`), so a caller that keeps every result (a replay buffer)
+    costs no more than without a pool.
 
     Example:
         >>> pool = BufferPool()
@@ -73,10 +74,15 @@ class BufferPool:
         self._buffers: dict[tuple, list[np.ndarray]] = {}
         self.reused = self.allocated = 0  # counters, for tests and benches
 
-    def take(self, shape: tuple, dtype) -> np.ndarray:
-        """A ``shape``/``dtype`` buffer nobody else references (contents undefined)."""
+    def take(self, shape: tuple, dtype, index: int = 0) -> np.ndarray:
+        """A ``shape``/``dtype`` buffer nobody else references (contents undefined).
+
+        ``index``: which of one call's buffers of this shape and dtype it is (a call that
+        records three cameras of one size takes three, 0 to 2). The pool keeps ``keep`` of
+        each, so ``keep`` calls' worth of every buffer a call needs, however many share a
+        shape."""
         dtype = np.dtype(dtype)
-        pooled = self._buffers.setdefault((tuple(shape), dtype.str), [])
+        pooled = self._buffers.setdefault((tuple(shape), dtype.str, index), [])
         for buf in pooled:
             # References: the pool's list, this loop's variable, getrefcount's argument.
             if sys.getrefcount(buf) <= 3:
@@ -153,27 +159,36 @@ class TrajectoryStore:
     ) -> None:
         self.layout, self.layout_arrays, self.rows, self.max_t = layout, arrays, rows, max_t
         self.pool = pool if pool is not None else BufferPool(keep=0)
+        self._taken: dict[tuple, int] = {}  # buffers of each shape and dtype taken so far
         spec = layout.spec
         shape = (rows, max_t)
         # Observations, outputs and results need no clearing: every entry is either written
         # by this call or zeroed as invalid in to_tensordict.
         keys = spec.obs if obs_keys is None else obs_keys  # what the caller asked to record
-        self.obs = {k: self.pool.take(shape + spec.obs[k].shape, spec.obs[k].dtype) for k in keys}
+        self.obs = {k: self._take(shape + spec.obs[k].shape, spec.obs[k].dtype) for k in keys}
         # The record that came with each observation. Entries never written stay "parked"
         # (no decision), and so do rows the caller recorded while their env was parked.
-        self.seen = self.pool.take(shape, RESULT_DTYPE)
+        self.seen = self._take(shape, RESULT_DTYPE)
         self.seen.fill(0)
         self.seen["parked"] = 1
-        self.results = self.pool.take(shape, RESULT_DTYPE)  # each decision's outcome
+        self.results = self._take(shape, RESULT_DTYPE)  # each decision's outcome
         self.aborted = np.zeros(shape, bool)  # decisions of episodes a worker failure ended
         self._seen_raw, self._results_raw = raw_records(self.seen), raw_records(self.results)
         self.outputs: dict[tuple | str, np.ndarray] = {}
+
+    def _take(self, shape: tuple, dtype) -> np.ndarray:
+        """A buffer from the pool, numbered among this store's buffers of its shape and
+        dtype: cameras of one size each get their own."""
+        key = (tuple(shape), np.dtype(dtype).str)
+        index = self._taken.get(key, 0)
+        self._taken[key] = index + 1
+        return self.pool.take(shape, dtype, index)
 
     def _output_buffer(self, key, value: np.ndarray) -> np.ndarray:
         buf = self.outputs.get(key)
         if buf is None:
             shape = (self.rows, self.max_t, *value.shape[1:])
-            buf = self.outputs[key] = self.pool.take(shape, value.dtype)
+            buf = self.outputs[key] = self._take(shape, value.dtype)
         return buf
 
     def record_decision(self, dest: Dest, slot: int, lo: int, hi: int, outputs: dict) -> None:
