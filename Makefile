@@ -31,7 +31,7 @@ test: $(STAMP)
 
 # The suite three times while two busy loops hog both cores (what a shared CI machine does).
 test-loaded: $(STAMP)
-	$(PY) tests/under_load.py --hogs 2 --runs 3 -- $(PY) -m pytest -q $(ARGS)
+	$(PY) tests/under_load.py --hogs 2 --runs 3 -- $(PY) -m pytest -q -n 2 --dist loadgroup $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
