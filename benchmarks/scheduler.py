@@ -2,6 +2,7 @@
 
     python bench.py scheduler                 # toy at CV 0 / 0.5 / 1, then tabletop/pick-place
     python bench.py scheduler --cv 0.5 --windows 5
+    python bench.py scheduler --cv 1 --against-simulation   # real / simulated, fixed caps
 
 Workloads: ``toy`` envs with real CPU cost (``--step-cost-us`` per control step, chunks of
 ``--chunk``) whose cost is drawn per env and per chunk from a gamma distribution with the
@@ -19,6 +20,11 @@ give the fixed rule instead). Per row, medians over
 simulated device's busy time for the batches this schedule formed, or the workers' measured
 busy time per worker; lock-step adds the two, as it cannot overlap them); throughput as a
 share of the bound; simulated GPU and worker CPU busy fractions; the median batch size.
+
+``--against-simulation`` runs the toy workloads only, and puts each real schedule beside its
+event simulation (no cost of its own): 2 stages, and first-ready dynamic batching with fixed
+caps on the batch. The ratio real / simulated says how much of a schedule's ceiling its
+machinery keeps.
 """
 
 from __future__ import annotations
@@ -114,16 +120,20 @@ def simulate_stages(
     return (rounds * stages - 2 * stages - 1) * size / (device - t_warm) * 1e9
 
 
+def _chunk_times(cv: float, env_ms: float) -> np.ndarray:
+    """Gamma-drawn chunk times (ns) of mean ``env_ms`` and this CV, as the toy env draws
+    them."""
+    n = 1 << 14
+    if cv > 0:
+        return np.random.default_rng(0).gamma(1 / cv**2, env_ms * 1e6 * cv**2, n)
+    return np.full(n, env_ms * 1e6)
+
+
 def ceiling(cv: float, env_ms: float, latency: dict, envs: int, workers: int) -> dict:
     """What each schedule could reach with no cost of its own: the event simulations of
     2 stages and of dynamic batching (the best batch size and wait of those the adaptive
     rule chooses from), on gamma-drawn chunk times of mean ``env_ms`` and this CV."""
-    rng = np.random.default_rng(0)
-    n = 1 << 14
-    if cv > 0:
-        step_ns = rng.gamma(1 / cv**2, env_ms * 1e6 * cv**2, n)
-    else:
-        step_ns = np.full(n, env_ms * 1e6)
+    step_ns = _chunk_times(cv, env_ms)
     model = (latency["base_ms"] * 1e6, latency["per_item_ms"] * 1e6)
     stages = simulate_stages(envs, workers, model, step_ns)
     dynamic = max(
@@ -195,6 +205,40 @@ def workload(
     return rows
 
 
+CAPS = (4, 8, 16)  # first-ready batch caps set beside their simulation
+
+
+def against_simulation(cv: float, env_ms: float, toy: dict, latency: dict, args) -> dict:
+    """Each schedule's real decisions/s beside its event simulation's, for one CV: 2 stages,
+    and first-ready dynamic batching capped at each of :data:`CAPS`."""
+    step_ns = _chunk_times(cv, env_ms)
+    model = (latency["base_ms"] * 1e6, latency["per_item_ms"] * 1e6)
+    kw = dict(toy, step_cost_cv=cv)
+    cases = {"2-stage pipelining": (dict(num_stages=2), None)}
+    for cap in CAPS:
+        rule = dict(schedule="dynamic", min_batch=1, max_batch=cap, max_wait_us=0)
+        cases[f"dynamic, first-ready, cap {cap}"] = (rule, cap)
+    print(f"toy, step cost CV {cv}: real against simulated (no cost of its own)")
+    rows = {}
+    for name, (schedule, cap) in cases.items():
+        policy = LatencyPolicy(state_dim=toy["state_dim"], chunk_len=args.chunk, **latency)
+        r = run("toy", kw, policy, args, **schedule)
+        if cap is None:
+            r["simulated"] = simulate_stages(args.envs, args.workers, model, step_ns)
+        else:
+            r["simulated"] = simulate(args.envs, args.workers, model, step_ns, cap, 0.0, rounds=60)
+        rows[name] = r
+        print(
+            f"  {name:<30} real {r['decisions_per_s']:7.1f}  simulated {r['simulated']:7.1f}  "
+            f"real/simulated {r['decisions_per_s'] / r['simulated']:.2f}  (median batch "
+            f"{r['median_batch']:.1f}, GPU busy {r['gpu_busy']:.0%}, CPU busy "
+            f"{r['cpu_busy']:.0%})",
+            flush=True,
+        )
+    print()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="bench.py scheduler",
@@ -212,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-tabletop", action="store_true")
     ap.add_argument("--min-batch", type=int, default=0, help="dynamic's rule (0: default)")
     ap.add_argument("--max-wait-us", type=float, default=0.0, help="dynamic's rule")
+    ap.add_argument(
+        "--against-simulation",
+        action="store_true",
+        help="toy only: each schedule beside its event simulation, dynamic at fixed caps",
+    )
     ap.add_argument("--json", default="bench_results/scheduler.json")
     args = ap.parse_args(argv)
     toy = dict(state_dim=32, episode_len=400, step_cost_us=args.step_cost_us)
@@ -228,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         f"ms x B (L({stage}) = {latency['base_ms'] + latency['per_item_ms'] * stage:.1f} ms)\n"
     )
     results: dict = {"config": vars(args), "env_decision_ms": env_ms, "latency": latency}
+    if args.against_simulation:
+        for cv in args.cv or [0.0, 0.5, 1.0]:
+            results[f"toy cv {cv}"] = against_simulation(cv, env_ms, toy, latency, args)
+        return _save(results, args.json)
     for cv in args.cv or [0.0, 0.5, 1.0]:
         kw = dict(toy, step_cost_cv=cv)
         bound = ceiling(cv, env_ms, latency, args.envs, args.workers)
@@ -244,8 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             latency,
             args,
         )
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
+    return _save(results, args.json)
+
+
+def _save(results: dict, path: str) -> int:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"figures: {args.json}")
+    print(f"figures: {path}")
     return 0
