@@ -50,6 +50,7 @@ def ray_cluster():
     assert {n for n in os.listdir("/dev/shm") if not n.startswith("sem.mp-")} <= before
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """With parallel tests (``-n 2 --dist loadgroup``, as ``make test`` runs them), every
     test on Ray goes to the same test process, so the session's one loopback cluster is
@@ -66,10 +67,22 @@ def pytest_collection_modifyitems(config, items) -> None:
             or any(isinstance(v, str) and v == "ray" for v in params)
         ):
             item.add_marker(pytest.mark.xdist_group("ray"))
-            order[item.nodeid] = 0
+            order[id(item)] = 0
         else:
-            order[item.nodeid] = 1 if item.get_closest_marker("slow") else 2
-    items.sort(key=lambda item: order[item.nodeid])
+            order[id(item)] = 1 if item.get_closest_marker("slow") else 2
+    items.sort(key=lambda item: order[id(item)])
+
+
+def pytest_configure(config) -> None:
+    """Refuse ``--dist loadgroup`` on pytest 9: pytest-xdist (3.8) groups tests by renaming
+    them (``name@group``), which pytest 9 ignores (its node ids are computed), so the Ray
+    group would silently not take and every test process would start a cluster of its own.
+    The test extra pins ``pytest<9`` for this."""
+    if config.getoption("dist", "no") == "loadgroup" and pytest.version_tuple[0] >= 9:
+        raise pytest.UsageError(
+            f"--dist loadgroup does not group tests on pytest {pytest.__version__} "
+            "(pytest-xdist renames items, which pytest 9 ignores): install 'pytest<9'"
+        )
 
 
 def _still_running(p) -> bool:
