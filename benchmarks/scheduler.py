@@ -129,12 +129,17 @@ def _chunk_times(cv: float, env_ms: float) -> np.ndarray:
     return np.full(n, env_ms * 1e6)
 
 
+def _device_model(latency: dict) -> tuple[float, float]:
+    """The bench's ``L(B)`` as the simulations take it: ``(base, per_item)`` in ns."""
+    return latency["base_ms"] * 1e6, latency["per_item_ms"] * 1e6
+
+
 def ceiling(cv: float, env_ms: float, latency: dict, envs: int, workers: int) -> dict:
     """What each schedule could reach with no cost of its own: the event simulations of
     2 stages and of dynamic batching (the best batch size and wait of those the adaptive
     rule chooses from), on gamma-drawn chunk times of mean ``env_ms`` and this CV."""
     step_ns = _chunk_times(cv, env_ms)
-    model = (latency["base_ms"] * 1e6, latency["per_item_ms"] * 1e6)
+    model = _device_model(latency)
     stages = simulate_stages(envs, workers, model, step_ns)
     dynamic = max(
         simulate(envs, workers, model, step_ns, batch, wait, rounds=60)
@@ -212,7 +217,7 @@ def against_simulation(cv: float, env_ms: float, toy: dict, latency: dict, args)
     """Each schedule's real decisions/s beside its event simulation's, for one CV: 2 stages,
     and first-ready dynamic batching capped at each of :data:`CAPS`."""
     step_ns = _chunk_times(cv, env_ms)
-    model = (latency["base_ms"] * 1e6, latency["per_item_ms"] * 1e6)
+    model = _device_model(latency)
     kw = dict(toy, step_cost_cv=cv)
     cases = {"2-stage pipelining": (dict(num_stages=2), None)}
     for cap in CAPS:

@@ -49,11 +49,16 @@ SETUPS = {
 }
 
 
-def _engine_row(toy: dict, decisions: int, windows: int, **schedule) -> dict:
+def _engine(toy: dict, **schedule) -> RolloutEngine:
+    """The engine every row runs: 8 toy envs on 2 workers, a zero-latency policy."""
     policy = LatencyPolicy(state_dim=toy["state_dim"], chunk_len=1)
-    with RolloutEngine(
+    return RolloutEngine(
         "toy", policy, num_envs=NUM_ENVS, num_workers=WORKERS, env_kwargs=toy, **schedule
-    ) as engine:
+    )
+
+
+def _engine_row(toy: dict, decisions: int, windows: int, **schedule) -> dict:
+    with _engine(toy, **schedule) as engine:
         m = measure(engine, decisions, windows)
     turns = np.concatenate([w["turn_us"] for w in m["windows"]])
     policy_us = np.concatenate([w["turn_policy_us"] for w in m["windows"]])
@@ -71,11 +76,7 @@ def _engine_row(toy: dict, decisions: int, windows: int, **schedule) -> dict:
 def _turn_profile(toy: dict, decisions: int) -> dict:
     """Per phase, wall and CPU us per decision of the lock-step engine (sync, 1 stage) under
     its profiler: ``{process: {phase: (wall_us, cpu_us)}}``."""
-    policy = LatencyPolicy(state_dim=toy["state_dim"], chunk_len=1)
-    with RolloutEngine(
-        "toy", policy, num_envs=NUM_ENVS, num_workers=WORKERS, env_kwargs=toy, mode="sync",
-        num_stages=1,
-    ) as engine:  # fmt: skip
+    with _engine(toy, mode="sync", num_stages=1) as engine:
         engine.rollout(decisions)  # the trajectory buffers of this length, allocated once
         with engine.profile() as prof:
             engine.rollout(decisions)

@@ -57,20 +57,21 @@ def pytest_collection_modifyitems(config, items) -> None:
     started once, not once per process. The longest work goes first (the Ray tests, then
     those marked ``slow``), so that it overlaps everything else rather than running alone
     at the end."""
-    order = {}
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        params = callspec.params.values() if callspec is not None else ()
-        if (
-            "ray_cluster" in item.fixturenames
-            or item.module.__name__ == "test_ray"
-            or any(isinstance(v, str) and v == "ray" for v in params)
-        ):
+        if _on_ray(item):
             item.add_marker(pytest.mark.xdist_group("ray"))
-            order[id(item)] = 0
-        else:
-            order[id(item)] = 1 if item.get_closest_marker("slow") else 2
-    items.sort(key=lambda item: order[id(item)])
+    items.sort(key=lambda item: 0 if _on_ray(item) else 1 if item.get_closest_marker("slow") else 2)
+
+
+def _on_ray(item) -> bool:
+    """Whether a test uses the Ray cluster: directly, in test_ray.py, or as a backend param."""
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params.values() if callspec is not None else ()
+    return (
+        "ray_cluster" in item.fixturenames
+        or item.module.__name__ == "test_ray"
+        or any(isinstance(v, str) and v == "ray" for v in params)
+    )
 
 
 def pytest_configure(config) -> None:
