@@ -40,7 +40,7 @@ import envs
 from benchmarks.engine import calibrate_env_ms, measure
 from pipeline import RolloutEngine
 from pipeline.policies import LatencyPolicy
-from pipeline.schedule.dynamic import simulate
+from pipeline.schedule.dynamic import rule_candidates, simulate
 
 SCHEDULES = {
     "lock-step (sync, 1 stage)": dict(mode="sync", num_stages=1),
@@ -142,9 +142,8 @@ def ceiling(cv: float, env_ms: float, latency: dict, envs: int, workers: int) ->
     model = _device_model(latency)
     stages = simulate_stages(envs, workers, model, step_ns)
     dynamic = max(
-        simulate(envs, workers, model, step_ns, batch, wait, rounds=60)
-        for batch in range(1, envs + 1)
-        for wait in (0.0, model[0])
+        simulate(envs, workers, model, step_ns, batch, wait, rounds=60).rate
+        for batch, wait in rule_candidates(envs, workers, model[0], step_ns)
     )
     return {"stages": stages, "dynamic": dynamic, "ratio": dynamic / stages}
 
@@ -231,7 +230,9 @@ def against_simulation(cv: float, env_ms: float, toy: dict, latency: dict, args)
         if cap is None:
             r["simulated"] = simulate_stages(args.envs, args.workers, model, step_ns)
         else:
-            r["simulated"] = simulate(args.envs, args.workers, model, step_ns, cap, 0.0, rounds=60)
+            r["simulated"] = simulate(
+                args.envs, args.workers, model, step_ns, cap, 0.0, rounds=60
+            ).rate
         rows[name] = r
         print(
             f"  {name:<30} real {r['decisions_per_s']:7.1f}  simulated {r['simulated']:7.1f}  "

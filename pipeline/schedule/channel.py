@@ -77,18 +77,19 @@ class Channel:
         """Whether every reply to the stage's command is in, without waiting."""
         return self.pool.ready(s.workers, reply_to(s), f"stepping stage {s.index}")
 
-    def harvest(self, wait_ns: int) -> None:
-        """Take every reply that is in; with none in, wait up to ``wait_ns`` for one
-        (``WAIT_FOR_REPLY``: as long as it takes, under the watchdog). Each single-env stage
-        whose reply came is READY from now (dynamic batching)."""
-        busy = sorted({c.workers[0] for c in self.stages if c.state is StageState.STEPPING})
+    def harvest(self, busy: list[int], wait_ns: int) -> list[Stage]:
+        """Take every reply of the ``busy`` workers that is in; with none in, wait up to
+        ``wait_ns`` for one (``WAIT_FOR_REPLY``: as long as it takes, under the watchdog).
+        Returns the single-env stages whose reply came, READY from now (dynamic batching),
+        in the order their replies were read."""
         if not busy:
-            return
+            return []
         if wait_ns:
             self.phase("wait_obs")
         timeout = None if wait_ns == WAIT_FOR_REPLY else wait_ns / 1e9
         self.pool.wait_any(busy, timeout, self.hang_timeout_s, "stepping")
         now = time.perf_counter_ns()
+        came = []
         for w in busy:
             for frame in self.pool.take_replies(w):
                 c = self.stages[frame.stage]
@@ -100,7 +101,9 @@ class Channel:
                 self.finish(c)
                 c.last_turn = (now - c.turn_t0, c.turn_policy_ns)
                 c.ready_ns = now
+                came.append(c)
         self.phase("bookkeeping")
+        return came
 
     def reset_one(self, w: int, s: Stage, slot: int) -> None:
         """Recovery: RESET worker ``w``'s envs of stage ``s`` into ``slot`` under the stage's

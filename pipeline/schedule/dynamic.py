@@ -22,10 +22,11 @@ computes each row alike in any batch (see ``RolloutEngine``).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -83,6 +84,13 @@ class Batching:
         return None if remaining <= 0 else remaining
 
 
+class Simulated(NamedTuple):
+    """What :func:`simulate` found: decisions per second and the mean batch size."""
+
+    rate: float
+    batch: float
+
+
 def simulate(
     num_envs: int,
     num_workers: int,
@@ -92,32 +100,43 @@ def simulate(
     wait_ns: float,
     rounds: int = 12,
     seed: int = 0,
-) -> float:
-    """Decisions per second of dynamic batching with batches of ``batch`` and a partial batch
-    waiting ``wait_ns`` after the policy is free, in a small event simulation: env ``i`` on
-    worker ``i % num_workers``, each worker stepping its commanded envs in order, each chunk's
-    time drawn from the measured ``step_ns``, calls of ``a + b * B``. What the runner does,
-    without its own cost.
+) -> Simulated:
+    """Decisions per second (and the mean batch) of dynamic batching with batches of up to
+    ``batch`` and a partial batch waiting ``wait_ns`` after the policy is free, in a small
+    event simulation: env ``i`` on worker ``i % num_workers``, each worker stepping its
+    commanded envs in order, each chunk's time drawn from the measured ``step_ns``, calls of
+    ``a + b * B``. What the runner does, without its own cost.
 
     Example:
-        >>> simulate(16, 2, (8e6, 3e6), np.full(64, 8e6), batch=8, wait_ns=8e6)
+        >>> simulate(16, 2, (8e6, 3e6), np.full(64, 8e6), batch=8, wait_ns=8e6).rate
     """
+    # Plain Python over a handful of envs: numpy's per-call cost made each event 3x slower,
+    # and a refit runs dozens of these in the loop.
     rng = np.random.default_rng(seed)
-    a, b = latency
-    ready_at = np.zeros(num_envs)  # when each env became (or will become) ready
-    worker_free = np.zeros(num_workers)
-    stepping = np.zeros(num_envs, bool)
+    a, b = float(latency[0]), float(latency[1])
+    envs, inf = range(num_envs), math.inf
+    ready_at = [0.0] * num_envs  # when each env became (or will become) ready
+    stepping = [False] * num_envs
+    worker_free = [0.0] * num_workers
     warm, target = 2 * num_envs, (rounds + 2) * num_envs  # the first rounds are a transient
-    draws = rng.choice(step_ns, size=target + num_envs)
+    draws = rng.choice(step_ns, size=target + num_envs).tolist()
     now = free = t_warm = 0.0
-    decisions = 0
+    decisions = calls = 0
     while decisions < target:
-        stepping &= ready_at > now
-        ready = np.flatnonzero(~stepping)
-        since = max(ready_at[ready].min(), free) if len(ready) else np.inf
+        ready = []
+        nxt = inf  # when the next stepping env becomes ready
+        for i in envs:
+            if stepping[i]:
+                if ready_at[i] > now:
+                    nxt = min(nxt, ready_at[i])
+                    continue
+                stepping[i] = False
+            ready.append(i)
+        since = max(min(ready_at[i] for i in ready), free) if ready else inf
         if len(ready) >= batch or now >= since + wait_ns:
-            chosen = ready[np.argsort(ready_at[ready], kind="stable")[:batch]]
+            chosen = sorted(ready, key=ready_at.__getitem__)[:batch]  # stable: longest-waiting
             now = free = now + a + b * len(chosen)
+            calls += decisions >= warm
             for env in chosen:  # dispatched in order; a worker steps its envs one by one
                 w = env % num_workers
                 worker_free[w] = max(worker_free[w], now) + draws[decisions]
@@ -126,9 +145,34 @@ def simulate(
                 if decisions == warm:
                     t_warm = now
             continue
-        nxt = ready_at[stepping].min() if stepping.any() else np.inf
         now = max(now, min(nxt, since + wait_ns))
-    return (decisions - warm) / (now - t_warm) * 1e9 if now > t_warm else 0.0
+    made = decisions - warm
+    rate = made / (now - t_warm) * 1e9 if now > t_warm else 0.0
+    return Simulated(rate, made / calls if calls else 0.0)
+
+
+def rule_candidates(
+    num_envs: int, num_workers: int, base_ns: float, step_ns: np.ndarray
+) -> list[tuple[int, float]]:
+    """The ``(max_batch, wait_ns)`` pairs :class:`AdaptiveBatching` simulates: every batch
+    size with a partial batch inferred at once or after waiting the per-call cost
+    ``base_ns``; and the full batch waiting a sixteenth to a half of a worker's round (the
+    mean chunk time of ``step_ns`` times its envs).
+
+    While the workers have envs queued a wait idles nothing, so the simulation rates such
+    waits like inferring at once. The real loop does not: each turn costs it CPU per call
+    and per row (for 256 envs, first-ready's batches of 2.6 cost 0.4 ms of loop CPU per
+    decision, 12x the stages'), and a host with no core to spare takes that from the
+    workers.
+
+    Example:
+        >>> rule_candidates(4, 2, 1e6, np.full(8, 2e6))[-1]   # the cap, waiting half a round
+        (4, 2000000.0)
+    """
+    per_size = [(B, w) for B in range(1, num_envs + 1) for w in (0.0, float(base_ns))]
+    round_ns = float(np.mean(step_ns)) * num_envs / num_workers
+    waits = [(num_envs, round_ns / 2**j) for j in (4, 3, 2, 1)]
+    return list(dict.fromkeys(per_size + waits))
 
 
 class AdaptiveBatching:
@@ -137,11 +181,12 @@ class AdaptiveBatching:
 
     It fits the policy's latency ``L(B) = a + b * B`` online from its own calls and keeps
     the envs' measured chunk times (their spread included), then replays them in
-    :func:`simulate` for every batch size, a partial batch inferred at once or after waiting
-    ``a`` (the per-call cost: waiting longer idles the device for more than the extra call
-    that inferring now costs), and keeps the largest batch inferred at once of those within
-    2% of the fastest (the fewest turns, which the simulation does not charge for; else the
-    fastest). With spread step times it does not wait for a stage's stragglers. Until it has
+    :func:`simulate` for each of :func:`rule_candidates` (every batch size, a partial batch
+    inferred at once or after waiting ``a``, the per-call cost; and the full batch waiting
+    part of a worker's round), and keeps, of those within 2% of the fastest, the one whose
+    simulated batches are largest (the fewest turns, which the simulation does not charge
+    for). With spread step times it does not wait for a stage's stragglers; with workers
+    that have many envs queued and a device to spare, it waits for large batches. Until it has
     calls of two sizes to fit it batches first-ready (which forms batches of many sizes);
     then it refits every 2 s, backing off to every 32 s while its choice holds. Nothing it
     chooses changes a trajectory.
@@ -222,25 +267,25 @@ class AdaptiveBatching:
         m = min(n, max(self.SIM_ENVS, self.num_workers))
         k = n / m
         steps = np.array(self._env_ns) * k
-        # Every batch size, a partial batch inferred at once or after waiting the per-call cost.
-        candidates = [(B, w) for B in range(1, m + 1) for w in (0.0, a)]
-        rates = [
+        candidates = rule_candidates(m, self.num_workers, a, steps)
+        sims = [
             simulate(m, self.num_workers, (a, b * k), steps, B, w, self.SIM_ROUNDS)
             for B, w in candidates
         ]
         # Candidates within SIMULATION_TIE of the fastest are equal as far as the simulation
-        # can tell (its sampling noise at these rounds); of those, the largest batch inferred
-        # at once costs the real loop the fewest turns, which the simulation leaves out. A
-        # strict argmax picked among near-equal candidates by noise: batches of up to 6 gave
-        # 1.01x the 2-stage throughput where up to 16 gave 1.11x, at CV 1.
-        top = max(rates)
+        # can tell (its sampling noise at these rounds); of those, the one forming the
+        # largest batches costs the real loop the fewest turns, which the simulation leaves
+        # out (then the larger cap, then the shorter wait). A strict argmax picked among
+        # near-equal candidates by noise: batches of up to 6 gave 1.01x the 2-stage
+        # throughput where up to 16 gave 1.11x, at CV 1.
+        top = max(r.rate for r in sims)
         tied = [
-            c
-            for c, r in zip(candidates, rates, strict=True)
-            if r >= (1 - self.SIMULATION_TIE) * top
+            (r.batch, B, -w)
+            for (B, w), r in zip(candidates, sims, strict=True)
+            if r.rate >= (1 - self.SIMULATION_TIE) * top
         ]
-        at_once = [c for c in tied if c[1] == 0.0]
-        size, wait = max(at_once) if at_once else candidates[int(np.argmax(rates))]
+        _, size, wait = max(tied)
+        wait = -wait
         self.max_batch = min(n, max(1, round(size * k)))
         self.max_wait_ns = int(wait)
         self.fitted = True

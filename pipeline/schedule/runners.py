@@ -18,6 +18,7 @@ recovery ``run`` resumes from them.
 from __future__ import annotations
 
 import time
+from collections import Counter, deque
 from typing import Protocol
 
 import numpy as np
@@ -75,7 +76,12 @@ class PipelinedRunner:
 
 class DynamicRunner:
     """Dynamic batching over single-env stages, as its rule allows; an adaptive rule is
-    handed every turn's measurements."""
+    handed every turn's measurements.
+
+    Its bookkeeping is per reply and per batch row, never per env of the fleet: the ready
+    envs wait in a queue in the order they became ready, and each worker's envs in flight
+    are counted. Scanning every env at every reply cost 0.14 ms per decision at 256 envs.
+    """
 
     def __init__(
         self, turns: Turns, stages: list[Stage], rule: Batching | AdaptiveBatching
@@ -83,21 +89,35 @@ class DynamicRunner:
         self.turns, self.stages, self.rule = turns, stages, rule
 
     def run(self, plan: Plan) -> None:
-        turns, rule, cells, channel = self.turns, self.rule, self.stages, self.turns.channel
+        turns, rule, channel = self.turns, self.rule, self.turns.channel
         results = turns.a["results"]
+        # Rebuilt at every call (a recovery ends one): the envs that want a decision now,
+        # longest-waiting first, and how many envs each worker is stepping.
+        ready = deque(
+            sorted(
+                (c for c in self.stages if c.state is StageState.READY and plan.wants(c)),
+                key=lambda c: c.ready_ns,
+            )
+        )
+        in_flight = Counter(c.workers[0] for c in self.stages if c.state is StageState.STEPPING)
+        wait = 0
         while True:
-            channel.harvest(0)
-            ready = [c for c in cells if c.state is StageState.READY and plan.wants(c)]
-            busy = any(c.state is StageState.STEPPING for c in cells)
-            if not ready and not busy:
+            busy = sorted(w for w, n in in_flight.items() if n)
+            for c in channel.harvest(busy, wait):  # in the order they became ready
+                in_flight[c.workers[0]] -= 1
+                if plan.wants(c):
+                    ready.append(c)
+            more = any(in_flight.values())
+            if not ready and not more:
                 return
-            oldest = min((c.ready_ns for c in ready), default=0)
-            wait = rule.wait_ns(len(ready), oldest, time.perf_counter_ns(), busy)
+            oldest = ready[0].ready_ns if ready else 0
+            wait = rule.wait_ns(len(ready), oldest, time.perf_counter_ns(), more)
             if wait is not None:
-                channel.harvest(wait)
                 continue
-            ready.sort(key=lambda c: c.ready_ns)
-            batch = ready[: rule.max_batch]
+            wait = 0
+            batch = [ready.popleft() for _ in range(min(rule.max_batch, len(ready)))]
+            for c in batch:
+                in_flight[c.workers[0]] += 1
             if not rule.learns:
                 turns.dispatch(batch, turns.infer(batch), plan)
                 continue
