@@ -62,6 +62,11 @@ class EngineStats:
         """One stage turn: its timings and a copy of its result records (raw items)."""
         self._turns.append((turn_ns, policy_ns, raw_records.copy()))
 
+    def log_turns(self, turns: list[tuple[int, int]], raw_records: np.ndarray) -> None:
+        """Turns of single-env stages (a dynamic batch): ``(turn ns, policy ns)`` each, and
+        their result records ``[turns]``, already a copy."""
+        self._turns.extend((t, p, r) for (t, p), r in zip(turns, raw_records[:, None], strict=True))
+
     def fold(self, decisions: int, env_worker: np.ndarray) -> None:
         """Add this call's turns: per-worker env and write times, the slowest worker's env
         time per turn, env steps and decisions, all from the result records."""

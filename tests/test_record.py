@@ -21,6 +21,25 @@ def test_stage_rows_land_in_their_own_episode_rows_in_any_order():
     assert block.block == (4, 1)
 
 
+@pytest.mark.parametrize("row_shape", [(3,), (64, 96, 3)])  # a fancy index, a memcpy each
+def test_a_gathered_batch_lands_row_by_row_from_its_own_slots(row_shape):
+    # Dynamic batching records a batch of envs each in its own slot with one scatter:
+    # batch row j is src[slots[j], envs[j]] and goes to [rows[j], ts[j]]; src picks the rows
+    # that are recorded at all (a parked env's is not).
+    from pipeline.record.store import Dest
+
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 255, (2, 6, *row_shape), dtype=np.uint8)
+    slots, envs = np.array([1, 0, 1, 0]), np.array([5, 2, 0, 3])
+    dest = Dest.scatter(np.array([7, 1, 4]), np.array([0, 3, 2]), np.array([0, 2, 3]))
+    assert dest.block is None and dest.n == 3
+    dst = np.zeros((8, 4, *row_shape), np.uint8)
+    dest.put_from(dst, src, slots, envs)
+    assert (dst[7, 0] == src[1, 5]).all() and (dst[1, 3] == src[1, 0]).all()
+    assert (dst[4, 2] == src[0, 3]).all()
+    assert np.count_nonzero(dst.reshape(32, -1).any(1)) == 3  # nothing else written
+
+
 def test_buffer_pool_reuses_only_what_nobody_references():
     from pipeline.record.store import BufferPool
 

@@ -94,6 +94,10 @@ class Plan(Protocol):
 
     def record(self, s: Stage, outputs: dict) -> Dest: ...
 
+    def record_cells(
+        self, cells: list[Stage], slots: np.ndarray, envs: np.ndarray, outputs: dict
+    ) -> None: ...
+
     def abort(self, env_ids: np.ndarray, episodes: np.ndarray) -> None: ...
 
     def result(self, policy_version: int, texts: dict[int, NonTensorData]) -> TensorDict: ...
@@ -134,6 +138,19 @@ class RolloutPlan:
         self.store.record_decision(dest, s.slot, s.lo, s.hi, outputs)
         self.made[s.index] += 1
         return dest
+
+    def record_cells(
+        self, cells: list[Stage], slots: np.ndarray, envs: np.ndarray, outputs: dict
+    ) -> None:
+        """:meth:`record` for a dynamic batch (single-env stages; env ``envs[j]`` in
+        ``slots[j]``) by block copies; each cell's ``pending`` says where its results go."""
+        index = np.fromiter((c.index for c in cells), np.int64, len(cells))
+        ts = self.made[index]
+        self.made[index] += 1
+        dest = Dest.scatter(envs, ts, np.arange(len(cells)))
+        self.store.record_gathered(dest, slots, envs, outputs)
+        for c, row, t in zip(cells, envs.tolist(), ts.tolist(), strict=True):
+            c.pending = Dest.block_at(row, t, 1)
 
     def abort(self, env_ids: np.ndarray, episodes: np.ndarray) -> None:
         """A worker failure ended these episodes: their decisions so far stay in the output,
@@ -212,6 +229,22 @@ class EpisodePlan:
         dest = Dest(rows, ts, src, s.size)
         self.store.record_decision(dest, s.slot, s.lo, s.hi, outputs)
         return dest
+
+    def record_cells(
+        self, cells: list[Stage], slots: np.ndarray, envs: np.ndarray, outputs: dict
+    ) -> None:
+        """:meth:`record` for a dynamic batch (see :meth:`RolloutPlan.record_cells`)."""
+        a = self.a
+        src = np.flatnonzero(a["parked"][slots, envs] == 0)
+        rows = (a["episode_id"][slots, envs][src] - self.uid0) // 2
+        ts = a["t"][slots, envs][src]
+        if len(ts) and ts.max() >= self.max_t:
+            raise EngineError(f"an episode exceeded {self.max_t} decisions (spec.max_steps)")
+        self.store.record_gathered(Dest.scatter(rows, ts, src), slots, envs, outputs)
+        where = dict(zip(src.tolist(), zip(rows.tolist(), ts.tolist(), strict=True), strict=True))
+        for j, c in enumerate(cells):
+            row, t = where.get(j, (0, 0))
+            c.pending = Dest.block_at(row, t, int(j in where))
 
     def abort(self, env_ids: np.ndarray, episodes: np.ndarray) -> None:
         """A worker failure ended these episodes: each runs again from its reset (same id,

@@ -37,6 +37,7 @@ _NEXT = {
 ID_FIELDS = ("sample_seed", "episode_id", "reset_seed", "env_id", "policy_version")
 
 _POPULATE_BYTES = 1 << 20
+_LARGE_ROW = 16384  # bytes from which a row is copied by itself, not through a fancy index
 
 
 def _alloc(shape: tuple, dtype) -> np.ndarray:
@@ -111,6 +112,14 @@ class Dest:
         self.block = (int(rows[0]), int(ts[0])) if contiguous and (ts == ts[0]).all() else None
 
     @classmethod
+    def scatter(cls, rows: np.ndarray, ts: np.ndarray, src: np.ndarray) -> Dest:
+        """Index arrays only, never a block: for a batch gathered from anywhere
+        (:meth:`put_from`)."""
+        dest = cls.__new__(cls)
+        dest.rows, dest.ts, dest.src, dest.n, dest.block = rows, ts, src, len(src), None
+        return dest
+
+    @classmethod
     def block_at(cls, row0: int, t: int, n: int) -> Dest:
         """Stage rows ``0..n`` -> rows ``row0..row0+n`` at time ``t`` (no index arrays)."""
         dest = cls.__new__(cls)
@@ -123,11 +132,22 @@ class Dest:
         if self.block is not None:
             r0, t = self.block
             dst[r0 : r0 + self.n, t] = stage_values
-        elif stage_values.nbytes >= 16384 * len(stage_values):  # large rows: a memcpy each
+        elif stage_values.nbytes >= _LARGE_ROW * len(stage_values):  # a memcpy each
             for r, t, j in zip(self.rows, self.ts, self.src, strict=True):
                 np.copyto(dst[r, t], stage_values[j])
         else:
             dst[self.rows, self.ts] = stage_values[self.src]
+
+    def put_from(self, dst: np.ndarray, src: np.ndarray, slots: np.ndarray, envs: np.ndarray):
+        """The same for a batch gathered from anywhere: batch row ``j`` is ``src[slots[j],
+        envs[j]]`` (dynamic batching's envs, each in its own slot), copied straight from
+        there into ``dst``."""
+        slots, envs = slots[self.src], envs[self.src]
+        if src[0, 0].nbytes >= _LARGE_ROW:  # a memcpy each, no gathered copy in between
+            for r, t, slot, env in zip(self.rows, self.ts, slots, envs, strict=True):
+                np.copyto(dst[r, t], src[slot, env])
+        else:
+            dst[self.rows, self.ts] = src[slots, envs]
 
 
 class TrajectoryStore:
@@ -201,6 +221,26 @@ class TrajectoryStore:
         for key, value in outputs.items():
             dest.put(self._output_buffer(key, value), value)
         dest.put(self._seen_raw, a["results_raw"][slot, lo:hi])
+
+    def record_gathered(
+        self, dest: Dest, slots: np.ndarray, envs: np.ndarray, outputs: dict
+    ) -> None:
+        """:meth:`record_decision` for a batch of envs each in its own slot (batch row ``j``
+        is env ``envs[j]`` in ``slots[j]``), to ``dest`` (:meth:`Dest.scatter`)."""
+        if dest.n == 0:
+            return
+        a = self.layout_arrays
+        for k, buf in self.obs.items():
+            dest.put_from(buf, a[f"obs/{k}"], slots, envs)
+        for key, value in outputs.items():
+            dest.put(self._output_buffer(key, value), value)
+        dest.put_from(self._seen_raw, a["results_raw"], slots, envs)
+
+    def record_gathered_results(self, dest: Dest, slots: np.ndarray, envs: np.ndarray) -> None:
+        """:meth:`record_results` for a batch gathered from anywhere (see
+        :meth:`record_gathered`)."""
+        if dest.n:
+            dest.put_from(self._results_raw, self.layout_arrays["results_raw"], slots, envs)
 
     def record_results(self, dest: Dest, slot: int, lo: int, hi: int) -> None:
         """What came of it: the ``("next", ...)`` half, from the stage's next ``slot``."""

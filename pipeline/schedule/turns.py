@@ -19,6 +19,7 @@ import torch
 from pipeline.errors import EngineError
 from pipeline.profiler.session import ProfileSession
 from pipeline.record.plans import Plan
+from pipeline.record.store import Dest
 from pipeline.runtime import protocol as P
 from pipeline.runtime.spans import PhaseSwitch
 from pipeline.schedule.actions import ActionPath
@@ -96,25 +97,27 @@ class Turns:
         return out
 
     def dispatch(self, stages: list[Stage], out, plan: Plan) -> None:
-        """End a turn: validate and send the actions, then record while the workers step."""
+        """End a turn: validate and send the actions, then record while the workers step.
+        Several stages are a dynamic batch of single-env stages, queued and recorded by
+        block copies over the batch, with no Python per row."""
         self.phase("dispatch")
         self.stats.policy_ns += stages[0].turn_policy_ns
         outputs = self.actions.take(stages, out)
-        for s in stages:
-            self.queue_episodes(s, plan)
+        if len(stages) == 1:
+            self.queue_episodes(stages[0], plan)
+        else:
+            slots = np.fromiter((c.slot for c in stages), np.int64, len(stages))
+            envs = np.fromiter((c.lo for c in stages), np.int64, len(stages))
+            self.queue_cell_episodes(envs, slots, plan)
         failed = self.channel.command(stages, P.STEP)
         self.phase("record")
         t_record = time.perf_counter_ns()
-        row = 0
-        for s in stages:
-            self.record_results(s, plan)  # the previous decision's, while workers step
-            mine = (
-                outputs
-                if len(stages) == 1
-                else {key: value[row : row + s.size] for key, value in outputs.items()}
-            )
-            s.pending = plan.record(s, mine)
-            row += s.size
+        if len(stages) == 1:
+            self.record_results(stages[0], plan)  # the previous decision's, while workers step
+            stages[0].pending = plan.record(stages[0], outputs)
+        else:
+            self.record_cell_results(stages, plan)
+            plan.record_cells(stages, slots, envs, outputs)
         self.stats.record_ns += time.perf_counter_ns() - t_record
         self.phase("bookkeeping")
         if failed is not None:  # raised only now: the decision is recorded like any other
@@ -129,6 +132,29 @@ class Turns:
         started = self.a["next_episode"][lo:hi] == self.a["episode_id"][s.slot, lo:hi]
         for i in s.env_ids[started]:
             plan.next_episode(int(i))
+
+    def queue_cell_episodes(self, envs: np.ndarray, slots: np.ndarray, plan: Plan) -> None:
+        """:meth:`queue_episodes` for a dynamic batch (env ``envs[j]`` in ``slots[j]``)."""
+        if not self.auto_reset:
+            return
+        started = self.a["next_episode"][envs] == self.a["episode_id"][slots, envs]
+        for i in envs[started].tolist():
+            plan.next_episode(i)
+
+    def record_cell_results(self, cells: list[Stage], plan: Plan) -> None:
+        """:meth:`record_results` for a dynamic batch: the cells' pending results, by block
+        copies."""
+        done = [c for c in cells if c.pending is not None]
+        if not done:
+            return
+        slots = np.fromiter((c.slot for c in done), np.int64, len(done))
+        envs = np.fromiter((c.lo for c in done), np.int64, len(done))
+        live = [j for j, c in enumerate(done) if c.pending.n]
+        rows, ts = np.array([done[j].pending.block for j in live], np.int64).reshape(-1, 2).T
+        plan.store.record_gathered_results(Dest.scatter(rows, ts, np.array(live)), slots, envs)
+        self.stats.log_turns([c.last_turn for c in done], self.a["results_raw"][slots, envs])
+        for c in done:
+            c.pending = None
 
     def record_results(self, s: Stage, plan: Plan) -> None:
         """Record the results of the stage's last decision, if not yet recorded."""
