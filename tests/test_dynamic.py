@@ -207,6 +207,20 @@ def test_adaptive_batching_refits_less_often_while_its_choice_holds():
         rule.observe(8, int(8.4e6 + 8 * 3.14e6), np.full(16, 8.37e6))
         everies.append(rule._fit_every_ns)
     assert everies[-1] == hi and everies == sorted(everies) and everies[0] <= 4 * lo
+    # A choice that waits holds too, though its wait (a fraction of measured times) is
+    # never the same twice.
+    rng = np.random.default_rng(3)
+    rule = AdaptiveBatching(num_envs=256, num_workers=2)
+    for b in (1, 3, 16, 2, 5) * 60:
+        rule.observe(b, int((2.0 + 0.01 * b) * 1e6), np.full(b, 1.6e6))
+    rule.refit()
+    waits = []
+    for _ in range(6):
+        rule._next_fit_ns = 0
+        for _ in range(4):  # 256 decisions: a refit is due
+            rule.observe(64, int(2.64e6), rng.normal(1.6e6, 0.05e6, 64))
+        waits.append(rule.max_wait_ns)
+    assert rule.max_wait_ns > 0 and len(set(waits)) > 1 and rule._fit_every_ns == hi, waits
 
 
 @pytest.mark.parametrize(

@@ -225,17 +225,26 @@ class AdaptiveBatching:
         self._since_fit += batch
         # Refit after every env decided once, then at most every 20 times what a refit
         # costs, and every 2 s while the choice moves, backing off to every 32 s while it
-        # holds: a refit stops the loop (0.2-0.3 s for 16 envs on a busy 2-core machine), so
-        # refits every 2 s would take several percent of its time for good.
+        # holds: a refit stops the loop (0.05-0.1 s for 16 envs on a busy 2-core machine),
+        # so refits every 2 s would take a few percent of its time for good.
         if self._since_fit >= self.num_envs and self._free_ns >= self._next_fit_ns:
             self._since_fit = 0
             before = (self.max_batch, self.max_wait_ns, self.fitted)
             self.refit()
             cost = time.perf_counter_ns() - self._free_ns
-            held = self.fitted and (self.max_batch, self.max_wait_ns, self.fitted) == before
+            held = self.fitted and self._same_choice(*before)
             lo, hi = self.REFIT_NS
             self._fit_every_ns = min(2 * self._fit_every_ns, hi) if held else lo
             self._next_fit_ns = time.perf_counter_ns() + max(self._fit_every_ns, 20 * cost)
+
+    def _same_choice(self, max_batch: int, max_wait_ns: int, fitted: bool) -> bool:
+        """Whether a refit kept the choice: the same cap, and a wait within a quarter of the
+        one before. Waits are fractions of measured times (the per-call cost, a worker's
+        round), so they never repeat exactly; compared exactly, a choice that waits never
+        held, and the rule refitted every 2 s for good."""
+        if not fitted or max_batch != self.max_batch:
+            return False
+        return abs(self.max_wait_ns - max_wait_ns) <= 0.25 * max(self.max_wait_ns, max_wait_ns)
 
     def latency_model(self) -> tuple[float, float] | None:
         """``(a, b)`` of ``L(B) = a + b * B`` in ns, or None before two sizes were seen."""
