@@ -3,13 +3,15 @@
     python bench.py scale                        # 8, 32, 128, 512, 1024 envs on 2 workers
     python bench.py scale --num-envs 32,256 --out scale.json
     python bench.py scale --plot docs/scale.png  # the sweep as a figure
+    python bench.py scale --schedule dynamic     # dynamic batching instead of 2 stages
 
 Toy env at 0.2 ms of CPU per control step, state plus one 64x64 camera, chunks of 8;
-``LatencyPolicy`` (1 ms base, 0.02 ms per item: latency without CPU), 2 stages. Per point:
-decisions/s; the loop's own CPU (the parent process's CPU time, the policy burning none) per
-turn and per env decision; the parent's and each worker's RSS; the shared segment's size;
-the engine's start-up time. The figure the seed scenario needs is the loop's CPU per env
-decision staying flat as envs grow (256 or more envs per accelerator).
+``LatencyPolicy`` (1 ms base, 0.02 ms per item: latency without CPU), 2 stages (or dynamic
+batching, its adaptive rule). Per point: decisions/s; the loop's own CPU (the parent
+process's CPU time, the policy burning little) per policy call and per env decision; the
+parent's and each worker's RSS; the shared segment's size; the engine's start-up time. The
+figure the seed scenario needs is the loop's CPU per env decision staying flat as envs grow
+(256 or more envs per accelerator).
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ def _cpu_s(proc: psutil.Process) -> float:
     return t.user + t.system
 
 
-def point(num_envs: int, windows: int, seconds: float) -> dict:
+SCHEDULES = {"stages": dict(num_stages=2), "dynamic": dict(schedule="dynamic")}
+
+
+def point(num_envs: int, windows: int, seconds: float, schedule: str = "stages") -> dict:
     """One ``num_envs``: start the engine, size the windows from a warm-up, measure."""
     policy = LatencyPolicy(TOY["state_dim"], chunk_len=CHUNK, base_ms=1.0, per_item_ms=0.02)
     t0 = time.perf_counter()
     engine = RolloutEngine(
-        "toy", policy, num_envs=num_envs, num_workers=WORKERS, num_stages=2, env_kwargs=TOY,
-        seed=0,
+        "toy", policy, num_envs=num_envs, num_workers=WORKERS, env_kwargs=TOY, seed=0,
+        **SCHEDULES[schedule],
     )  # fmt: skip
     me = psutil.Process()
     with engine:
@@ -61,7 +66,7 @@ def point(num_envs: int, windows: int, seconds: float) -> dict:
             per.append(
                 {
                     "decisions_per_s": st.decisions / wall,
-                    "loop_cpu_us_per_turn": cpu / max(1, len(st.turn_ns)) * 1e6,
+                    "loop_cpu_us_per_turn": cpu / max(1, len(st.batch_sizes)) * 1e6,
                     "loop_cpu_us_per_env_decision": cpu / st.decisions * 1e6,
                 }
             )
@@ -93,7 +98,7 @@ def plot(points: list[dict], path: str) -> None:
     left.set(xscale="log", xlabel="envs (2 workers)", ylabel="env decisions / s", ylim=(0, None))
     left.set_title("throughput")
     right.plot(n, [p["loop_cpu_us_per_env_decision"] for p in points], "o-", label="per env")
-    right.plot(n, [p["loop_cpu_us_per_turn"] for p in points], "s--", label="per stage turn")
+    right.plot(n, [p["loop_cpu_us_per_turn"] for p in points], "s--", label="per policy call")
     right.set(xscale="log", yscale="log", xlabel="envs (2 workers)", ylabel="loop CPU (us)")
     right.set_title("the loop's own CPU")
     right.legend()
@@ -117,23 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=12.0, help="measured seconds per point")
     ap.add_argument("--out", default=None, help="write the points as JSON here")
     ap.add_argument("--plot", default=None, help="write the sweep as a PNG here")
+    ap.add_argument("--schedule", choices=sorted(SCHEDULES), default="stages")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     sizes = [int(n) for n in args.num_envs.split(",")]
     print(
         f"scale: toy env, {TOY['step_cost_us']} us/step, state + one 64x64 camera, chunks of "
-        f"{CHUNK}, LatencyPolicy 1 ms + 0.02 ms/item, {WORKERS} workers, 2 stages; medians of "
-        f"{args.windows} windows; {os.cpu_count()} cores",
+        f"{CHUNK}, LatencyPolicy 1 ms + 0.02 ms/item, {WORKERS} workers, {args.schedule}; "
+        f"medians of {args.windows} windows; {os.cpu_count()} cores",
         flush=True,
     )
     head = (
-        f"{'envs':>6}{'decisions/s':>13}{'loop CPU/turn':>15}{'loop CPU/env':>14}"
+        f"{'envs':>6}{'decisions/s':>13}{'loop CPU/call':>15}{'loop CPU/env':>14}"
         f"{'parent RSS':>12}{'worker RSS':>12}{'shared':>10}{'start-up':>10}"
     )
     print(head, flush=True)
     points = []
     for n in sizes:
-        p = point(n, args.windows, args.seconds)
+        p = point(n, args.windows, args.seconds, args.schedule)
         points.append(p)
         print(
             f"{n:>6}{p['decisions_per_s']:>13,.0f}{p['loop_cpu_us_per_turn']:>12,.0f} us"
@@ -151,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"toy": TOY, "points": points}, f, indent=1, default=float)
+            json.dump(
+                {"toy": TOY, "schedule": args.schedule, "points": points}, f, indent=1,
+                default=float,
+            )  # fmt: skip
         print(f"wrote {args.out}")
     if args.plot:
         plot(points, args.plot)

@@ -47,6 +47,7 @@ class Batching:
     max_batch: int
     max_wait_ns: int
     learns: ClassVar[bool] = False  # no measurements to observe (AdaptiveBatching does)
+    quickest_step_ns: ClassVar[float] = 0.0  # no step times known (see AdaptiveBatching)
 
     @classmethod
     def check(
@@ -205,6 +206,9 @@ class AdaptiveBatching:
     def __init__(self, num_envs: int, num_workers: int) -> None:
         self.num_envs, self.num_workers = num_envs, num_workers
         self.max_batch, self.max_wait_ns = num_envs, 0
+        # The quickest chunk of the recent ones: no env steps faster, so the runner need not
+        # wake for replies that cannot arrive in time to change its decision.
+        self.quickest_step_ns = 0.0
         self.fitted = False
         self._free_ns = 0  # when the last policy call returned
         # Per batch size: [calls, mean latency ns]; the sizes of the first-ready warm-up stay
@@ -277,26 +281,38 @@ class AdaptiveBatching:
         k = n / m
         steps = np.array(self._env_ns) * k
         candidates = rule_candidates(m, self.num_workers, a, steps)
-        sims = [
-            simulate(m, self.num_workers, (a, b * k), steps, B, w, self.SIM_ROUNDS)
-            for B, w in candidates
-        ]
+        # The choice in force is a candidate too, kept while it ties with the fastest: a
+        # choice that flipped between near-equal candidates refitted every 2 s (at 256
+        # envs refits took 43% of the loop's CPU).
+        held = (min(m, max(1, round(self.max_batch / k))), float(self.max_wait_ns))
+        if self.fitted and held not in candidates:
+            candidates.append(held)
+        sims = dict(
+            zip(
+                candidates,
+                (
+                    simulate(m, self.num_workers, (a, b * k), steps, B, w, self.SIM_ROUNDS)
+                    for B, w in candidates
+                ),
+                strict=True,
+            )
+        )
         # Candidates within SIMULATION_TIE of the fastest are equal as far as the simulation
         # can tell (its sampling noise at these rounds); of those, the one forming the
         # largest batches costs the real loop the fewest turns, which the simulation leaves
         # out (then the larger cap, then the shorter wait). A strict argmax picked among
         # near-equal candidates by noise: batches of up to 6 gave 1.01x the 2-stage
         # throughput where up to 16 gave 1.11x, at CV 1.
-        top = max(r.rate for r in sims)
-        tied = [
-            (r.batch, B, -w)
-            for (B, w), r in zip(candidates, sims, strict=True)
-            if r.rate >= (1 - self.SIMULATION_TIE) * top
-        ]
-        _, size, wait = max(tied)
-        wait = -wait
+        floor = (1 - self.SIMULATION_TIE) * max(r.rate for r in sims.values())
+        if self.fitted and sims[held].rate >= floor:
+            size, wait = held
+        else:
+            tied = [(r.batch, B, -w) for (B, w), r in sims.items() if r.rate >= floor]
+            _, size, neg_wait = max(tied)
+            wait = -neg_wait
         self.max_batch = min(n, max(1, round(size * k)))
         self.max_wait_ns = int(wait)
+        self.quickest_step_ns = float(min(self._env_ns))
         self.fitted = True
 
     def wait_ns(self, ready: int, oldest_ns: int, now_ns: int, more_coming: bool) -> int | None:

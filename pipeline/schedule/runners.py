@@ -17,6 +17,7 @@ recovery ``run`` resumes from them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, deque
 from typing import Protocol
@@ -24,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.record.plans import Plan
-from pipeline.schedule.dynamic import AdaptiveBatching, Batching
+from pipeline.schedule.dynamic import WAIT_FOR_REPLY, AdaptiveBatching, Batching
 from pipeline.schedule.stages import Stage, StageState
 from pipeline.schedule.turns import Turns
 
@@ -113,6 +114,14 @@ class DynamicRunner:
             oldest = ready[0].ready_ns if ready else 0
             wait = rule.wait_ns(len(ready), oldest, time.perf_counter_ns(), more)
             if wait is not None:
+                quiet = _quiet_ns(len(ready), in_flight, rule)
+                if wait != WAIT_FOR_REPLY and quiet > 0:
+                    # Until then no reply can fill the batch or end the stepping: sleep
+                    # instead of waking for each (a wake-up per reply was most of the
+                    # loop's CPU at 256 envs), then take them all.
+                    channel.phase("wait_obs")
+                    time.sleep(min(wait, quiet) / 1e9)
+                    wait = 0
                 continue
             wait = 0
             batch = [ready.popleft() for _ in range(min(rule.max_batch, len(ready)))]
@@ -126,6 +135,22 @@ class DynamicRunner:
             out = turns.infer(batch)
             rule.observe(len(batch), batch[0].turn_policy_ns, env_ns)
             turns.dispatch(batch, out, plan)
+
+
+def _quiet_ns(ready: int, in_flight: Counter, rule: Batching | AdaptiveBatching) -> float:
+    """How long no reply can change a waiting batch's fate, given that no env steps faster
+    than ``rule.quickest_step_ns`` and each worker steps its envs one at a time: filling
+    the batch needs ``max_batch - ready`` more replies, at most one per worker at once;
+    ending the stepping needs every worker's last one. 0 when the rule knows no step time."""
+    step = rule.quickest_step_ns
+    counts = [n for n in in_flight.values() if n]
+    if step <= 0 or not counts:
+        return 0.0
+    done = (max(counts) - 1) * step
+    need = rule.max_batch - ready
+    if need > sum(counts):  # cannot fill: only the stepping's end or the deadline counts
+        return done
+    return min(done, (math.ceil(need / len(counts)) - 1) * step)
 
 
 def make_runner(
