@@ -164,6 +164,27 @@ def test_adaptive_batching_waits_for_larger_batches_while_the_workers_have_envs_
     assert chosen.batch >= 4 * at_once.batch
 
 
+def test_the_loop_sleeps_only_while_no_reply_can_change_a_waiting_batch():
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from pipeline.schedule.runners import _quiet_ns
+
+    ms = 1_000_000
+    rule = SimpleNamespace(quickest_step_ns=ms, max_batch=16)
+    flight = Counter({0: 5, 1: 3})
+    # 14 more replies cannot come from 8 in flight: only the stepping's end counts, and
+    # worker 0 steps its 5 one after another (the first may end at once).
+    assert _quiet_ns(2, flight, rule) == 4 * ms
+    # 4 more replies from 2 workers: the second of one worker's, 1 ms away at the earliest.
+    rule.max_batch = 6
+    assert _quiet_ns(2, flight, rule) == 1 * ms
+    rule.max_batch = 4  # 2 more: the first of each worker's could come at once
+    assert _quiet_ns(2, flight, rule) == 0
+    assert _quiet_ns(2, Counter({0: 0, 1: 0}), rule) == 0  # nothing in flight
+    assert _quiet_ns(2, flight, SimpleNamespace(quickest_step_ns=0.0, max_batch=16)) == 0
+
+
 def test_the_dynamic_loop_looks_at_each_env_once_per_reply():
     # Its bookkeeping is per reply, never a scan of the fleet at every wake-up (which cost
     # 0.14 ms per decision at 256 envs): plan.wants runs about once per decision.
