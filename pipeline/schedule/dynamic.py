@@ -218,10 +218,16 @@ class AdaptiveBatching:
         self._since_fit = self._next_fit_ns = 0
         self._fit_every_ns = self.REFIT_NS[0]
 
-    def observe(self, batch: int, policy_ns: int, env_ns: np.ndarray) -> None:
-        """One turn: its batch size, the policy call's latency and the batch's envs' last
-        stepping (``env_ns`` per env, 0 where nothing was stepped yet)."""
-        self._free_ns = time.perf_counter_ns()
+    def observe(
+        self, batch: int, policy_ns: int, env_ns: np.ndarray, free_ns: int | None = None
+    ) -> None:
+        """One turn: its batch size, the policy call's latency, the batch's envs' last
+        stepping (``env_ns`` per env, 0 where nothing was stepped yet) and when the policy
+        call returned (``free_ns``, ``perf_counter_ns``; None: now). A refit, when one is
+        due, runs here: call it after the batch's actions are out, so its envs step
+        meanwhile."""
+        now = time.perf_counter_ns()
+        self._free_ns = now if free_ns is None else free_ns
         calls, mean = self._latency.get(batch, (0, 0.0))
         calls = min(calls + 1, 32)  # a running mean that follows a drifting latency
         self._latency[batch] = [calls, mean + (policy_ns - mean) / calls]
@@ -231,11 +237,11 @@ class AdaptiveBatching:
         # costs, and every 2 s while the choice moves, backing off to every 32 s while it
         # holds: a refit stops the loop (0.05-0.1 s for 16 envs on a busy 2-core machine),
         # so refits every 2 s would take a few percent of its time for good.
-        if self._since_fit >= self.num_envs and self._free_ns >= self._next_fit_ns:
+        if self._since_fit >= self.num_envs and now >= self._next_fit_ns:
             self._since_fit = 0
             before = (self.max_batch, self.max_wait_ns, self.fitted)
             self.refit()
-            cost = time.perf_counter_ns() - self._free_ns
+            cost = time.perf_counter_ns() - now
             held = self.fitted and self._same_choice(*before)
             lo, hi = self.REFIT_NS
             self._fit_every_ns = min(2 * self._fit_every_ns, hi) if held else lo

@@ -133,8 +133,11 @@ class DynamicRunner:
             # The batch's last stepping, read before this turn's dispatch overwrites it.
             env_ns = np.array([results[c.slot, c.lo]["env_ns"] for c in batch])
             out = turns.infer(batch)
-            rule.observe(len(batch), batch[0].turn_policy_ns, env_ns)
+            free_ns = time.perf_counter_ns()
             turns.dispatch(batch, out, plan)
+            # After the dispatch: a refit (0.1-0.3 s with the workers busy) then stalls
+            # only the loop, while this batch's envs step.
+            rule.observe(len(batch), batch[0].turn_policy_ns, env_ns, free_ns)
 
 
 def _quiet_ns(ready: int, in_flight: Counter, rule: Batching | AdaptiveBatching) -> float:
