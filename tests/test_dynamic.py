@@ -183,6 +183,16 @@ def test_the_loop_sleeps_only_while_no_reply_can_change_a_waiting_batch():
     assert _quiet_ns(2, flight, rule) == 0
     assert _quiet_ns(2, Counter({0: 0, 1: 0}), rule) == 0  # nothing in flight
     assert _quiet_ns(2, flight, SimpleNamespace(quickest_step_ns=0.0, max_batch=16)) == 0
+    # The adaptive rule's quickest chunk: unknown (0) until a fit, then lowered at once by
+    # any quicker chunk, never raised between refits.
+    rule = AdaptiveBatching(num_envs=16, num_workers=2)
+    rule.observe(4, 5 * ms, np.full(4, 2.0 * ms))
+    assert rule.quickest_step_ns == 0
+    rule = _fed(8.4, 3.14, 8.37)
+    assert rule.quickest_step_ns == pytest.approx(8.37 * ms)
+    rule.observe(2, 15 * ms, np.array([3.0 * ms, 0.0]))
+    rule.observe(2, 15 * ms, np.array([9.0 * ms, 20.0 * ms]))
+    assert rule.quickest_step_ns == pytest.approx(3.0 * ms)
 
 
 def test_the_dynamic_loop_looks_at_each_env_once_per_reply():

@@ -186,8 +186,9 @@ class AdaptiveBatching:
     inferred at once or after waiting ``a``, the per-call cost; and the full batch waiting
     part of a worker's round), and keeps, of those within 2% of the fastest, the one whose
     simulated batches are largest (the fewest turns, which the simulation does not charge
-    for). With spread step times it does not wait for a stage's stragglers; with workers
-    that have many envs queued and a device to spare, it waits for large batches. Until it has
+    for); the choice in force is kept while it is among those. With spread step times it
+    does not wait for a stage's stragglers; with workers that have many envs queued and a
+    device to spare, it waits for large batches. Until it has
     calls of two sizes to fit it batches first-ready (which forms batches of many sizes);
     then it refits every 2 s, backing off to every 32 s while its choice holds. Nothing it
     chooses changes a trajectory.
@@ -206,8 +207,9 @@ class AdaptiveBatching:
     def __init__(self, num_envs: int, num_workers: int) -> None:
         self.num_envs, self.num_workers = num_envs, num_workers
         self.max_batch, self.max_wait_ns = num_envs, 0
-        # The quickest chunk of the recent ones: no env steps faster, so the runner need not
-        # wake for replies that cannot arrive in time to change its decision.
+        # The quickest chunk measured (of the recent ones at each refit, lowered by every
+        # quicker one in between): the runner takes no env to step faster, and need not
+        # wake for replies that cannot arrive in time to change its decision. 0: unknown.
         self.quickest_step_ns = 0.0
         self.fitted = False
         self._free_ns = 0  # when the last policy call returned
@@ -231,7 +233,10 @@ class AdaptiveBatching:
         calls, mean = self._latency.get(batch, (0, 0.0))
         calls = min(calls + 1, 32)  # a running mean that follows a drifting latency
         self._latency[batch] = [calls, mean + (policy_ns - mean) / calls]
-        self._env_ns.extend(float(x) for x in env_ns if x > 0)
+        stepped = [float(x) for x in env_ns if x > 0]
+        self._env_ns.extend(stepped)
+        if self.quickest_step_ns > 0 and stepped:  # between refits, only ever lower
+            self.quickest_step_ns = min(self.quickest_step_ns, min(stepped))
         self._since_fit += batch
         # Refit after every env decided once, then at most every 20 times what a refit
         # costs, and every 2 s while the choice moves, backing off to every 32 s while it

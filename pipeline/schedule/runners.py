@@ -80,7 +80,7 @@ class DynamicRunner:
     handed every turn's measurements.
 
     Its bookkeeping is per reply and per batch row, never per env of the fleet: the ready
-    envs wait in a queue in the order they became ready, and each worker's envs in flight
+    envs wait in a queue in the order their replies were read, and each worker's envs in flight
     are counted. Scanning every env at every reply cost 0.14 ms per decision at 256 envs.
     """
 
@@ -101,10 +101,15 @@ class DynamicRunner:
             )
         )
         in_flight = Counter(c.workers[0] for c in self.stages if c.state is StageState.STEPPING)
+        # Sleeping through replies (below) relies on no env replying quicker than a chunk
+        # is measured to take. An env that ended with no auto-reset replies at once, and
+        # with lookahead a reply may come with no stepping (the episode ended within the
+        # prefix), whose readiness automatic lookahead also times: no sleeping then.
+        may_sleep = turns.auto_reset and not channel.lookahead.enabled
         wait = 0
         while True:
             busy = sorted(w for w, n in in_flight.items() if n)
-            for c in channel.harvest(busy, wait):  # in the order they became ready
+            for c in channel.harvest(busy, wait):  # in the order read, worker by worker
                 in_flight[c.workers[0]] -= 1
                 if plan.wants(c):
                     ready.append(c)
@@ -114,11 +119,13 @@ class DynamicRunner:
             oldest = ready[0].ready_ns if ready else 0
             wait = rule.wait_ns(len(ready), oldest, time.perf_counter_ns(), more)
             if wait is not None:
-                quiet = _quiet_ns(len(ready), in_flight, rule)
+                quiet = _quiet_ns(len(ready), in_flight, rule) if may_sleep else 0.0
                 if wait != WAIT_FOR_REPLY and quiet > 0:
-                    # Until then no reply can fill the batch or end the stepping: sleep
-                    # instead of waking for each (a wake-up per reply was most of the
-                    # loop's CPU at 256 envs), then take them all.
+                    # Until then no reply can fill the batch or end the stepping (as far as
+                    # the measured chunk times tell): sleep instead of waking for each (a
+                    # wake-up per reply was most of the loop's CPU at 256 envs), then take
+                    # them all. Their readiness is stamped when taken, so a turn's measured
+                    # time includes up to this sleep.
                     channel.phase("wait_obs")
                     time.sleep(min(wait, quiet) / 1e9)
                     wait = 0
@@ -134,15 +141,17 @@ class DynamicRunner:
             env_ns = np.array([results[c.slot, c.lo]["env_ns"] for c in batch])
             out = turns.infer(batch)
             free_ns = time.perf_counter_ns()
-            turns.dispatch(batch, out, plan)
-            # After the dispatch: a refit (0.1-0.3 s with the workers busy) then stalls
-            # only the loop, while this batch's envs step.
-            rule.observe(len(batch), batch[0].turn_policy_ns, env_ns, free_ns)
+            try:
+                turns.dispatch(batch, out, plan)
+            finally:  # a worker failure raised by the dispatch still leaves the measurement
+                # After the dispatch: a refit (0.1-0.3 s with the workers busy) then stalls
+                # only the loop, while this batch's envs step.
+                rule.observe(len(batch), batch[0].turn_policy_ns, env_ns, free_ns)
 
 
 def _quiet_ns(ready: int, in_flight: Counter, rule: Batching | AdaptiveBatching) -> float:
-    """How long no reply can change a waiting batch's fate, given that no env steps faster
-    than ``rule.quickest_step_ns`` and each worker steps its envs one at a time: filling
+    """How long no reply can change a waiting batch's fate, taking no env to step faster
+    than ``rule.quickest_step_ns`` and each worker to step its envs one at a time: filling
     the batch needs ``max_batch - ready`` more replies, at most one per worker at once;
     ending the stepping needs every worker's last one. 0 when the rule knows no step time."""
     step = rule.quickest_step_ns

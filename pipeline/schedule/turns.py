@@ -151,7 +151,8 @@ class Turns:
         envs = np.fromiter((c.lo for c in done), np.int64, len(done))
         live = [j for j, c in enumerate(done) if c.pending.n]
         rows, ts = np.array([done[j].pending.block for j in live], np.int64).reshape(-1, 2).T
-        plan.store.record_gathered_results(Dest.scatter(rows, ts, np.array(live)), slots, envs)
+        dest = Dest.scatter(rows, ts, np.array(live, np.int64))
+        plan.store.record_gathered_results(dest, slots, envs)
         self.stats.log_turns([c.last_turn for c in done], self.a["results_raw"][slots, envs])
         for c in done:
             c.pending = None
