@@ -241,10 +241,10 @@ class EpisodePlan:
         if len(ts) and ts.max() >= self.max_t:
             raise EngineError(f"an episode exceeded {self.max_t} decisions (spec.max_steps)")
         self.store.record_gathered(Dest.scatter(rows, ts, src), slots, envs, outputs)
-        where = dict(zip(src.tolist(), zip(rows.tolist(), ts.tolist(), strict=True), strict=True))
-        for j, c in enumerate(cells):
-            row, t = where.get(j, (0, 0))
-            c.pending = Dest.block_at(row, t, int(j in where))
+        for c in cells:
+            c.pending = Dest.block_at(0, 0, 0)  # parked: nothing recorded, nothing to come
+        for j, row, t in zip(src.tolist(), rows.tolist(), ts.tolist(), strict=True):
+            cells[j].pending = Dest.block_at(row, t, 1)
 
     def abort(self, env_ids: np.ndarray, episodes: np.ndarray) -> None:
         """A worker failure ended these episodes: each runs again from its reset (same id,

@@ -295,19 +295,13 @@ class AdaptiveBatching:
         # The choice in force is a candidate too, kept while it ties with the fastest: a
         # choice that flipped between near-equal candidates refitted every 2 s (at 256
         # envs refits took 43% of the loop's CPU).
-        held = (min(m, max(1, round(self.max_batch / k))), float(self.max_wait_ns))
-        if self.fitted and held not in candidates:
-            candidates.append(held)
-        sims = dict(
-            zip(
-                candidates,
-                (
-                    simulate(m, self.num_workers, (a, b * k), steps, B, w, self.SIM_ROUNDS)
-                    for B, w in candidates
-                ),
-                strict=True,
-            )
-        )
+        in_force = (min(m, max(1, round(self.max_batch / k))), float(self.max_wait_ns))
+        if self.fitted and in_force not in candidates:
+            candidates.append(in_force)
+        sims = {
+            (B, w): simulate(m, self.num_workers, (a, b * k), steps, B, w, self.SIM_ROUNDS)
+            for B, w in candidates
+        }
         # Candidates within SIMULATION_TIE of the fastest are equal as far as the simulation
         # can tell (its sampling noise at these rounds); of those, the one forming the
         # largest batches costs the real loop the fewest turns, which the simulation leaves
@@ -315,8 +309,8 @@ class AdaptiveBatching:
         # near-equal candidates by noise: batches of up to 6 gave 1.01x the 2-stage
         # throughput where up to 16 gave 1.11x, at CV 1.
         floor = (1 - self.SIMULATION_TIE) * max(r.rate for r in sims.values())
-        if self.fitted and sims[held].rate >= floor:
-            size, wait = held
+        if self.fitted and sims[in_force].rate >= floor:
+            size, wait = in_force
         else:
             tied = [(r.batch, B, -w) for (B, w), r in sims.items() if r.rate >= floor]
             _, size, neg_wait = max(tied)
