@@ -6,6 +6,8 @@ its ids). That is what makes trajectories bitwise identical under any schedule.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -30,11 +32,41 @@ def derive(seed: int, domain: int, *ids) -> np.ndarray:
     Example:
         >>> derive(0, SAMPLE, np.array([3, 4]), np.array([0, 0]))   # one seed per row
     """
-    with np.errstate(over="ignore"):
-        h = _splitmix(np.asarray(np.uint64(seed) ^ np.uint64(domain << 56), dtype=np.uint64))
+    if all(np.ndim(x) == 0 for x in ids):  # one seed (each new episode's): plain ints
+        h = _start_int(seed, domain)
         for x in ids:
-            h = _splitmix(h ^ np.asarray(x).astype(np.int64).astype(np.uint64))
+            h = _splitmix_int(h ^ (int(x) & _U64))
+        return np.int64(h & _M63)
+    # Arrays of at least one dimension (no numpy scalars), so the wrapping multiplications
+    # raise no warnings and need no errstate, which costs more than the hashing.
+    h = _start(seed, domain)
+    for x in ids:
+        x = np.asarray(x, np.int64)
+        h = _splitmix(h ^ x.reshape(x.shape or (1,)).astype(np.uint64))
     return (h & _MASK63).astype(np.int64)
+
+
+_U64, _M63 = (1 << 64) - 1, (1 << 63) - 1
+
+
+def _splitmix_int(z: int) -> int:
+    """:func:`_splitmix` of one word, in Python ints: the same bits, without numpy's cost."""
+    z = (z + 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+@functools.lru_cache(maxsize=64)
+def _start_int(seed: int, domain: int) -> int:
+    return _splitmix_int((int(np.uint64(seed)) ^ (domain << 56)) & _U64)
+
+
+@functools.lru_cache(maxsize=64)
+def _start(seed: int, domain: int) -> np.ndarray:
+    """The hash of (seed, domain) every derived seed starts from, as a 1-element array."""
+    with np.errstate(over="ignore"):
+        return _splitmix(np.array([np.uint64(seed) ^ np.uint64(domain << 56)], np.uint64))
 
 
 def sample_seeds(seed: int, episode: np.ndarray, t: np.ndarray) -> np.ndarray:
