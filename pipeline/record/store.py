@@ -344,9 +344,9 @@ def _instruction_stack(episode, valid, texts, rows: int, t: int) -> NonTensorSta
     if not (rows and t):
         return NonTensorStack(batch_size=[rows, t])
     ep, ok = episode.tolist(), valid.tolist()
-    return NonTensorStack(
-        *[
-            NonTensorStack(*[texts[e] if v else _NO_TEXT for e, v in zip(er, vr, strict=True)])
+    return schema.text_stack(
+        [
+            schema.text_stack([texts[e] if v else _NO_TEXT for e, v in zip(er, vr, strict=True)])
             for er, vr in zip(ep, ok, strict=True)
         ]
     )

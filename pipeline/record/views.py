@@ -8,7 +8,7 @@ exactly that, per-episode fields included, with no hand-built TensorDicts.
 from __future__ import annotations
 
 import torch
-from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
+from tensordict import NonTensorData, TensorDict, TensorDictBase
 
 from pipeline import schema
 
@@ -51,6 +51,8 @@ def steps(td: TensorDictBase) -> TensorDict:
     texts = td.get(schema.INSTRUCTION, None)
     if texts is not None:
         per_row = texts.tolist()  # [rows][T] strings
-        picked = [NonTensorData(per_row[i][t]) for i, t in mask.nonzero().tolist()]
-        out.set(schema.INSTRUCTION, NonTensorStack(*picked, batch_size=[len(picked)]))
+        picked = [per_row[i][t] for i, t in mask.nonzero().tolist()]
+        items = {text: NonTensorData(text) for text in set(picked)}  # ~20 us each: once a text
+        picked = [items[text] for text in picked]
+        out.set(schema.INSTRUCTION, schema.text_stack(picked))
     return out
