@@ -44,6 +44,9 @@ from pipeline.runtime.spans import SpanRing
 from pipeline.runtime.stacks import dump_stacks, own_stacks
 from pipeline.runtime.worker import SpareConfig
 
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+SPIN_S = 100e-6  # how long the loop polls without sleeping before it blocks (_spin)
+
 
 @dataclass
 class _Spare:
@@ -104,6 +107,9 @@ class WorkerPool(PoolBase):
         # worker is replaced.
         self._poller = select.poll()
         self.inbox: list[deque] = [deque() for _ in range(self.num_workers)]
+        # Per worker, the commands sent whose replies are not read yet: a worker that owes
+        # none is asleep, its core free for the loop to spin on (_spin).
+        self.owed = [0] * self.num_workers
         # wait_any's watchdog, kept across waits: per worker, its progress count and when it
         # last changed (or the worker last replied).
         self._watch: dict[int, tuple[int, float]] = {}
@@ -310,6 +316,7 @@ class WorkerPool(PoolBase):
 
     def send(self, w: int, frames: list[P.Frame], doing: str) -> None:
         """Send ``frames`` to worker ``w``, in one write."""
+        self.owed[w] += len(frames)
         try:
             if len(frames) == 1:
                 P.send(self.conns[w], frames[0])
@@ -347,6 +354,7 @@ class WorkerPool(PoolBase):
             raise self.conns[w].recv().to_error(self.env_name)
         if frame.kind != P.DONE:
             raise ProtocolError(f"worker {w}: expected DONE or ERROR, got {frame}")
+        self.owed[w] -= 1
         return frame
 
     def drain(self, doing: str) -> None:
@@ -392,7 +400,7 @@ class WorkerPool(PoolBase):
             need = [w for w in workers if not any(match(f) for f in self.inbox[w])]
             if not need:
                 break
-            events = self._poller.poll(period_ms)
+            events = self._spin() or self._poller.poll(period_ms)
             if events:
                 self._read_events(events, doing)
             else:
@@ -401,6 +409,25 @@ class WorkerPool(PoolBase):
             box = self.inbox[w]
             box.remove(next(f for f in box if match(f)))
             self.budget.served(w)  # it served a command: not a deterministic failure
+
+    def _spin(self) -> list:
+        """Poll without sleeping for up to ``SPIN_S`` while a core is free of workers, and
+        return what came (nothing: block as before).
+
+        A reply that finds the loop asleep costs twice: the worker's write wakes a halted
+        core (a median 32 us on the project's KVM machine, against 12 us when the loop
+        spins), and the loop takes about as long again to run. Lock-step waits for its last
+        workers with the others asleep, so their cores are free; spinning there costs no
+        worker any time.
+        The bound is about one sleep and wake-up, so a wait that outlasts it costs at most
+        twice what blocking at once would (a spin-then-block lock's rule)."""
+        if sum(1 for n in self.owed if n) >= _CPUS:
+            return []
+        poll, end = self._poller.poll, time.perf_counter() + SPIN_S
+        while True:
+            events = poll(0)
+            if events or time.perf_counter() >= end:
+                return events
 
     def wait_any(
         self, workers: list[int], timeout: float | None, hang_timeout: float, doing: str
@@ -519,6 +546,7 @@ class WorkerPool(PoolBase):
                 conn.close()
         self.procs[w] = self.conns[w] = None
         self.inbox[w].clear()
+        self.owed[w] = 0
         self._watch.pop(w, None)
 
     def worker_rings(self) -> list[SpanRing]:
