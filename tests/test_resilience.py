@@ -296,6 +296,9 @@ def _kill_between_calls(spare: bool, wait: bool = True):
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(10)
         second = e.rollout(10)
+        # Every command sent was answered, the lost worker's included: a count left over
+        # would keep the loop from spinning for replies (or spin it with the cores taken).
+        assert e._pool.owed == [0] * e.num_workers
         pool, spare_pid = e._pool, e._pool._spare.proc.pid if e._pool._spare else None
         used = (e.stats.restarts, pool.spares_used, pool.prebuilt_envs_used)
         assert e.stats.replace_ns > 0  # the loop's time inside the replacement is counted
