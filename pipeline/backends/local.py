@@ -46,6 +46,7 @@ from pipeline.runtime.worker import SpareConfig
 
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SPIN_S = 100e-6  # how long the loop polls without sleeping before it blocks (_spin)
+SPIN_MISSES = 8  # spins in a row that found nothing, after which it spins once in 16
 
 
 @dataclass
@@ -110,6 +111,7 @@ class WorkerPool(PoolBase):
         # Per worker, the commands sent whose replies are not read yet: a worker that owes
         # none is asleep, its core free for the loop to spin on (_spin).
         self.owed = [0] * self.num_workers
+        self._spins = self._spin_misses = 0
         # wait_any's watchdog, kept across waits: per worker, its progress count and when it
         # last changed (or the worker last replied).
         self._watch: dict[int, tuple[int, float]] = {}
@@ -420,13 +422,20 @@ class WorkerPool(PoolBase):
         workers with the others asleep, so their cores are free; spinning there costs no
         worker any time.
         The bound is about one sleep and wake-up, so a wait that outlasts it costs at most
-        twice what blocking at once would (a spin-then-block lock's rule)."""
+        twice what blocking at once would (a spin-then-block lock's rule). After
+        ``SPIN_MISSES`` spins in a row that found nothing (envs slower than the bound), it
+        spins once in 16 only, until one finds its reply: spinning then mostly burns a core
+        that another process on a shared machine could use."""
         if sum(1 for n in self.owed if n) >= _CPUS:
+            return []
+        self._spins += 1
+        if self._spin_misses >= SPIN_MISSES and self._spins % 16:
             return []
         poll, end = self._poller.poll, time.perf_counter() + SPIN_S
         while True:
             events = poll(0)
             if events or time.perf_counter() >= end:
+                self._spin_misses = 0 if events else self._spin_misses + 1
                 return events
 
     def wait_any(
