@@ -18,9 +18,12 @@ of moving observations and actions and of recording them, nothing else. Rows:
 - the same ``AsyncVectorEnv`` for 8 envs *raw*: no policy, no TensorDict, the same zero
   actions every step, no recording (the rawest peer: stepping alone);
 - floors measured in the same run: ``numpy.copyto`` of one step's bytes, cache-hot and into
-  fresh memory; the IPC round trip of 2 spawned processes echoing a 16-byte frame; the same
-  round trip by socket pair (the engine's wake-up), pipe and eventfd, with forked echoes,
-  to show whether another wake-up would be cheaper.
+  fresh memory; the IPC round trip of 2 spawned processes echoing a 16-byte frame, before
+  and after each setup's engine rows (the ratio takes their mean), and once more with the
+  echoes idle between rounds for as long as the lock-step policy call keeps the workers idle
+  (their cores halt, as in the engine); the same round trip by socket pair (the engine's
+  wake-up), pipe and eventfd, with forked echoes, to show whether another wake-up would be
+  cheaper.
 
 Per row: env steps/s (median of windows) and, for the engine, the overhead per decision
 (round trip less policy and env time, median) against the IPC floor. Then where a lock-step
@@ -67,6 +70,7 @@ def _engine_row(toy: dict, decisions: int, windows: int, **schedule) -> dict:
         "env_steps_per_s": m["env_steps_per_s"],
         "spread": [w["env_steps_per_s"] for w in m["windows"]],
         "overhead_us": float(np.median(turns - policy_us - env_us)),
+        "policy_us": float(np.median(policy_us)),
         "record_us_per_step": sum(w["record_s"] for w in m["windows"])
         / sum(w["env_steps_per_s"] * w["wall_s"] for w in m["windows"])
         * 1e6,
@@ -136,6 +140,9 @@ def run(compare_gymnasium: bool, decisions: int = 300, windows: int = 5) -> dict
         toy = dict(kw, episode_len=1000, static_images=True)
         nbytes = sum(int(np.prod(fs.shape)) * fs.dtype.itemsize
                      for fs in envs.make("toy", **toy).spec.obs.values())  # fmt: skip
+        # This machine's floor moves by 2x within an hour: the one taken at the start and one
+        # right after this setup's engine rows bracket them, and the ratio takes their mean.
+        floors = [floor if not results["rows"] else ipc_floor.round_trip_us(WORKERS)[0]]
         rows = {
             "engine, 2 workers, sync 1 stage": _engine_row(
                 toy, decisions, windows, mode="sync", num_stages=1
@@ -173,6 +180,11 @@ def run(compare_gymnasium: bool, decisions: int = 300, windows: int = 5) -> dict
             (r for n, r in rows.items() if n.startswith("engine") and "record_obs" not in n),
             key=lambda r: r["env_steps_per_s"],
         )
+        floors.append(ipc_floor.round_trip_us(WORKERS)[0])
+        # The same wake-ups with the workers idle between rounds for as long as the lock-step
+        # policy call keeps them idle: their cores have halted by then, as in the engine.
+        sync = rows["engine, 2 workers, sync 1 stage"]
+        idle_floor = ipc_floor.round_trip_us(WORKERS, busy_us=sync["policy_us"])[0]
         gym = rows.get(f"gymnasium AsyncVectorEnv, n={NUM_ENVS}")
         if gym:
             print(
@@ -184,8 +196,12 @@ def run(compare_gymnasium: bool, decisions: int = 300, windows: int = 5) -> dict
                 if name.startswith("engine"):
                     share = r["env_steps_per_s"] * nbytes / 1e9 / copy_gbs
                     print(f"  -> {name}: {share:.0%} of fresh-memory copyto bandwidth")
+        over = best["overhead_us"]
         print(
-            f"  -> engine overhead per decision / IPC floor: {best['overhead_us'] / floor:.1f}x",
+            f"  -> engine overhead per decision / IPC floor: {over / np.mean(floors):.1f}x "
+            f"(floor before / after these rows: {floors[0]:.0f} / {floors[1]:.0f} us); "
+            f"{over / idle_floor:.1f}x the floor with the workers idle "
+            f"{sync['policy_us']:.0f} us between rounds ({idle_floor:.0f} us)",
             flush=True,
         )
         profile = _turn_profile(toy, decisions)
@@ -193,6 +209,8 @@ def run(compare_gymnasium: bool, decisions: int = 300, windows: int = 5) -> dict
         print(flush=True)
         results["rows"][title] = {
             "bytes_per_step": nbytes,
+            "ipc_floor_us": floors,
+            "ipc_floor_idle_us": {"median": idle_floor, "busy_us": sync["policy_us"]},
             "copyto_hot_us": hot_us,
             "copyto_fresh_us": cold_us,
             "turn_profile_us": profile,
