@@ -32,21 +32,31 @@ def derive(seed: int, domain: int, *ids) -> np.ndarray:
     Example:
         >>> derive(0, SAMPLE, np.array([3, 4]), np.array([0, 0]))   # one seed per row
     """
-    if all(np.ndim(x) == 0 for x in ids):  # one seed (each new episode's): plain ints
+    ids = [np.asarray(x, np.int64) for x in ids]
+    n = max((x.size for x in ids), default=1)
+    if all(x.ndim == 0 for x in ids):  # one seed (each new episode's): plain ints
+        return np.int64(_derive_int(_start_int(seed, domain), [int(x) for x in ids]))
+    if n <= _FEW and all(x.ndim == 0 or x.shape == (n,) for x in ids):
+        # A batch's few new episodes: plain ints per row cost less than numpy's calls.
+        rows = zip(*(x.tolist() if x.ndim else [int(x)] * n for x in ids), strict=True)
         h = _start_int(seed, domain)
-        for x in ids:
-            h = _splitmix_int(h ^ (int(x) & _U64))
-        return np.int64(h & _M63)
+        return np.array([_derive_int(h, row) for row in rows], np.int64)
     # Arrays of at least one dimension (no numpy scalars), so the wrapping multiplications
     # raise no warnings and need no errstate, which costs more than the hashing.
     h = _start(seed, domain)
     for x in ids:
-        x = np.asarray(x, np.int64)
         h = _splitmix(h ^ x.reshape(x.shape or (1,)).astype(np.uint64))
     return (h & _MASK63).astype(np.int64)
 
 
 _U64, _M63 = (1 << 64) - 1, (1 << 63) - 1
+_FEW = 16  # up to this many seeds, hashed in Python ints
+
+
+def _derive_int(h: int, ids) -> int:
+    for x in ids:
+        h = _splitmix_int(h ^ (x & _U64))
+    return h & _M63
 
 
 def _splitmix_int(z: int) -> int:

@@ -201,8 +201,9 @@ class StageBatcher:
         """One seed per (episode, decision) (``seeding.sample_seeds``) for the observations
         in ``[slots, envs]``, with the per-episode bases cached."""
         episode = self.a["episode_id"][slots, envs]
-        stale = episode != self._seed_episode[envs]
-        if stale.any():
+        known = self._seed_episode[envs]
+        if episode.tobytes() != known.tobytes():  # a tenth of `(episode != known).any()`
+            stale = episode != known
             self._seed_base[envs[stale]] = sample_seeds(self.seed, episode[stale], 0)
             self._seed_episode[envs[stale]] = episode[stale]
         return self._seed_base[envs] + self.a["t"][slots, envs]
