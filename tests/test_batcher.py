@@ -66,3 +66,21 @@ def test_a_stage_batch_follows_its_episodes_not_the_is_init_flags(cells):
     assert _texts(batcher.batch(stage)) == ["a", "bb"]
     _write(a, 0, 1, episode=8, text="a longer instruction", is_init=False)
     assert _texts(batcher.batch(stage)) == ["a", "a longer instruction"]
+
+
+def test_text_stacks_match_the_public_constructor():
+    # schema.text_stack takes tensordict's unchecked constructor where it exists: the same
+    # stacks as NonTensorStack's own, rows of one shared item, nested, and empty.
+    from tensordict import NonTensorData, NonTensorStack, TensorDict
+
+    pick, place = NonTensorData("pick the cube"), NonTensorData("place it")
+    row = [pick, place, pick]
+    fast, public = schema.text_stack(row), NonTensorStack(*row)
+    assert isinstance(fast, NonTensorStack) and fast.batch_size == public.batch_size == (3,)
+    assert fast.tolist() == public.tolist() == ["pick the cube", "place it", "pick the cube"]
+    grid = schema.text_stack([schema.text_stack(row), schema.text_stack(row[::-1])])
+    assert grid.batch_size == (2, 3) and grid[1, 0].data == "pick the cube"
+    assert grid.tolist()[1] == ["pick the cube", "place it", "pick the cube"][::-1]
+    empty = TensorDict({}, batch_size=[0])  # what record.views sets when no step is valid
+    empty.set(schema.INSTRUCTION, schema.text_stack([]))
+    assert schema.instructions(empty) == []

@@ -41,3 +41,9 @@ def test_steps_of_episodes_and_rollouts(backend):
     flat = steps(td)
     assert flat.batch_size == (int(td["mask"].sum()),)
     assert torch.equal(flat["env_id"], flat["row"])  # rollout rows are envs
+    # A selection with no valid step (every mask entry off) gives an empty batch with every
+    # key, its instructions an empty column (an empty NonTensorStack could not be set).
+    td.set("mask", torch.zeros_like(td["mask"]))
+    none = steps(td)
+    assert none.batch_size == (0,) and schema.instructions(none) == []
+    assert none["observation", "state"].shape[0] == 0
