@@ -58,6 +58,20 @@ def test_bad_observation_names_env_field_and_expectation(kind, match, backend):
     assert e.closed
 
 
+def test_the_observation_check_decides_by_values_not_by_their_sum():
+    # The check's fast path tests a float field's float64 sum for finiteness; finite float64
+    # values whose sum overflows must still pass, and inf or a wrong key must still fail.
+    from pipeline.runtime.observations import BadObservation, check_observation
+
+    fields = [("state", (2,), np.dtype(np.float64), True), ("n", (), np.dtype(np.int64), False)]
+    ok = {"state": np.array([1e308, 1e308]), "n": np.array(3)}
+    check_observation(0, ok, fields)
+    with pytest.raises(BadObservation, match=r"'state' contains NaN or inf \(at flat index 1\)"):
+        check_observation(0, {**ok, "state": np.array([1.0, -np.inf])}, fields)
+    with pytest.raises(BadObservation, match=r"missing \['n'\], unexpected \['m'\]"):
+        check_observation(0, {"state": ok["state"], "m": ok["n"]}, fields)
+
+
 def test_bad_observation_is_not_written(tmp_path):
     """Caught before the copy: the slot keeps the last good observation."""
     from pipeline.runtime.layout import Layout, SharedBuffers
