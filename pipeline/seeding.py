@@ -43,7 +43,7 @@ def derive(seed: int, domain: int, *ids) -> np.ndarray:
         return np.array([_derive_int(h, row) for row in rows], np.int64)
     # Arrays of at least one dimension (no numpy scalars), so the wrapping multiplications
     # raise no warnings and need no errstate, which costs more than the hashing.
-    h = _start(seed, domain)
+    h = np.array([_start_int(seed, domain)], np.uint64)
     for x in ids:
         h = _splitmix(h ^ x.reshape(x.shape or (1,)).astype(np.uint64))
     return (h & _MASK63).astype(np.int64)
@@ -69,14 +69,8 @@ def _splitmix_int(z: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _start_int(seed: int, domain: int) -> int:
+    """The hash of (seed, domain) every derived seed starts from."""
     return _splitmix_int((int(np.uint64(seed)) ^ (domain << 56)) & _U64)
-
-
-@functools.lru_cache(maxsize=64)
-def _start(seed: int, domain: int) -> np.ndarray:
-    """The hash of (seed, domain) every derived seed starts from, as a 1-element array."""
-    with np.errstate(over="ignore"):
-        return _splitmix(np.array([np.uint64(seed) ^ np.uint64(domain << 56)], np.uint64))
 
 
 def sample_seeds(seed: int, episode: np.ndarray, t: np.ndarray) -> np.ndarray:

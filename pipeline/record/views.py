@@ -53,6 +53,5 @@ def steps(td: TensorDictBase) -> TensorDict:
         per_row = texts.tolist()  # [rows][T] strings
         picked = [per_row[i][t] for i, t in mask.nonzero().tolist()]
         items = {text: NonTensorData(text) for text in set(picked)}  # ~20 us each: once a text
-        picked = [items[text] for text in picked]
-        out.set(schema.INSTRUCTION, schema.text_stack(picked))
+        out.set(schema.INSTRUCTION, schema.text_stack([items[text] for text in picked]))
     return out
