@@ -14,7 +14,7 @@ from factories import stuck_env
 from helpers import assert_identical
 
 import envs
-from pipeline import RolloutEngine, WorkerStuckError
+from pipeline import PolicyOutputError, RolloutEngine, WorkerStuckError, schema
 from pipeline.policies import LatencyPolicy, TinyVLA
 from pipeline.schedule.dynamic import (
     WAIT_FOR_REPLY,
@@ -401,4 +401,53 @@ def test_a_stuck_worker_is_found_by_the_dynamic_loop_too():
     )  # fmt: skip
     with pytest.raises(WorkerStuckError, match="is stuck: its progress counter stayed at"):
         e.rollout(2)
+    assert e.closed
+
+
+class _DtypePolicy(torch.nn.Module):
+    """Chunks computed from the state in ``dtype``; with ``nan_after`` calls, a NaN in the
+    last row from then on."""
+
+    chunk_len = 4
+
+    def __init__(self, dtype, nan_after=None):
+        super().__init__()
+        self.dtype, self.nan_after, self.calls = dtype, nan_after, 0
+
+    def chunk(self, state):
+        return torch.tanh(state[:, :7, None].expand(-1, 7, 4).transpose(1, 2)).to(self.dtype)
+
+    def forward(self, td):
+        chunk = self.chunk(td[schema.STATE].float())
+        self.calls += 1
+        if self.nan_after is not None and self.calls > self.nan_after:
+            chunk[-1, 0, 0] = float("nan")
+        td.set(schema.ACTION_CHUNK, chunk)
+        return td
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dynamic_batches_land_each_dtype_as_the_policy_computed_it(dtype):
+    # float32 chunks land by numpy's scatter, the others by torch's conversion: both must
+    # record (and execute) the policy's values, in float32, row by row.
+    policy = _DtypePolicy(dtype)
+    with RolloutEngine(
+        "toy", policy, num_envs=8, num_workers=2, schedule="dynamic", env_kwargs=JITTERY
+    ) as e:
+        td = e.rollout(4)
+        sizes = set(e.stats.batch_sizes)
+    assert max(sizes) > 1, f"batch sizes {sorted(sizes)}: no dynamic batch was landed"
+    chunk = td[schema.ACTION_CHUNK]
+    assert chunk.dtype == torch.float32 and td["mask"].all()
+    want = policy.chunk(td["observation", "state"].reshape(-1, 8)).float()
+    torch.testing.assert_close(chunk.reshape(-1, 4, 7), want, rtol=0, atol=0)
+
+
+def test_a_nan_in_a_dynamic_batch_stops_it_before_the_physics():
+    policy = _DtypePolicy(torch.float32, nan_after=3)
+    e = RolloutEngine(
+        "toy", policy, num_envs=8, num_workers=2, schedule="dynamic", env_kwargs=JITTERY
+    )
+    with pytest.raises(PolicyOutputError, match="NaN or inf"):
+        e.rollout(6)
     assert e.closed

@@ -106,6 +106,11 @@ class ActionPath:
             return rows
         # a dynamic batch: rows from anywhere, one scatter
         rows = np.fromiter((s.lo for s in stages), np.int64, len(stages))
+        if cuda is None and chunk.dtype == torch.float32:
+            # numpy's scatter of the same values: cold (as after each policy wait) a third
+            # of a float32 conversion and index_copy_
+            self.a["actions"][rows] = chunk.detach().numpy()
+            return rows
         if cuda is not None:
             if self.staging is None:
                 self.staging = torch.empty_like(self.slots, pin_memory=True)
