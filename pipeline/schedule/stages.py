@@ -195,7 +195,9 @@ class StageBatcher:
             buf = torch.empty((self.num_envs, *fs.shape), dtype=dtype, pin_memory=self.pin_memory)
             self._gathered[key], self._gathered_np[key] = buf, buf.numpy()
             shared = self.a[f"obs/{key}"]
-            self._flat[key] = shared.reshape(-1, *shared.shape[2:])
+            flat = self._flat[key] = shared.reshape(-1, *shared.shape[2:])
+            if not np.may_share_memory(flat, shared):  # a copy, kept, would go stale
+                raise RuntimeError(f"obs/{key} is not one [slots, envs, ...] block of memory")
 
     def _prefix(self, slots: int | np.ndarray, envs: np.ndarray) -> TensorDict:
         """The lookahead prefix of the observations in ``[slots, envs]`` (small copies)."""
