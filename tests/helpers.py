@@ -5,6 +5,8 @@ import os
 import torch
 from tensordict import TensorDict
 
+from pipeline import schema
+
 
 def shm_segments() -> set[str]:
     """The engine's names in /dev/shm (there should never be any: it uses memfd)."""
@@ -62,3 +64,26 @@ def make_engine(policy=None, env="toy", **kw):
     if args.get("backend") == "ray":
         args.setdefault("workers_per_node", 1)
     return RolloutEngine(env, policy if policy is not None else latency_policy(), **args)
+
+
+class DtypePolicy(torch.nn.Module):
+    """Chunks (and log-probs) computed from the state in ``dtype``, as mixed-precision VLAs
+    compute in bfloat16; with ``nan_after`` calls, a NaN in the last row from then on."""
+
+    chunk_len = 4
+
+    def __init__(self, dtype, nan_after=None):
+        super().__init__()
+        self.dtype, self.nan_after, self.calls = dtype, nan_after, 0
+
+    def chunk(self, state):
+        return torch.tanh(state[:, :7, None].expand(-1, 7, 4).transpose(1, 2)).to(self.dtype)
+
+    def forward(self, td):
+        chunk = self.chunk(td[schema.STATE].float())
+        self.calls += 1
+        if self.nan_after is not None and self.calls > self.nan_after:
+            chunk[-1, 0, 0] = float("nan")
+        td.set(schema.ACTION_CHUNK, chunk)
+        td.set(schema.SAMPLE_LOG_PROB, chunk.float().sum((1, 2)).to(self.dtype))
+        return td

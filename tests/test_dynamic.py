@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from factories import stuck_env
-from helpers import assert_identical
+from helpers import DtypePolicy, assert_identical
 
 import envs
 from pipeline import PolicyOutputError, RolloutEngine, WorkerStuckError, schema
@@ -404,33 +404,11 @@ def test_a_stuck_worker_is_found_by_the_dynamic_loop_too():
     assert e.closed
 
 
-class _DtypePolicy(torch.nn.Module):
-    """Chunks computed from the state in ``dtype``; with ``nan_after`` calls, a NaN in the
-    last row from then on."""
-
-    chunk_len = 4
-
-    def __init__(self, dtype, nan_after=None):
-        super().__init__()
-        self.dtype, self.nan_after, self.calls = dtype, nan_after, 0
-
-    def chunk(self, state):
-        return torch.tanh(state[:, :7, None].expand(-1, 7, 4).transpose(1, 2)).to(self.dtype)
-
-    def forward(self, td):
-        chunk = self.chunk(td[schema.STATE].float())
-        self.calls += 1
-        if self.nan_after is not None and self.calls > self.nan_after:
-            chunk[-1, 0, 0] = float("nan")
-        td.set(schema.ACTION_CHUNK, chunk)
-        return td
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_dynamic_batches_land_each_dtype_as_the_policy_computed_it(dtype):
     # float32 chunks land by numpy's scatter, the others by torch's conversion: both must
     # record (and execute) the policy's values, in float32, row by row.
-    policy = _DtypePolicy(dtype)
+    policy = DtypePolicy(dtype)
     with RolloutEngine(
         "toy", policy, num_envs=8, num_workers=2, schedule="dynamic", env_kwargs=JITTERY
     ) as e:
@@ -444,7 +422,7 @@ def test_dynamic_batches_land_each_dtype_as_the_policy_computed_it(dtype):
 
 
 def test_a_nan_in_a_dynamic_batch_stops_it_before_the_physics():
-    policy = _DtypePolicy(torch.float32, nan_after=3)
+    policy = DtypePolicy(torch.float32, nan_after=3)
     e = RolloutEngine(
         "toy", policy, num_envs=8, num_workers=2, schedule="dynamic", env_kwargs=JITTERY
     )

@@ -17,7 +17,7 @@ from factories import (
     sleeps_forever,
     slow_steps,
 )
-from helpers import TOY, assert_identical, latency_policy, make_engine
+from helpers import TOY, DtypePolicy, assert_identical, latency_policy, make_engine
 
 from pipeline import (
     EnvError,
@@ -112,32 +112,15 @@ def test_startup_failure_closes_the_healthy_workers_cleanly(tmp_path):
 
 
 # -- policy dtypes --------------------------------------------------------------------------------
-class _HalfPolicy(torch.nn.Module):
-    """A policy that computes in bfloat16 (as mixed-precision VLAs do)."""
-
-    chunk_len = 4
-
-    def __init__(self, dtype):
-        super().__init__()
-        self.dtype = dtype
-
-    def forward(self, td):
-        state = td[schema.STATE].float()
-        chunk = torch.tanh(state[:, :7, None].expand(-1, 7, 4).transpose(1, 2)).to(self.dtype)
-        td.set(schema.ACTION_CHUNK, chunk)
-        td.set(schema.SAMPLE_LOG_PROB, chunk.float().sum((1, 2)).to(self.dtype))
-        return td
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_low_and_high_precision_action_chunks_are_accepted(dtype, backend):
-    with _engine("toy", _HalfPolicy(dtype), **backend) as e:
+    with _engine("toy", DtypePolicy(dtype), **backend) as e:
         td = e.rollout(3)
     chunk = td[schema.ACTION_CHUNK]
     assert chunk.dtype == torch.float32 and td["mask"].all()
     # What was recorded (and executed) is the policy's chunk, converted to float32.
     state = td["observation", "state"].reshape(-1, 8)
-    want = _HalfPolicy(dtype)(
+    want = DtypePolicy(dtype)(
         __import__("tensordict").TensorDict({schema.STATE: state}, batch_size=[len(state)])
     )[schema.ACTION_CHUNK].float()
     torch.testing.assert_close(chunk.reshape(-1, 4, 7), want, rtol=0, atol=0)

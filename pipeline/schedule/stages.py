@@ -96,12 +96,11 @@ class StageBatcher:
         self.a, self.seed, self.layout, self.pin_memory = arrays, seed, layout, pin_memory
         self.overlap = overlap  # with lookahead: the prefix keys go into every batch
         n = self.num_envs = layout.num_envs
-        # gather()'s reused buffers (pinned on CUDA) and numpy views of them, the shared
-        # arrays as [slots * envs, ...] views to gather from, and per batch size the
-        # observation TensorDict over the buffers' first rows.
+        # gather()'s reused buffers (pinned on CUDA); per field, the shared array as a
+        # [slots * envs, ...] view and the buffer's numpy view, the pair each gather copies
+        # between; per batch size, the observation TensorDict over the buffers' first rows.
         self._gathered: dict[str, torch.Tensor] | None = None
-        self._gathered_np: dict[str, np.ndarray] = {}
-        self._flat: dict[str, np.ndarray] = {}
+        self._gather_pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self._gathered_obs: dict[int, TensorDict] = {}
         self._seed_base = np.zeros(n, np.int64)  # sample_seeds(seed, episode, 0) cache
         self._seed_episode = np.full(n, -2, np.int64)
@@ -145,8 +144,7 @@ class StageBatcher:
         # constructor's validation, which costs more than the rest of the turn's bookkeeping.
         obs = self._source(s)
         source = {
-            # a shallow copy, so a policy that adds observation keys cannot alter the cache
-            schema.OBSERVATION: obs._new_unsafe(dict(obs._tensordict), obs.batch_size),
+            schema.OBSERVATION: _shallow(obs),
             schema.SAMPLE_SEED: torch.from_numpy(self._sample_seeds(s)),
             schema.INSTRUCTION: self._instructions(s.slot, s.env_ids, stage=s.index),
         }
@@ -170,17 +168,16 @@ class StageBatcher:
         rows = slots * self.num_envs + envs
         if self._gathered is None:
             self._allocate_gather()
-        for key, out in self._gathered_np.items():
+        for flat, out in self._gather_pairs:
             # numpy's take: cold (as after each policy wait) a third of index_select's cost;
             # "clip" since the rows are in range, and "raise" would buffer the copy
-            np.take(self._flat[key], rows, axis=0, out=out[:b], mode="clip")
+            np.take(flat, rows, axis=0, out=out[:b], mode="clip")
         obs = self._gathered_obs.get(b)
         if obs is None:
             views = {key: out[:b] for key, out in self._gathered.items()}
             obs = self._gathered_obs[b] = self._observation(views, b)
-        obs = obs._new_unsafe(dict(obs._tensordict), obs.batch_size)  # as in batch()
         source = {
-            schema.OBSERVATION: obs,
+            schema.OBSERVATION: _shallow(obs),
             schema.SAMPLE_SEED: torch.from_numpy(self._seeds_at(slots, envs)),
             schema.INSTRUCTION: self._instructions(slots, envs),
         }
@@ -193,11 +190,12 @@ class StageBatcher:
         for key, fs in self.layout.spec.obs.items():
             dtype = torch.from_numpy(np.zeros(0, fs.dtype)).dtype
             buf = torch.empty((self.num_envs, *fs.shape), dtype=dtype, pin_memory=self.pin_memory)
-            self._gathered[key], self._gathered_np[key] = buf, buf.numpy()
+            self._gathered[key] = buf
             shared = self.a[f"obs/{key}"]
-            flat = self._flat[key] = shared.reshape(-1, *shared.shape[2:])
+            flat = shared.reshape(-1, *shared.shape[2:])
             if not np.may_share_memory(flat, shared):  # a copy, kept, would go stale
                 raise RuntimeError(f"obs/{key} is not one [slots, envs, ...] block of memory")
+            self._gather_pairs.append((flat, buf.numpy()))
 
     def _prefix(self, slots: int | np.ndarray, envs: np.ndarray) -> TensorDict:
         """The lookahead prefix of the observations in ``[slots, envs]`` (small copies)."""
@@ -259,3 +257,9 @@ class StageBatcher:
         if stage is not None:
             self._instruction_cache[stage] = (key, stack)
         return stack
+
+
+def _shallow(obs: TensorDict) -> TensorDict:
+    """A shallow copy of a cached observation TensorDict, so that a policy that adds
+    observation keys cannot alter the cache."""
+    return obs._new_unsafe(dict(obs._tensordict), obs.batch_size)
