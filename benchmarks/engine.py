@@ -73,6 +73,7 @@ def measure(engine: RolloutEngine, decisions: int, windows: int) -> dict:
                 "turn_env_us": [t / 1e3 for t in st.turn_env_ns],
                 "record_s": st.record_ns / 1e9,
                 "write_s": float(st.worker_write_ns.sum()) / 1e9,
+                "fixed_stages": st.fixed_stage_calls > 0,  # dynamic's rule chose them
             }
         )
     out = {

@@ -40,7 +40,7 @@ import envs
 from benchmarks.engine import calibrate_env_ms, measure
 from pipeline import RolloutEngine
 from pipeline.policies import LatencyPolicy
-from pipeline.schedule.dynamic import rule_candidates, simulate
+from pipeline.schedule.dynamic import rule_candidates, simulate, simulate_stages
 
 SCHEDULES = {
     "lock-step (sync, 1 stage)": dict(mode="sync", num_stages=1),
@@ -86,38 +86,10 @@ def run(env: str, env_kwargs: dict, policy: LatencyPolicy, args, **schedule) -> 
             "fitted_per_item_ms": model[1] / 1e6,
             "max_batch": rule.max_batch,
             "max_wait_ms": rule.max_wait_ns / 1e6,
+            "fixed_stages": rule.fixed_stages,
+            "windows_on_fixed_stages": sum(w["fixed_stages"] for w in m["windows"]),
         }
     return out
-
-
-def simulate_stages(
-    num_envs: int,
-    num_workers: int,
-    latency: tuple[float, float],
-    step_ns: np.ndarray,
-    stages: int = 2,
-    rounds: int = 400,
-) -> float:
-    """Decisions per second of fixed stages in the event model of :func:`simulate`
-    (workers step their commanded envs in order, calls of ``a + b * B``, no loop cost): a
-    stage is inferred once the device is free and its slowest worker is done."""
-    a, b = latency
-    size = num_envs // stages
-    per_worker = size // num_workers
-    draws = iter(np.resize(step_ns, (rounds + 1) * stages * size))
-    worker_free, ready = np.zeros(num_workers), np.zeros(stages)
-    device = t_warm = 0.0
-    for r in range(rounds * stages):
-        s = r % stages
-        device = max(device, ready[s]) + a + b * size
-        for w in range(num_workers):
-            worker_free[w] = max(worker_free[w], device) + sum(
-                next(draws) for _ in range(per_worker)
-            )
-        ready[s] = worker_free.max()
-        if r == 2 * stages:
-            t_warm = device
-    return (rounds * stages - 2 * stages - 1) * size / (device - t_warm) * 1e9
 
 
 def _chunk_times(cv: float, env_ms: float) -> np.ndarray:
@@ -140,7 +112,7 @@ def ceiling(cv: float, env_ms: float, latency: dict, envs: int, workers: int) ->
     rule chooses from), on gamma-drawn chunk times of mean ``env_ms`` and this CV."""
     step_ns = _chunk_times(cv, env_ms)
     model = _device_model(latency)
-    stages = simulate_stages(envs, workers, model, step_ns)
+    stages = simulate_stages(envs, workers, model, step_ns, rounds=400)
     dynamic = max(
         simulate(envs, workers, model, step_ns, batch, wait, rounds=60).rate
         for batch, wait in rule_candidates(envs, workers, model[0], step_ns)
@@ -185,10 +157,17 @@ def workload(
         print(_line(name, r), flush=True)
         if "rule" in r:
             q = r["rule"]
+            choice = (
+                "its 2 fixed stages"
+                if q["fixed_stages"]
+                else f"batches of {q['max_batch']}, a partial one waiting up to "
+                f"{q['max_wait_ms']:.1f} ms"
+            )
             print(
                 f"    adaptive rule: fitted L(B) = {q['fitted_base_ms']:.1f} + "
-                f"{q['fitted_per_item_ms']:.2f} ms x B; batches of {q['max_batch']}, a "
-                f"partial one waits up to {q['max_wait_ms']:.1f} ms",
+                f"{q['fitted_per_item_ms']:.2f} ms x B; chose {choice} at the end; "
+                f"{q['windows_on_fixed_stages']} of {args.windows} windows ran on the fixed "
+                "stages",
                 flush=True,
             )
     dyn, stages = rows["dynamic batching"], rows["2-stage pipelining"]
@@ -228,7 +207,7 @@ def against_simulation(cv: float, env_ms: float, toy: dict, latency: dict, args)
         policy = LatencyPolicy(state_dim=toy["state_dim"], chunk_len=args.chunk, **latency)
         r = run("toy", kw, policy, args, **schedule)
         if cap is None:
-            r["simulated"] = simulate_stages(args.envs, args.workers, model, step_ns)
+            r["simulated"] = simulate_stages(args.envs, args.workers, model, step_ns, rounds=400)
         else:
             r["simulated"] = simulate(
                 args.envs, args.workers, model, step_ns, cap, 0.0, rounds=60

@@ -58,7 +58,8 @@ class EngineConfig:
         min_batch: dynamic batching's smallest batch while more envs can come (1 when only
             the others are given). With none of ``min_batch``, ``max_batch`` and
             ``max_wait_us``, dynamic batching sizes its batches from measurements
-            (:class:`~pipeline.schedule.dynamic.AdaptiveBatching`).
+            (:class:`~pipeline.schedule.dynamic.AdaptiveBatching`), and may choose 2 fixed
+            stages from one call to the next where they are as fast.
         max_batch: dynamic batching's largest batch (``num_envs`` when only the others are
             given).
         max_wait_us: how long dynamic batching waits for more envs (0 when only the others
@@ -239,7 +240,10 @@ class EngineConfig:
         if self.schedule != "dynamic":
             return None
         if (self.min_batch, self.max_batch, self.max_wait_us) == (None, None, None):
-            return AdaptiveBatching(self.num_envs, self.num_workers)
+            # Its fallback: 2 fixed stages, where every worker can hold envs of both.
+            n, w = self.num_envs, self.num_workers
+            fallback = 2 if n % 2 == 0 and w <= n // 2 else None
+            return AdaptiveBatching(n, w, stages=fallback)
         return Batching.check(self.num_envs, self.min_batch, self.max_batch, self.max_wait_us)
 
     def lookahead_for(self, chunk_len: int) -> Lookahead:

@@ -34,7 +34,7 @@ from pipeline.runtime.spans import PhaseClock, PhaseSwitch, SpanRing
 from pipeline.schedule.actions import ActionPath
 from pipeline.schedule.channel import Channel
 from pipeline.schedule.recovery import Recovery
-from pipeline.schedule.runners import make_runner
+from pipeline.schedule.runners import PipelinedRunner, Schedule, make_runner
 from pipeline.schedule.stages import StageBatcher, make_stages
 from pipeline.schedule.turns import Turns
 from pipeline.stats import EngineStats
@@ -100,6 +100,18 @@ class RolloutEngine:
         self.stages = make_stages(
             self.num_envs, self.num_workers, None if self.batching else self.num_stages
         )
+        # The adaptive rule's fallback: fixed stages over the same envs, numbered after the
+        # single-env ones, so that every worker knows both partitions from the start.
+        fallback = getattr(self.batching, "stages", None)
+        self._fallback = (
+            make_stages(self.num_envs, self.num_workers, fallback, first=len(self.stages))
+            if fallback
+            else []
+        )
+        env_stages: list[list[int]] = [[] for _ in range(self.num_envs)]
+        for s in self.stages + self._fallback:
+            for e in range(s.lo, s.hi):
+                env_stages[e].append(s.index)
         self._env_worker = np.arange(self.num_envs) % self.num_workers
         self._version = PolicyVersion(policy)
         self._background = Background(policy, cfg.max_staleness, self._version.set)
@@ -119,7 +131,7 @@ class RolloutEngine:
             env_ids=[
                 np.flatnonzero(self._env_worker == w).tolist() for w in range(self.num_workers)
             ],
-            env_stage=[s.index for s in self.stages for _ in range(s.size)],
+            env_stages=[tuple(x) for x in env_stages],
             auto_reset=cfg.auto_reset,
             env_name=self.env_name,
             **cfg.backend_options(),
@@ -170,7 +182,8 @@ class RolloutEngine:
             pin_memory=self.device.type == "cuda",
             overlap=la.overlap if la.enabled else None,
         )
-        channel = Channel(self._pool, self.a, self.stages, la, cfg.hang_timeout_s, self._phase)
+        every = self.stages + self._fallback
+        channel = Channel(self._pool, self.a, every, la, cfg.hang_timeout_s, self._phase)
         # A policy that conditions on the frozen prefix; any other runs "naive async".
         conditions = bool(getattr(self.policy, "conditions_on_prefix", False))
         actions = ActionPath(self.a, self.spec.action_dim, la, conditions, self._cuda)
@@ -184,10 +197,16 @@ class RolloutEngine:
             self._running_profiler,
             cfg.auto_reset,
         )
-        self._runner = make_runner(self.mode, self.batching, self._turns, self.stages)
-        self._recovery = Recovery(
-            self._pool, self._turns, self.stages, self._env_worker, cfg.start_timeout_s, self._phase
+        recovery = lambda stages: Recovery(
+            self._pool, self._turns, stages, self._env_worker, cfg.start_timeout_s, self._phase
         )
+        runner = make_runner(self.mode, self.batching, self._turns, self.stages)
+        # [0]: the configured schedule; [1]: the adaptive rule's fixed stages, if it has them
+        self._schedules = [Schedule(self.stages, runner, recovery(self.stages))]
+        if self._fallback:
+            fixed = PipelinedRunner(self._turns, self._fallback, self.batching)
+            self._schedules.append(Schedule(self._fallback, fixed, recovery(self._fallback)))
+        self._schedule = self._schedules[0]
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -204,7 +223,8 @@ class RolloutEngine:
             self.profiler.stop()  # read the workers' spans while the memory is still mapped
         self._closed = True
         self.a = {}
-        self._batcher = self._turns = self._runner = self._recovery = None
+        self._batcher = self._turns = self._schedule = None
+        self._schedules = []
         if hasattr(self, "_finalizer"):
             self._finalizer()
         self._cuda = None
@@ -322,7 +342,8 @@ class RolloutEngine:
         episode restarts at once with the next seed, else the env idles (``mask`` False).
         """
         self._check_idle()
-        return self._call(RolloutPlan(self._recording, len(self.stages), num_decisions))
+        stages = len(self.stages) + len(self._fallback)
+        return self._call(RolloutPlan(self._recording, stages, num_decisions))
 
     def collect_episodes(
         self,
@@ -423,15 +444,16 @@ class RolloutEngine:
         if foreground and self.inference_threads is not None:
             torch.set_num_threads(self.inference_threads)
         try:
-            self._turns.begin(self.stages, plan, self._started, self._recovery.recover)
+            sched = self._choose_schedule(plan)
+            self._turns.begin(sched.stages, plan, self._started, sched.recovery.recover)
             while True:  # the scheduler resumes from the stages' states after a recovery
                 try:
-                    self._runner.run(plan)
+                    sched.runner.run(plan)
                     break
                 except EngineError as exc:
-                    self._recovery.recover(exc, plan)
+                    sched.recovery.recover(exc, plan)
             self._phase("record")
-            for s in self.stages:
+            for s in sched.stages:
                 self._turns.record_results(s, plan)
             self.stats.fold(int(plan.store.valid.sum()), self._env_worker)
             return plan.result(self.policy_version, self._batcher.episode_text)
@@ -443,6 +465,17 @@ class RolloutEngine:
                 torch.set_num_threads(threads)
             self._calls += 1
             self._phase("outside")
+
+    def _choose_schedule(self, plan: Plan) -> Schedule:
+        """The schedule this call runs: the adaptive rule's fixed stages while it chooses
+        them, else the configured one; a change hands the envs over first."""
+        chosen = self._schedules[-1 if getattr(self.batching, "fixed_stages", False) else 0]
+        if chosen is not self._schedule:
+            old = self._schedule
+            self._turns.hand_over(old.stages, chosen.stages, plan, old.recovery.recover)
+            self._schedule = chosen
+        self.stats.fixed_stage_calls += chosen is not self._schedules[0]
+        return chosen
 
     # -- recovery ----------------------------------------------------------------------------
     @property

@@ -39,6 +39,7 @@ class EngineStats:
     replace_ns: int = 0  # the loop's time inside those replacements (a spare shortens it)
     async_calls: int = 0  # collect_episodes_async calls started
     stale_dropped: int = 0  # episodes dropped as older than max_staleness, collected again
+    fixed_stage_calls: int = 0  # calls of schedule="dynamic" run on its rule's fixed stages
     worker_env_ns: np.ndarray = None
     worker_write_ns: np.ndarray = None
     # Per stage turn: (turn ns, policy ns, the stage's result records); folded into the
@@ -51,7 +52,7 @@ class EngineStats:
     def reset(self) -> None:
         self.decisions = self.env_steps = self.policy_ns = 0
         self.record_ns = self.restarts = self.async_calls = self.stale_dropped = 0
-        self.replace_ns = 0
+        self.replace_ns = self.fixed_stage_calls = 0
         self.turn_ns, self.turn_policy_ns, self.turn_env_ns, self.batch_sizes = (
             deque(maxlen=TURN_SAMPLES) for _ in range(4)
         )

@@ -25,7 +25,7 @@ from pipeline.runtime.worker import Worker, WorkerConfig
 import pipeline.backends.local, pipeline.backends.inline  # what a Ray node imports too
 
 cfg = WorkerConfig(worker_id=0, env_fn="toy", env_kwargs={}, env_ids=[0, 1],
-                   env_stage=[0, 0], auto_reset=True, parent_pid=0)
+                   env_stages=[(0,), (0,)], auto_reset=True, parent_pid=0)
 w = Worker(cfg)
 spec = w.create_envs()
 shm = SharedBuffers.create(Layout(spec, 2, 8, 1))
@@ -106,5 +106,5 @@ def test_an_unknown_backend_is_named():
     from pipeline.backends import open_backend
 
     with pytest.raises(ValueError, match="'local', 'inline', 'ray'"):
-        open_backend("mpi", "toy", {}, env_ids=[[0]], env_stage=[0], auto_reset=True,
+        open_backend("mpi", "toy", {}, env_ids=[[0]], env_stages=[(0,)], auto_reset=True,
                      env_name="toy")  # fmt: skip

@@ -22,6 +22,7 @@ from pipeline.schedule.dynamic import (
     Batching,
     rule_candidates,
     simulate,
+    simulate_stages,
 )
 
 # Step costs drawn per chunk with CV 1 (unseeded): which envs are ready together differs
@@ -72,7 +73,7 @@ def test_batching_simulation_matches_the_closed_forms():
 
 
 def test_stage_simulation_matches_the_closed_forms_and_bounds_the_scheduler_bench():
-    from benchmarks.scheduler import ceiling, simulate_stages
+    from benchmarks.scheduler import ceiling
 
     ms = 1e6
     steps = np.full(64, 4 * ms)
@@ -235,6 +236,104 @@ def test_adaptive_batching_simulates_a_large_fleet_as_a_small_one():
         rule.observe(size, int(a + b * size), steps[:size])
     rule.refit()
     assert rule.fitted and 1 <= rule.max_batch <= 1024
+
+
+def _fed_steps(rule: AdaptiveBatching, steps) -> AdaptiveBatching:
+    """``rule`` fed first-ready's mix of calls of the scheduler bench's balanced device
+    (8.4 + 3.14 ms x B) and the chunk times ``steps(b)`` gives; then refitted."""
+    for b in (1, 3, 16, 2, 5) * 8:
+        rule.observe(b, int((8.4 + 3.14 * b) * 1e6), steps(b))
+    rule.refit()
+    return rule
+
+
+def test_adaptive_batching_falls_back_to_fixed_stages_where_they_are_as_fast():
+    # Equal chunk times (CV 0): nothing for dynamic batching to win, so the fixed stages.
+    equal = lambda b: np.full(b, 8.37e6)
+    rule = _fed_steps(AdaptiveBatching(num_envs=16, num_workers=2, stages=2), equal)
+    assert rule.fitted and rule.fixed_stages
+    # Without a fallback (an odd fleet, say) it never chooses them.
+    assert not _fed_steps(AdaptiveBatching(16, 2), equal).fixed_stages
+    # CV 1: the stages wait for stragglers (15% below dynamic in the simulation).
+    rng = np.random.default_rng(2)
+    spread = lambda b: rng.gamma(1.0, 8.37e6, b)
+    rule = _fed_steps(AdaptiveBatching(num_envs=16, num_workers=2, stages=2), spread)
+    assert rule.fitted and not rule.fixed_stages
+    # The choice follows the measurements: equal chunk times again bring the stages back
+    # (the recent chunk times are what the refit simulates).
+    for _ in range(8):
+        rule.observe(8, int((8.4 + 3.14 * 8) * 1e6), equal(8))
+    rule.refit()
+    assert rule.fixed_stages
+    # The stages in force hold within the simulation's tie below the margin: with a margin
+    # that puts their simulated rate half a tie short, they are kept, not chosen afresh.
+    a, b = rule.latency_model()
+    steps = np.array(rule._env_ns)
+    best = max(
+        simulate(16, 2, (a, b), steps, B, w, rule.SIM_ROUNDS).rate
+        for B, w in rule_candidates(16, 2, a, steps)
+    )
+    staged = simulate_stages(16, 2, (a, b), steps, 2, rule.SIM_ROUNDS)
+    rule.STAGES_MARGIN = 1 - staged / best - rule.SIMULATION_TIE / 2
+    rule.refit()
+    assert rule.fixed_stages
+    rule.fixed_stages = False
+    rule.refit()
+    assert not rule.fixed_stages
+
+
+@pytest.mark.parametrize(
+    "num_envs,num_workers,stages", [(16, 2, 2), (8, 4, 2), (9, 2, None), (8, 5, None)]
+)
+def test_the_fallback_stages_exist_where_every_worker_holds_envs_of_both(
+    num_envs, num_workers, stages
+):
+    from pipeline.config import EngineConfig
+
+    cfg = EngineConfig(num_envs=num_envs, num_workers=num_workers, schedule="dynamic")
+    assert cfg.batching().stages == stages
+    fixed = EngineConfig(num_envs=8, num_workers=2, schedule="dynamic", max_batch=4)
+    assert not hasattr(fixed.batching(), "stages")  # a fixed rule has no fallback
+
+
+def _calls(engine, calls, force: bool):
+    """Each ``(fixed, n)`` of ``calls``: ``rollout(n)``, or ``collect_episodes(3, 3)`` for
+    ``n=None``, with the rule's choice forced first (``fixed`` stages or not) if ``force``;
+    the outputs and each call's batch sizes."""
+    out, sizes = [], []
+    for fixed, n in calls:
+        if force:
+            engine.batching.fixed_stages = fixed
+        engine.stats.reset()
+        out.append(engine.rollout(n) if n else engine.collect_episodes(3, 3))
+        sizes.append((set(engine.stats.batch_sizes), engine.stats.fixed_stage_calls))
+    return out, sizes
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"], indirect=True)
+def test_switching_to_the_fallback_stages_and_back_keeps_the_trajectories(backend):
+    # Envs carry their episodes from call to call, each single-env stage in its own slot:
+    # after collect_episodes (9 episodes of 3 chunks on 8 envs: one env runs two, then parks
+    # a chunk's parity away from the others) the fixed stages take over envs in both slots,
+    # and a handover must carry the odd ones over first.
+    spec = envs.make("toy", **JITTERY).spec
+    torch.manual_seed(0)
+    policy = TinyVLA.from_spec(spec, chunk_len=4)
+    calls = [(False, 5), (False, None), (True, 6), (True, 3), (False, 4), (True, None), (True, 5)]
+    args = dict(num_envs=8, num_workers=2, env_kwargs=JITTERY, seed=11, inference_threads=1)
+    with RolloutEngine("toy", policy, mode="sync", num_stages=1, **args) as e:
+        ref, _ = _calls(e, calls, force=False)
+    with RolloutEngine("toy", policy, schedule="dynamic", **args, **backend) as e:
+        out, sizes = _calls(e, calls, force=True)
+        assert not e.failures
+    for (fixed, _), (seen, on_fixed) in zip(calls, sizes, strict=True):
+        assert on_fixed == fixed, (fixed, on_fixed)
+        assert (seen == {4}) if fixed else (max(seen) > 4 or len(seen) > 1), (fixed, seen)
+    for (_, n), got, want in zip(calls, out, ref, strict=True):
+        # collect_episodes: which env ran an episode depends on timing; nothing else should
+        assert_identical(got, want) if n else assert_identical(
+            got.exclude("env_id"), want.exclude("env_id")
+        )
 
 
 def test_adaptive_batching_refits_less_often_while_its_choice_holds():

@@ -79,7 +79,7 @@ def test_bad_observation_is_not_written(tmp_path):
     from pipeline.runtime.worker import Worker, WorkerConfig
 
     make = lambda: bad_obs_env("nan", bad_env=0, **dict(TOY, episode_len=50))  # noqa: E731
-    w = Worker(WorkerConfig(0, make, {}, [0], [0], True, os.getpid()))
+    w = Worker(WorkerConfig(0, make, {}, [0], [(0,)], True, os.getpid()))
     w.create_envs()  # as worker 0, the env that turns bad
     env = w.envs[0]
     layout = Layout(env.spec, num_envs=1, chunk_len=4)

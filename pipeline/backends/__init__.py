@@ -34,7 +34,7 @@ class WorkerBackend(Protocol):
     """What the engine needs of the place its workers run.
 
     Example:
-        >>> pool = open_backend("inline", "toy", {}, env_ids=[[0, 1]], env_stage=[0, 0],
+        >>> pool = open_backend("inline", "toy", {}, env_ids=[[0, 1]], env_stages=[(0,), (0,)],
         ...                     auto_reset=True, env_name="toy")
         >>> spec = pool.start(lambda spec: Layout(spec, 2, 8, 1), start_timeout_s=60)
         >>> failed = pool.send_all({0: [Frame(RESET, stage=0, slot=1, seq=1)]}, "resetting")
@@ -211,7 +211,7 @@ def open_backend(
         ray_address: the Ray backend's only: the cluster ``ray.init`` connects to, when
             Ray is not initialized yet.
         **pool_args: the workers' envs and options, the same for every backend (``env_ids``,
-            ``env_stage``, ``auto_reset``, ``env_name``, ...; see
+            ``env_stages``, ``auto_reset``, ``env_name``, ...; see
             :class:`pipeline.backends.local.WorkerPool`).
 
     Raises:

@@ -22,7 +22,7 @@ class PoolBase:
     env: Any  # a registered env name or a factory
     env_kwargs: dict
     env_ids: list[list[int]]  # per worker, its envs' global ids
-    env_stage: list[int]  # per env, its stage
+    env_stages: list[tuple[int, ...]]  # per env, the stages it belongs to
     auto_reset: bool
     profile: bool
 
@@ -34,7 +34,7 @@ class PoolBase:
             env_fn=self.env,
             env_kwargs=self.env_kwargs,
             env_ids=mine,
-            env_stage=[self.env_stage[i] for i in mine],
+            env_stages=[self.env_stages[i] for i in mine],
             auto_reset=self.auto_reset,
             parent_pid=os.getpid(),
             cpu=cpu,

@@ -34,7 +34,7 @@ class InlinePool(PoolBase):
     """``num_workers`` workers in this process, around one shared segment.
 
     Example:
-        >>> pool = InlinePool("toy", {}, env_ids=[[0, 1]], env_stage=[0, 0],
+        >>> pool = InlinePool("toy", {}, env_ids=[[0, 1]], env_stages=[(0,), (0,)],
         ...                   auto_reset=True, env_name="toy")
         >>> spec = pool.start(lambda spec: Layout(spec, 2, 8, 1), start_timeout_s=60)
     """
@@ -45,7 +45,7 @@ class InlinePool(PoolBase):
         env_kwargs: dict,
         *,
         env_ids: list[list[int]],
-        env_stage: list[int],
+        env_stages: list[tuple[int, ...]],
         auto_reset: bool,
         env_name: str,
         pin_workers: bool = False,
@@ -55,7 +55,7 @@ class InlinePool(PoolBase):
         if pin_workers:
             raise ValueError("pin_workers applies to process backends, not backend='inline'")
         self.env, self.env_kwargs, self.env_name = env, env_kwargs, env_name
-        self.env_ids, self.env_stage, self.auto_reset = env_ids, env_stage, auto_reset
+        self.env_ids, self.env_stages, self.auto_reset = env_ids, env_stages, auto_reset
         self.num_workers, self.profile = len(env_ids), profile
         self.budget = RestartBudget(max_restarts, self.num_workers)
         self.workers: list[Worker | None] = [None] * self.num_workers

@@ -62,8 +62,8 @@ class WorkerPool(PoolBase):
     """``num_workers`` env worker processes around one shared segment.
 
     Example:
-        >>> pool = WorkerPool("toy", {}, env_ids=[[0, 2], [1, 3]], env_stage=[0, 1, 0, 1],
-        ...                   auto_reset=True, env_name="toy")
+        >>> pool = WorkerPool("toy", {}, env_ids=[[0, 2], [1, 3]],
+        ...                   env_stages=[(0,), (1,), (0,), (1,)], auto_reset=True, env_name="toy")
         >>> spec = pool.start(lambda spec: Layout(spec, 4, 8, 2), start_timeout_s=60)
         >>> pool.send(0, [P.Frame(P.RESET, stage=0, slot=1, seq=1)], "resetting")
         >>> pool.close()
@@ -75,7 +75,7 @@ class WorkerPool(PoolBase):
         env_kwargs: dict,
         *,
         env_ids: list[list[int]],
-        env_stage: list[int],
+        env_stages: list[tuple[int, ...]],
         auto_reset: bool,
         env_name: str,
         pin_workers: bool = False,
@@ -86,7 +86,7 @@ class WorkerPool(PoolBase):
     ) -> None:
         self.env, self.env_kwargs, self.env_name = env, env_kwargs, env_name
         self.budget = RestartBudget(max_restarts, len(env_ids))
-        self.env_ids, self.env_stage, self.auto_reset = env_ids, env_stage, auto_reset
+        self.env_ids, self.env_stages, self.auto_reset = env_ids, env_stages, auto_reset
         self.num_workers = len(env_ids)
         # The workers this pool runs (global ids): all of them, or one node's share when a
         # node of the Ray backend runs its part of the engine's workers.

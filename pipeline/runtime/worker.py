@@ -42,7 +42,7 @@ class WorkerConfig:
     env_fn: Any  # a registered env name (str) or a picklable factory
     env_kwargs: dict
     env_ids: list[int]  # global ids of this worker's envs
-    env_stage: list[int]  # stage of each of those envs
+    env_stages: list[tuple[int, ...]]  # the stages each of those envs belongs to
     auto_reset: bool
     parent_pid: int
     cpu: int | None = None  # pin to this core when set
@@ -174,8 +174,9 @@ class Worker:
         self.state = State.STARTING
         self.envs: dict[int, Any] = {}
         self.by_stage: dict[int, list[int]] = {}
-        for env_id, stage in zip(cfg.env_ids, cfg.env_stage, strict=True):
-            self.by_stage.setdefault(stage, []).append(env_id)
+        for env_id, stages in zip(cfg.env_ids, cfg.env_stages, strict=True):
+            for stage in stages:
+                self.by_stage.setdefault(stage, []).append(env_id)
         # Per env, indexed by global env id: the running episode, its reset seed, decisions
         # made so far in it, and whether it is over and not restarted (parked or no auto-reset).
         n = max(cfg.env_ids, default=-1) + 1

@@ -152,6 +152,52 @@ def simulate(
     return Simulated(rate, made / calls if calls else 0.0)
 
 
+def simulate_stages(
+    num_envs: int,
+    num_workers: int,
+    latency: tuple[float, float],
+    step_ns: np.ndarray,
+    stages: int = 2,
+    rounds: int = 12,
+    seed: int = 0,
+) -> float:
+    """Decisions per second of ``stages`` fixed stages (contiguous groups of envs) in the
+    event model of :func:`simulate`: a stage is inferred once the device is free and its
+    last env is stepped, and each worker steps its envs of a commanded stage in order.
+
+    Example:
+        >>> simulate_stages(16, 2, (8e6, 3e6), np.full(64, 8e6))
+    """
+    rng = np.random.default_rng(seed)
+    a, b = float(latency[0]), float(latency[1])
+    size = num_envs // stages
+    # per stage, how many of its envs each worker holds (env i on worker i % num_workers)
+    held = [
+        [sum(1 for i in range(g * size, (g + 1) * size) if i % num_workers == w)
+         for w in range(num_workers)]
+        for g in range(stages)
+    ]  # fmt: skip
+    calls, warm = (rounds + 2) * stages, 2 * stages  # the first rounds are a transient
+    draws = iter(rng.choice(step_ns, size=calls * size).tolist())
+    worker_free, ready = [0.0] * num_workers, [0.0] * stages
+    device = t_warm = 0.0
+    for r in range(calls):
+        g = r % stages
+        device = max(device, ready[g]) + a + b * size
+        done = device
+        for w, n in enumerate(held[g]):
+            if n:
+                t = max(worker_free[w], device)
+                for _ in range(n):
+                    t += next(draws)
+                worker_free[w] = t
+                done = max(done, t)
+        ready[g] = done
+        if r == warm:
+            t_warm = device
+    return (calls - warm - 1) * size / (device - t_warm) * 1e9
+
+
 def rule_candidates(
     num_envs: int, num_workers: int, base_ns: float, step_ns: np.ndarray
 ) -> list[tuple[int, float]]:
@@ -190,11 +236,16 @@ class AdaptiveBatching:
     does not wait for a stage's stragglers; with workers that have many envs queued and a
     device to spare, it waits for large batches. Until it has
     calls of two sizes to fit it batches first-ready (which forms batches of many sizes);
-    then it refits every 2 s, backing off to every 32 s while its choice holds. Nothing it
-    chooses changes a trajectory.
+    then it refits every 2 s, backing off to every 32 s while its choice holds.
+
+    Given ``stages``, it may also choose fixed stages (``fixed_stages``), which the engine
+    runs from its next call on: when :func:`simulate_stages` rates them within
+    ``STAGES_MARGIN`` of the best dynamic candidate. Little spread leaves dynamic batching
+    nothing to absorb, and then its own machinery (a gather, a reply per env) costs more
+    than it gains. Nothing it chooses changes a trajectory.
 
     Example:
-        >>> rule = AdaptiveBatching(num_envs=16, num_workers=2)
+        >>> rule = AdaptiveBatching(num_envs=16, num_workers=2, stages=2)
         >>> rule.observe(batch=8, policy_ns=4_000_000, env_ns=np.full(8, 1_000_000))
     """
 
@@ -203,10 +254,19 @@ class AdaptiveBatching:
     SIM_ENVS: ClassVar[int] = 16  # the largest fleet a refit simulates (see refit)
     SIM_ROUNDS: ClassVar[int] = 24  # at 12, transients alone moved rates by 2%
     REFIT_NS: ClassVar[tuple[int, int]] = (2 * 10**9, 32 * 10**9)  # refit interval range
+    # Of their event simulations, the real stages keep 92-98% and dynamic batching 88-93%
+    # (`bench.py scheduler --against-simulation`, 16 envs, CV 0 to 1): dynamic's gather and
+    # per-env replies cost it about 5% more, so the stages win unless dynamic simulates more
+    # than that faster.
+    STAGES_MARGIN: ClassVar[float] = 0.05
+    # Chunk times measured before a first fit (or the most the rule keeps, if fewer): from
+    # 16 chunks of a CV 0.5 fleet it measured CV 0.36 and chose the stages, which 64 undid.
+    FIRST_FIT_CHUNKS: ClassVar[int] = 64
 
-    def __init__(self, num_envs: int, num_workers: int) -> None:
-        self.num_envs, self.num_workers = num_envs, num_workers
+    def __init__(self, num_envs: int, num_workers: int, stages: int | None = None) -> None:
+        self.num_envs, self.num_workers, self.stages = num_envs, num_workers, stages
         self.max_batch, self.max_wait_ns = num_envs, 0
+        self.fixed_stages = False  # the choice for the next call: `stages` fixed stages
         # The quickest chunk measured (of the recent ones at each refit, lowered by every
         # quicker one in between): the runner takes no env to step faster, and need not
         # wake for replies that cannot arrive in time to change its decision. 0: unknown.
@@ -244,20 +304,24 @@ class AdaptiveBatching:
         # so refits every 2 s would take a few percent of its time for good.
         if self._since_fit >= self.num_envs and now >= self._next_fit_ns:
             self._since_fit = 0
-            before = (self.max_batch, self.max_wait_ns, self.fitted)
+            before = (self.max_batch, self.max_wait_ns, self.fitted, self.fixed_stages)
             self.refit()
+            if not self.fitted:  # too little measured yet: again after the next round
+                return
             cost = time.perf_counter_ns() - now
-            held = self.fitted and self._same_choice(*before)
+            held = self._same_choice(*before)
             lo, hi = self.REFIT_NS
             self._fit_every_ns = min(2 * self._fit_every_ns, hi) if held else lo
             self._next_fit_ns = time.perf_counter_ns() + max(self._fit_every_ns, 20 * cost)
 
-    def _same_choice(self, max_batch: int, max_wait_ns: int, fitted: bool) -> bool:
-        """Whether a refit kept the choice: the same cap, and a wait within a quarter of the
-        one before. Waits are fractions of measured times (the per-call cost, a worker's
-        round), so they never repeat exactly; compared exactly, a choice that waits never
-        held, and the rule refitted every 2 s for good."""
-        if not fitted or max_batch != self.max_batch:
+    def _same_choice(
+        self, max_batch: int, max_wait_ns: int, fitted: bool, fixed_stages: bool
+    ) -> bool:
+        """Whether a refit kept the choice: the same schedule, the same cap, and a wait
+        within a quarter of the one before. Waits are fractions of measured times (the
+        per-call cost, a worker's round), so they never repeat exactly; compared exactly, a
+        choice that waits never held, and the rule refitted every 2 s for good."""
+        if not fitted or fixed_stages != self.fixed_stages or max_batch != self.max_batch:
             return False
         return abs(self.max_wait_ns - max_wait_ns) <= 0.25 * max(self.max_wait_ns, max_wait_ns)
 
@@ -279,7 +343,7 @@ class AdaptiveBatching:
     def refit(self) -> None:
         """Fit ``L(B)`` and choose the batch size and wait now (``observe`` calls this)."""
         model = self.latency_model()
-        if model is None or len(self._env_ns) < self.num_envs:
+        if model is None or len(self._env_ns) < min(self._env_ns.maxlen, self.FIRST_FIT_CHUNKS):
             return
         a, b = model
         # The simulated fleet has at most SIM_ENVS envs standing for the real n: with k = n/m,
@@ -308,7 +372,15 @@ class AdaptiveBatching:
         # out (then the larger cap, then the shorter wait). A strict argmax picked among
         # near-equal candidates by noise: batches of up to 6 gave 1.01x the 2-stage
         # throughput where up to 16 gave 1.11x, at CV 1.
-        floor = (1 - self.SIMULATION_TIE) * max(r.rate for r in sims.values())
+        best = max(r.rate for r in sims.values())
+        if self.stages:
+            staged = simulate_stages(
+                m, self.num_workers, (a, b * k), steps, self.stages, self.SIM_ROUNDS
+            )
+            # The choice in force holds within the simulation's tie, as for batch sizes.
+            share = 1 - self.STAGES_MARGIN - (self.SIMULATION_TIE if self.fixed_stages else 0)
+            self.fixed_stages = staged >= share * best
+        floor = (1 - self.SIMULATION_TIE) * best
         if self.fitted and sims[in_force].rate >= floor:
             size, wait = in_force
         else:

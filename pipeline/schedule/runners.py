@@ -6,7 +6,8 @@
   the others, and build the next stage's batch during g's policy call.
 - :class:`DynamicRunner` (``schedule="dynamic"``): every env is a stage; infer for whichever
   are ready, longest-waiting first, as the :class:`~pipeline.schedule.dynamic.Batching` rule
-  allows.
+  allows. The adaptive rule may choose fixed stages instead; the engine then runs the
+  pipelined strategy over them from its next call on, and hands the rule every turn there too.
 
 Every strategy makes the same decisions for each stage in the same order, and every seed is
 derived from ids, so their trajectories are bitwise identical (dynamic: for a batch-invariant
@@ -20,12 +21,14 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, deque
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from pipeline.record.plans import Plan
+from pipeline.runtime import protocol as P
 from pipeline.schedule.dynamic import WAIT_FOR_REPLY, AdaptiveBatching, Batching
+from pipeline.schedule.recovery import Recovery
 from pipeline.schedule.stages import Stage, StageState
 from pipeline.schedule.turns import Turns
 
@@ -50,13 +53,17 @@ class SyncRunner:
 
 
 class PipelinedRunner:
-    """Round-robin over the stages; a stage's turn runs while the others step."""
+    """Round-robin over the stages; a stage's turn runs while the others step. Given the
+    adaptive rule (whose fallback these stages are), it hands it every turn."""
 
-    def __init__(self, turns: Turns, stages: list[Stage]) -> None:
-        self.turns, self.stages = turns, stages
+    def __init__(
+        self, turns: Turns, stages: list[Stage], rule: AdaptiveBatching | None = None
+    ) -> None:
+        self.turns, self.stages, self.rule = turns, stages, rule
 
     def run(self, plan: Plan) -> None:
-        turns, stages = self.turns, self.stages
+        turns, stages, rule = self.turns, self.stages, self.rule
+        results = turns.a["results"]
         while True:
             progressed = False
             for g, s in enumerate(stages):
@@ -64,12 +71,17 @@ class PipelinedRunner:
                     turns.channel.await_turn(s)
                 if not plan.wants(s):
                     continue
+                env_ns = _chunk_ns(results, [s]) if rule else None
                 out = turns.infer([s])
+                free_ns = time.perf_counter_ns()
                 # While this stage's policy call runs (asynchronously on CUDA), collect the
                 # next stage if its workers are done and build its batch, so that its
                 # host-to-device copy overlaps this stage's compute.
                 turns.prefetch(stages[(g + 1) % len(stages)])
-                turns.dispatch([s], out, plan)
+                if rule is None:
+                    turns.dispatch([s], out, plan)
+                else:
+                    _dispatch_observed(turns, rule, [s], out, plan, env_ns, free_ns)
                 progressed = True
             if not progressed and not any(s.state is StageState.STEPPING for s in stages):
                 return
@@ -137,16 +149,43 @@ class DynamicRunner:
             if not rule.learns:
                 turns.dispatch(batch, turns.infer(batch), plan)
                 continue
-            # The batch's last stepping, read before this turn's dispatch overwrites it.
-            env_ns = np.array([results[c.slot, c.lo]["env_ns"] for c in batch])
+            env_ns = _chunk_ns(results, batch)
             out = turns.infer(batch)
-            free_ns = time.perf_counter_ns()
-            try:
-                turns.dispatch(batch, out, plan)
-            finally:  # a worker failure raised by the dispatch still leaves the measurement
-                # After the dispatch: a refit (0.1-0.3 s with the workers busy) then stalls
-                # only the loop, while this batch's envs step.
-                rule.observe(len(batch), batch[0].turn_policy_ns, env_ns, free_ns)
+            _dispatch_observed(turns, rule, batch, out, plan, env_ns, time.perf_counter_ns())
+
+
+def _chunk_ns(results: np.ndarray, stages: list[Stage]) -> np.ndarray:
+    """The stages' envs' last chunk times, for the rule: 0 where their last command was a
+    RESET, whose time is a reset's, not a chunk's (at 0.5 ms against 8 ms chunks, the first
+    round's resets made a CV 0.5 fleet look like CV 1.2 to the rule's first fit)."""
+    if len(stages) == 1:
+        s = stages[0]
+        ns = np.array(results[s.slot, s.lo : s.hi]["env_ns"])
+        return ns if s.in_flight == P.STEP else np.zeros_like(ns)
+    return np.array(
+        [results[c.slot, c.lo]["env_ns"] if c.in_flight == P.STEP else 0 for c in stages]
+    )
+
+
+def _dispatch_observed(
+    turns: Turns,
+    rule: AdaptiveBatching,
+    stages: list[Stage],
+    out,
+    plan: Plan,
+    env_ns: np.ndarray,
+    free_ns: int,
+) -> None:
+    """Dispatch a turn, then hand the rule its measurements: the batch's last stepping
+    (``env_ns``, read before the turn: the slot holding it is rewritten by the STEP after)
+    and when the policy call returned."""
+    try:
+        turns.dispatch(stages, out, plan)
+    finally:  # a worker failure raised by the dispatch still leaves the measurement
+        # After the dispatch: a refit (0.1-0.3 s with the workers busy) then stalls only the
+        # loop, while this batch's envs step.
+        batch = sum(s.size for s in stages)
+        rule.observe(batch, stages[0].turn_policy_ns, env_ns, free_ns)
 
 
 def _quiet_ns(ready: int, in_flight: Counter, rule: Batching | AdaptiveBatching) -> float:
@@ -172,3 +211,12 @@ def make_runner(
     if rule is not None:
         return DynamicRunner(turns, stages, rule)
     return SyncRunner(turns, stages) if mode == "sync" else PipelinedRunner(turns, stages)
+
+
+class Schedule(NamedTuple):
+    """A partition of the envs into stages, the strategy that turns over them, and the
+    recovery that brings them back after a worker failure."""
+
+    stages: list[Stage]
+    runner: Runner
+    recovery: Recovery

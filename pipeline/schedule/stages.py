@@ -64,17 +64,20 @@ class Stage:
         return f"Stage({self.index}, envs {self.lo}..{self.hi - 1}, {self.state.value})"
 
 
-def make_stages(num_envs: int, num_workers: int, num_stages: int | None) -> list[Stage]:
+def make_stages(
+    num_envs: int, num_workers: int, num_stages: int | None, first: int = 0
+) -> list[Stage]:
     """The loop's stages: ``num_stages`` contiguous groups of envs, every worker holding envs
     of every stage (env ``i`` lives on worker ``i % num_workers``; the partition is checked
     by :class:`~pipeline.config.EngineConfig`), or, with ``None`` (dynamic batching), one
     single-env stage per env: each has its own slot, sequence and command, so it is ready
-    the moment its worker finishes it, whatever the other envs do."""
+    the moment its worker finishes it, whatever the other envs do. Their indices (the
+    workers' names for them) start at ``first``."""
     if num_stages is None:
-        return [Stage(i, i, i + 1, [i % num_workers]) for i in range(num_envs)]
-    per_stage = num_envs // num_stages
+        return [Stage(first + i, i, i + 1, [i % num_workers]) for i in range(num_envs)]
+    per = num_envs // num_stages
     workers = list(range(num_workers))
-    return [Stage(g, g * per_stage, (g + 1) * per_stage, workers) for g in range(num_stages)]
+    return [Stage(first + g, g * per, (g + 1) * per, workers) for g in range(num_stages)]
 
 
 class StageBatcher:

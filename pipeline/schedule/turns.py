@@ -191,15 +191,57 @@ class Turns:
                 self.a["reset_now"][s.lo : s.hi] = fresh
                 resetting.append(s)
             started[s.lo : s.hi] = True
-        failed = self.channel.command(resetting, P.RESET)
-        if failed is not None:
-            recover(failed, plan)  # completes the resets of the replaced worker's envs
-        for s in resetting:
-            while s.state is StageState.STEPPING:
-                try:
-                    self.channel.collect(s, "resetting")
-                except EngineError as exc:
-                    recover(exc, plan)
+        self._reset(resetting, plan, recover, "resetting")
         now = time.perf_counter_ns()
         for s in stages:
             s.ready_ns = now
+
+    def _reset(
+        self,
+        stages: list[Stage],
+        plan: Plan,
+        recover: Callable[[EngineError, Plan], None],
+        doing: str,
+    ) -> None:
+        """Send every stage its RESET (as ``reset_now`` says), then await them all."""
+        failed = self.channel.command(stages, P.RESET)
+        if failed is not None:
+            recover(failed, plan)  # completes the resets of the replaced worker's envs
+        for s in stages:
+            while s.state is StageState.STEPPING:
+                try:
+                    self.channel.collect(s, doing)
+                except EngineError as exc:
+                    recover(exc, plan)
+
+    def hand_over(
+        self,
+        old: list[Stage],
+        new: list[Stage],
+        plan: Plan,
+        recover: Callable[[EngineError, Plan], None],
+    ) -> None:
+        """Move the envs from one partition into stages to another (the adaptive rule's
+        switch between single-env stages and fixed ones), between calls. A stage's rows
+        must all sit in its slot, so the old stages whose rows are in the other slot than
+        the new stage's are carried over by a RESET that resets nothing (the worker copies
+        each row forward, as ``begin`` does for envs that go on), ``recover`` standing by
+        as in ``begin``; then each new stage is READY in that slot."""
+        slot = np.zeros(len(self.a["next_seed"]), np.int64)
+        for s in old:
+            slot[s.lo : s.hi] = s.slot
+        target = slot.copy()
+        for s in new:  # the slot most of its rows are in: the fewest carried
+            target[s.lo : s.hi] = np.bincount(slot[s.lo : s.hi], minlength=2).argmax()
+        carried = []
+        for s in old:
+            off = target[s.lo : s.hi] != s.slot
+            if off.all():
+                carried.append(s)
+            elif off.any():
+                raise EngineError(f"{s} straddles stages of the new partition (engine bug)")
+        for s in carried:
+            self.a["reset_now"][s.lo : s.hi] = 0
+        self._reset(carried, plan, recover, "handing over")
+        for s in new:
+            s.slot, s.state, s.prepared = int(target[s.lo]), StageState.READY, None

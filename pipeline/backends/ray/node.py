@@ -42,17 +42,20 @@ POLL_PERIOD_S = 1.0
 _SLICE_S = 0.02
 
 
-def stage_rows(env_ids: list[list[int]], env_stage: list[int]) -> dict[tuple[int, int], np.ndarray]:
+def stage_rows(
+    env_ids: list[list[int]], env_stages: list[tuple[int, ...]]
+) -> dict[tuple[int, int], np.ndarray]:
     """``(worker, stage) -> env ids``: the rows a worker writes when it answers a stage.
 
     Example:
-        >>> stage_rows([[0, 2], [1, 3]], env_stage=[0, 0, 1, 1])[(0, 1)]
+        >>> stage_rows([[0, 2], [1, 3]], env_stages=[(0,), (0,), (1,), (1,)])[(0, 1)]
         array([2])
     """
     out: dict[tuple[int, int], list[int]] = {}
     for w, ids in enumerate(env_ids):
         for e in ids:
-            out.setdefault((w, env_stage[e]), []).append(e)
+            for s in env_stages[e]:
+                out.setdefault((w, s), []).append(e)
     return {k: np.array(v, np.int64) for k, v in out.items()}
 
 
@@ -67,7 +70,7 @@ class NodeActor:
     """The node's workers and shared memory (wrapped in ``ray.remote`` by the driver).
 
     Example (what :class:`pipeline.backends.ray.pool.RayPool` does):
-        >>> node = ray.remote(NodeActor).remote(0, "toy", {}, env_ids, env_stage, True,
+        >>> node = ray.remote(NodeActor).remote(0, "toy", {}, env_ids, env_stages, True,
         ...                                     "toy", workers=[0, 1])
         >>> spec = ray.get(node.hello.remote(60.0))
         >>> pids = ray.get(node.attach.remote(16, 8, 4, 60.0, None))
@@ -79,7 +82,7 @@ class NodeActor:
         env: str | Callable[..., Any],
         env_kwargs: dict,
         env_ids: list[list[int]],
-        env_stage: list[int],
+        env_stages: list[tuple[int, ...]],
         auto_reset: bool,
         env_name: str,
         *,
@@ -92,11 +95,11 @@ class NodeActor:
         # max_restarts=0: every failure goes to the driver, which holds the engine's one
         # restart budget and asks for a respawn.
         self.pool = WorkerPool(
-            env, env_kwargs, env_ids=env_ids, env_stage=env_stage, auto_reset=auto_reset,
+            env, env_kwargs, env_ids=env_ids, env_stages=env_stages, auto_reset=auto_reset,
             env_name=env_name, pin_workers=pin_workers, profile=profile, max_restarts=0,
             workers=workers,
         )  # fmt: skip
-        self.rows = {k: v for k, v in stage_rows(env_ids, env_stage).items() if k[0] in workers}
+        self.rows = {k: v for k, v in stage_rows(env_ids, env_stages).items() if k[0] in workers}
         self.generation = dict.fromkeys(workers, 0)
         # The poll thread holds `_pool_lock` while it waits on the pool; a respawn takes it to
         # change the poll set. `_book` guards what is in flight: per worker the frames not

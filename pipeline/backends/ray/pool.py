@@ -80,7 +80,7 @@ class RayPool(PoolBase):
     """The engine's workers on Ray nodes, ``workers_per_node`` to a node.
 
     Example:
-        >>> pool = RayPool("toy", {}, env_ids=[[0, 2], [1, 3]], env_stage=[0, 1, 0, 1],
+        >>> pool = RayPool("toy", {}, env_ids=[[0, 2], [1, 3]], env_stages=[(0,), (1,), (0,), (1,)],
         ...                auto_reset=True, env_name="toy", workers_per_node=1)
         >>> spec = pool.start(lambda spec: Layout(spec, 4, 8, 2), start_timeout_s=60)
         >>> pool.close()
@@ -92,7 +92,7 @@ class RayPool(PoolBase):
         env_kwargs: dict,
         *,
         env_ids: list[list[int]],
-        env_stage: list[int],
+        env_stages: list[tuple[int, ...]],
         auto_reset: bool,
         env_name: str,
         workers_per_node: int,
@@ -110,11 +110,11 @@ class RayPool(PoolBase):
         elif ray_address is not None:
             log.info("Ray is already initialized: ray_address=%r is not used", ray_address)
         self.env, self.env_kwargs, self.env_name = env, env_kwargs, env_name
-        self.env_ids, self.env_stage, self.auto_reset = env_ids, env_stage, auto_reset
+        self.env_ids, self.env_stages, self.auto_reset = env_ids, env_stages, auto_reset
         self.num_workers = len(env_ids)
         self.pin_workers, self.profile, self.hang_timeout_s = pin_workers, profile, hang_timeout_s
         self.budget = RestartBudget(max_restarts, self.num_workers)
-        self.rows = stage_rows(env_ids, env_stage)
+        self.rows = stage_rows(env_ids, env_stages)
         self.generation = [0] * self.num_workers
         self.inbox: list[deque] = [deque() for _ in range(self.num_workers)]
         per = self.workers_per_node = workers_per_node
@@ -210,7 +210,7 @@ class RayPool(PoolBase):
         )
         node.placed = False
         node.actor = actor_cls.remote(
-            node.index, self.env, self.env_kwargs, self.env_ids, self.env_stage,
+            node.index, self.env, self.env_kwargs, self.env_ids, self.env_stages,
             self.auto_reset, self.env_name, workers=node.workers,
             pin_workers=self.pin_workers, profile=self.profile,
             hang_timeout_s=self.hang_timeout_s,
