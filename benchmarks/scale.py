@@ -68,6 +68,7 @@ def point(num_envs: int, windows: int, seconds: float, schedule: str = "stages")
                     "decisions_per_s": st.decisions / wall,
                     "loop_cpu_us_per_turn": cpu / max(1, len(st.batch_sizes)) * 1e6,
                     "loop_cpu_us_per_env_decision": cpu / st.decisions * 1e6,
+                    "on_fixed_stages": st.fixed_stage_calls > 0,  # dynamic's fallback
                 }
             )
         workers = [psutil.Process(p) for p in engine.local_worker_pids() if p is not None]
@@ -79,8 +80,9 @@ def point(num_envs: int, windows: int, seconds: float, schedule: str = "stages")
             "worker_rss_mb": [w.memory_info().rss / 2**20 for w in workers],
             "shared_mb": engine.layout.nbytes / 2**20,
         }
-    for key in per[0]:
+    for key in ("decisions_per_s", "loop_cpu_us_per_turn", "loop_cpu_us_per_env_decision"):
         res[key] = statistics.median(w[key] for w in per)
+    res["windows_on_fixed_stages"] = sum(w["on_fixed_stages"] for w in per)
     res["windows"] = per
     return res
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'parent RSS':>12}{'worker RSS':>12}{'shared':>10}{'start-up':>10}"
     )
     print(head, flush=True)
-    points = []
+    points, dynamic = [], args.schedule == "dynamic"
     for n in sizes:
         p = point(n, args.windows, args.seconds, args.schedule)
         points.append(p)
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{n:>6}{p['decisions_per_s']:>13,.0f}{p['loop_cpu_us_per_turn']:>12,.0f} us"
             f"{p['loop_cpu_us_per_env_decision']:>11,.1f} us{p['parent_rss_mb']:>9,.0f} MB"
             f"{max(p['worker_rss_mb'], default=0):>9,.0f} MB{p['shared_mb']:>7,.1f} MB"
-            f"{p['startup_s']:>8.1f} s",
+            f"{p['startup_s']:>8.1f} s"
+            + (f"  ({p['windows_on_fixed_stages']} on fixed stages)" if dynamic else ""),
             flush=True,
         )
     per_env = {p["num_envs"]: p["loop_cpu_us_per_env_decision"] for p in points}
