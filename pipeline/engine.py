@@ -35,7 +35,7 @@ from pipeline.schedule.actions import ActionPath
 from pipeline.schedule.channel import Channel
 from pipeline.schedule.recovery import Recovery
 from pipeline.schedule.runners import PipelinedRunner, Schedule, make_runner
-from pipeline.schedule.stages import StageBatcher, make_stages
+from pipeline.schedule.stages import StageBatcher, make_stages, memberships
 from pipeline.schedule.turns import Turns
 from pipeline.stats import EngineStats
 from pipeline.weights import Background, PolicyVersion, RolloutFuture, in_background
@@ -108,10 +108,6 @@ class RolloutEngine:
             if fallback
             else []
         )
-        env_stages: list[list[int]] = [[] for _ in range(self.num_envs)]
-        for s in self.stages + self._fallback:
-            for e in range(s.lo, s.hi):
-                env_stages[e].append(s.index)
         self._env_worker = np.arange(self.num_envs) % self.num_workers
         self._version = PolicyVersion(policy)
         self._background = Background(policy, cfg.max_staleness, self._version.set)
@@ -131,7 +127,7 @@ class RolloutEngine:
             env_ids=[
                 np.flatnonzero(self._env_worker == w).tolist() for w in range(self.num_workers)
             ],
-            env_stages=[tuple(x) for x in env_stages],
+            env_stages=memberships(self.num_envs, self.stages, self._fallback),
             auto_reset=cfg.auto_reset,
             env_name=self.env_name,
             **cfg.backend_options(),

@@ -26,23 +26,33 @@ LOOKAHEAD = 3
 
 RUNS = {
     "stages": dict(num_stages=2),
-    "dynamic": dict(schedule="dynamic"),
+    "dynamic": dict(schedule="dynamic", fixed_stages=False),
     "dynamic-window": dict(schedule="dynamic", min_batch=2, max_batch=3, max_wait_us=300),
     "stages-lookahead": dict(num_stages=2, lookahead=LOOKAHEAD),
-    "dynamic-lookahead": dict(schedule="dynamic", lookahead=LOOKAHEAD),
+    "dynamic-lookahead": dict(schedule="dynamic", lookahead=LOOKAHEAD, fixed_stages=False),
     "ray-stages": dict(num_stages=2, ray=True),
-    "ray-dynamic-lookahead": dict(schedule="dynamic", lookahead=LOOKAHEAD, ray=True),
+    "ray-dynamic-lookahead": dict(
+        schedule="dynamic", lookahead=LOOKAHEAD, ray=True, fixed_stages=False
+    ),
     "killed-stages": dict(num_stages=2, kill=True),
-    "killed-dynamic": dict(schedule="dynamic", kill=True),
+    "killed-dynamic": dict(schedule="dynamic", kill=True, fixed_stages=False),
+    # the adaptive rule's fallback chosen from the first call: a worker replaced under it
+    "killed-dynamic-on-fixed-stages": dict(schedule="dynamic", kill=True, fixed_stages=True),
     "ray-killed-stages": dict(num_stages=2, kill=True, ray=True),
-    "inline-dynamic-lookahead": dict(schedule="dynamic", lookahead=LOOKAHEAD, inline=True),
+    "inline-dynamic-lookahead": dict(
+        schedule="dynamic", lookahead=LOOKAHEAD, inline=True, fixed_stages=False
+    ),
     "inline-failed-stages": dict(num_stages=2, kill=True, inline=True),  # raises: no process
 }
 
 
-def _run(request, tmp_path, lookahead=0, ray=False, inline=False, kill=False, **kw):
+def _run(
+    request, tmp_path, lookahead=0, ray=False, inline=False, kill=False, fixed_stages=None, **kw
+):
     """Two calls (a rollout, then GRPO-style episodes) of 8 envs on 2 workers; returns what
-    the probe saw, the outputs and the engine's failures."""
+    the probe saw, the outputs and the engine's failures. ``fixed_stages``: the adaptive
+    rule of dynamic batching is made to choose its fixed stages (True) or dynamic batches
+    (False) before each call, as a refit may choose either."""
     torch.manual_seed(0)
     spec = envs.make("toy", **ENV).spec
     probe = Probe(TinyVLA.from_spec(spec, chunk_len=8, prefix_conditioning=lookahead > 0))
@@ -59,8 +69,14 @@ def _run(request, tmp_path, lookahead=0, ray=False, inline=False, kill=False, **
         kw.update(backend="ray", workers_per_node=1)
     args = dict(num_envs=8, num_workers=2, seed=5, exec_len=5, inference_threads=1)
     with RolloutEngine(env, probe, env_kwargs=env_kwargs, lookahead=lookahead, **args, **kw) as e:
-        outputs = [e.rollout(8), e.collect_episodes(3, 4)]
+        outputs = []
+        for call in (lambda: e.rollout(8), lambda: e.collect_episodes(3, 4)):
+            if fixed_stages is not None:
+                e.batching.fixed_stages = fixed_stages
+            outputs.append(call())
         failures = e.failures
+        if fixed_stages is not None:
+            assert e.stats.fixed_stage_calls == (2 if fixed_stages else 0)
     return _decisions(probe.take(), outputs), outputs, failures
 
 

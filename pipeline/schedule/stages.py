@@ -80,6 +80,22 @@ def make_stages(
     return [Stage(first + g, g * per, (g + 1) * per, workers) for g in range(num_stages)]
 
 
+def memberships(num_envs: int, *partitions: list[Stage]) -> list[tuple[int, ...]]:
+    """Per env, the indices of the stages it belongs to, one per partition: what each worker
+    is told, so that it answers a command to any of them.
+
+    Example:
+        >>> memberships(4, make_stages(4, 2, None), make_stages(4, 2, 2, first=4))
+        [(0, 4), (1, 4), (2, 5), (3, 5)]
+    """
+    out: list[list[int]] = [[] for _ in range(num_envs)]
+    for stages in partitions:
+        for s in stages:
+            for e in range(s.lo, s.hi):
+                out[e].append(s.index)
+    return [tuple(x) for x in out]
+
+
 class StageBatcher:
     """Builds a stage's policy batch straight from shared memory.
 
