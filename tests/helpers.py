@@ -54,7 +54,8 @@ def latency_policy(**kw):
 
 def make_engine(policy=None, env="toy", **kw):
     """A small engine: 8 :data:`TOY` envs on 2 workers in 2 stages, seed 3; ``kw`` override
-    (``schedule="dynamic"`` drops the stages; ``backend="ray"`` puts a worker per node)."""
+    (``schedule="dynamic"`` drops the stages and keeps to dynamic batches, see
+    :func:`dynamic_batches_only`; ``backend="ray"`` puts a worker per node)."""
     from pipeline import RolloutEngine
 
     args = dict(num_envs=8, num_workers=2, num_stages=2, env_kwargs=TOY, seed=3, hang_timeout_s=30)
@@ -63,7 +64,17 @@ def make_engine(policy=None, env="toy", **kw):
         del args["num_stages"]
     if args.get("backend") == "ray":
         args.setdefault("workers_per_node", 1)
-    return RolloutEngine(env, policy if policy is not None else latency_policy(), **args)
+    engine = RolloutEngine(env, policy if policy is not None else latency_policy(), **args)
+    return dynamic_batches_only(engine)
+
+
+def dynamic_batches_only(engine):
+    """Keep ``schedule="dynamic"``'s adaptive rule on dynamic batches: left alone it may
+    choose its fixed stages from the second call on, and a test of dynamic batches would
+    then test the stages (tests/test_dynamic.py tests the fallback itself)."""
+    if getattr(engine.batching, "stages", None):
+        engine.batching.stages = None
+    return engine
 
 
 class DtypePolicy(torch.nn.Module):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from factories import stuck_env
-from helpers import DtypePolicy, assert_identical
+from helpers import DtypePolicy, assert_identical, dynamic_batches_only
 
 import envs
 from pipeline import PolicyOutputError, RolloutEngine, WorkerStuckError, schema
@@ -254,6 +254,16 @@ def test_adaptive_batching_falls_back_to_fixed_stages_where_they_are_as_fast():
     assert rule.fitted and rule.fixed_stages
     # Without a fallback (an odd fleet, say) it never chooses them.
     assert not _fed_steps(AdaptiveBatching(16, 2), equal).fixed_stages
+    # A small fleet too waits for FIRST_FIT_CHUNKS chunks before its first fit.
+    small = AdaptiveBatching(num_envs=4, num_workers=2, stages=2)
+    first = AdaptiveBatching.FIRST_FIT_CHUNKS
+    for b in (1, 3) * (first // 4 - 1):
+        small.observe(b, int((8.4 + 3.14 * b) * 1e6), equal(b))
+    small.refit()
+    assert not small.fitted  # 4 chunks short
+    small.observe(4, int((8.4 + 3.14 * 4) * 1e6), equal(4))
+    small.refit()
+    assert small.fitted
     # CV 1: the stages wait for stragglers (15% below dynamic in the simulation).
     rng = np.random.default_rng(2)
     spread = lambda b: rng.gamma(1.0, 8.37e6, b)
@@ -310,17 +320,25 @@ def _calls(engine, calls, force: bool):
     return out, sizes
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"], indirect=True)
-def test_switching_to_the_fallback_stages_and_back_keeps_the_trajectories(backend):
+@pytest.mark.parametrize(
+    "backend,lookahead", [("local", 0), ("local", 1), ("ray", 0)], indirect=["backend"]
+)
+def test_switching_to_the_fallback_stages_and_back_keeps_the_trajectories(backend, lookahead):
     # Envs carry their episodes from call to call, each single-env stage in its own slot:
     # after collect_episodes (9 episodes of 3 chunks on 8 envs: one env runs two, then parks
     # a chunk's parity away from the others) the fixed stages take over envs in both slots,
-    # and a handover must carry the odd ones over first.
+    # and a handover must carry the odd ones over first: parked envs (reset at the next
+    # call), and, after the dynamic rollout that follows, envs in the middle of an episode
+    # (with lookahead, their prefix and the actions they executed after their report).
     spec = envs.make("toy", **JITTERY).spec
     torch.manual_seed(0)
-    policy = TinyVLA.from_spec(spec, chunk_len=4)
-    calls = [(False, 5), (False, None), (True, 6), (True, 3), (False, 4), (True, None), (True, 5)]
-    args = dict(num_envs=8, num_workers=2, env_kwargs=JITTERY, seed=11, inference_threads=1)
+    policy = TinyVLA.from_spec(spec, chunk_len=4, prefix_conditioning=lookahead > 0)
+    calls = [(False, 5), (False, None), (True, 4), (False, 5), (False, None), (False, 5)]
+    calls += [(True, 6), (True, 3), (False, 4), (True, None), (True, 5)]
+    args = dict(
+        num_envs=8, num_workers=2, env_kwargs=JITTERY, seed=11, inference_threads=1,
+        lookahead=lookahead,
+    )  # fmt: skip
     with RolloutEngine("toy", policy, mode="sync", num_stages=1, **args) as e:
         ref, _ = _calls(e, calls, force=False)
     with RolloutEngine("toy", policy, schedule="dynamic", **args, **backend) as e:
@@ -463,7 +481,7 @@ def test_tinyvla_rows_are_batch_invariant(head, isa, vision):
 def _run(policy, **kw):
     # One intra-op thread: the setting under which TinyVLA is bitwise batch-invariant.
     args = dict(num_envs=8, num_workers=2, env_kwargs=JITTERY, seed=11, inference_threads=1)
-    with RolloutEngine("toy", policy, **{**args, **kw}) as engine:
+    with dynamic_batches_only(RolloutEngine("toy", policy, **{**args, **kw})) as engine:
         td = engine.rollout(7)
         eps = engine.collect_episodes(3, 4)
         return td, eps, list(engine.stats.batch_sizes)

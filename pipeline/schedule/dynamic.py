@@ -259,8 +259,9 @@ class AdaptiveBatching:
     # per-env replies cost it about 5% more, so the stages win unless dynamic simulates more
     # than that faster.
     STAGES_MARGIN: ClassVar[float] = 0.05
-    # Chunk times measured before a first fit (or the most the rule keeps, if fewer): from
-    # 16 chunks of a CV 0.5 fleet it measured CV 0.36 and chose the stages, which 64 undid.
+    # Chunk times measured before a first fit, and the fewest it keeps (4 per env for larger
+    # fleets): from 16 chunks of a CV 0.5 fleet it measured CV 0.36 and chose the stages,
+    # which 64 undid.
     FIRST_FIT_CHUNKS: ClassVar[int] = 64
 
     def __init__(self, num_envs: int, num_workers: int, stages: int | None = None) -> None:
@@ -276,7 +277,7 @@ class AdaptiveBatching:
         # Per batch size: [calls, mean latency ns]; the sizes of the first-ready warm-up stay
         # in the fit after the rule settles on a few sizes.
         self._latency: dict[int, list[float]] = {}
-        self._env_ns: deque[float] = deque(maxlen=4 * num_envs)
+        self._env_ns: deque[float] = deque(maxlen=max(4 * num_envs, self.FIRST_FIT_CHUNKS))
         self._since_fit = self._next_fit_ns = 0
         self._fit_every_ns = self.REFIT_NS[0]
 
@@ -343,7 +344,7 @@ class AdaptiveBatching:
     def refit(self) -> None:
         """Fit ``L(B)`` and choose the batch size and wait now (``observe`` calls this)."""
         model = self.latency_model()
-        if model is None or len(self._env_ns) < min(self._env_ns.maxlen, self.FIRST_FIT_CHUNKS):
+        if model is None or len(self._env_ns) < self.FIRST_FIT_CHUNKS:
             return
         a, b = model
         # The simulated fleet has at most SIM_ENVS envs standing for the real n: with k = n/m,
