@@ -333,8 +333,8 @@ def test_switching_to_the_fallback_stages_and_back_keeps_the_trajectories(backen
     spec = envs.make("toy", **JITTERY).spec
     torch.manual_seed(0)
     policy = TinyVLA.from_spec(spec, chunk_len=4, prefix_conditioning=lookahead > 0)
-    calls = [(False, 5), (False, None), (True, 4), (False, 5), (False, None), (False, 5)]
-    calls += [(True, 6), (True, 3), (False, 4), (True, None), (True, 5)]
+    calls = [(False, 3), (False, None), (True, 2), (False, 3), (False, None), (False, 4)]
+    calls += [(True, 3), (True, 2), (False, 2), (True, None), (True, 3)]
     args = dict(
         num_envs=8, num_workers=2, env_kwargs=JITTERY, seed=11, inference_threads=1,
         lookahead=lookahead,
