@@ -37,6 +37,26 @@ def _int(name: str, value: object, low: int) -> None:
         raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
+def partition_problem(num_envs: int, num_workers: int, num_stages: int) -> str | None:
+    """What is wrong with splitting the envs into ``num_stages`` fixed stages, or None.
+    Every worker must hold envs of every stage (env i lives on worker i % num_workers), so
+    that each stage keeps every worker busy.
+
+    Example:
+        >>> partition_problem(8, 2, 3)
+        'num_envs=8 must divide into num_stages=3 groups'
+    """
+    n, w, g = num_envs, num_workers, num_stages
+    if n % g:
+        return f"num_envs={n} must divide into num_stages={g} groups"
+    if w > n // g:
+        return (
+            f"num_workers={w} > envs per stage ({n // g}): every worker must hold envs of "
+            "every stage"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How a :class:`~pipeline.engine.RolloutEngine` runs its envs and its policy.
@@ -215,17 +235,11 @@ class EngineConfig:
             raise ValueError(f"inference_threads={threads!r}: pass an int >= 1, 'auto' or None")
 
     def _check_partition(self) -> None:
-        # Every worker holds envs of every stage (env i lives on worker i % num_workers), so
-        # each stage keeps every worker busy.
-        n, w, g = self.num_envs, self.num_workers, self.stage_count
+        g = self.stage_count
         _int("num_stages", g, 1)
-        if n % g:
-            raise ValueError(f"num_envs={n} must divide into num_stages={g} groups")
-        if w > n // g:
-            raise ValueError(
-                f"num_workers={w} > envs per stage ({n // g}): every worker must hold envs of "
-                "every stage"
-            )
+        problem = partition_problem(self.num_envs, self.num_workers, g)
+        if problem is not None:
+            raise ValueError(problem)
 
     @property
     def stage_count(self) -> int:
@@ -240,9 +254,9 @@ class EngineConfig:
         if self.schedule != "dynamic":
             return None
         if (self.min_batch, self.max_batch, self.max_wait_us) == (None, None, None):
-            # Its fallback: 2 fixed stages, where every worker can hold envs of both.
+            # Its fallback: 2 fixed stages, where they are a valid partition.
             n, w = self.num_envs, self.num_workers
-            fallback = 2 if n % 2 == 0 and w <= n // 2 else None
+            fallback = 2 if partition_problem(n, w, 2) is None else None
             return AdaptiveBatching(n, w, stages=fallback)
         return Batching.check(self.num_envs, self.min_batch, self.max_batch, self.max_wait_us)
 

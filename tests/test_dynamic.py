@@ -46,15 +46,17 @@ def test_batching_rule():
     assert default.wait_ns(ready=1, oldest_ns=5, now_ns=5, more_coming=True) is None
 
 
-def _fed(base_ms: float, per_item_ms: float, env_ms: float, sizes=(1, 3, 16, 2, 5)):
-    """An adaptive rule for 16 envs on 2 workers fed calls of ``sizes`` (first-ready's mix)
-    and steps, as the runner feeds it."""
-    rule = AdaptiveBatching(num_envs=16, num_workers=2)
-    env_ns = np.full(16, env_ms * 1e6)
-    for _ in range(8):
-        for b in sizes:
-            rule.observe(b, int((base_ms + per_item_ms * b) * 1e6), env_ns[:b])
-    rule.refit()  # on everything fed (observe refits at most every 2 s)
+def _fed(base_ms: float, per_item_ms: float, steps, rule=None, rounds: int = 8):
+    """``rule`` (default: an adaptive rule for 16 envs on 2 workers) fed ``rounds`` of
+    first-ready's mix of batch sizes, as the runner feeds it: calls of ``base_ms +
+    per_item_ms * B`` and chunk times ``steps`` (ms, all equal; or a function of the batch
+    size giving them in ns); then refitted on everything fed (observe refits at most every
+    2 s)."""
+    rule = AdaptiveBatching(num_envs=16, num_workers=2) if rule is None else rule
+    chunks = steps if callable(steps) else lambda b: np.full(b, steps * 1e6)
+    for b in (1, 3, 16, 2, 5) * rounds:
+        rule.observe(b, int((base_ms + per_item_ms * b) * 1e6), chunks(b))
+    rule.refit()
     return rule
 
 
@@ -139,10 +141,7 @@ def test_adaptive_batching_infers_at_once_for_spread_step_times():
     # CV 1: the stages wait for stragglers (the simulation puts them 15% below), so the rule
     # infers at once, for the largest batch the simulation rates as equal to the fastest.
     rng = np.random.default_rng(2)
-    rule = AdaptiveBatching(num_envs=16, num_workers=2)
-    for b in (1, 3, 16, 2, 5) * 8:
-        rule.observe(b, int((8.4 + 3.14 * b) * 1e6), rng.gamma(1.0, 8.37e6, b))
-    rule.refit()
+    rule = _fed(8.4, 3.14, lambda b: rng.gamma(1.0, 8.37e6, b))
     assert rule.max_wait_ns == 0 and rule.max_batch > 8
 
 
@@ -151,10 +150,7 @@ def test_adaptive_batching_waits_for_larger_batches_while_the_workers_have_envs_
     # the rule does, and the workers have 128 envs each queued, so waiting costs the
     # simulation nothing. Of the tied candidates the rule takes the one forming the largest
     # batches (first-ready formed batches of 2.6, costing the loop 0.4 ms per decision).
-    rule = AdaptiveBatching(num_envs=256, num_workers=2)
-    for b in (1, 3, 16, 2, 5) * 60:
-        rule.observe(b, int((2.0 + 0.01 * b) * 1e6), np.full(b, 1.6e6))
-    rule.refit()
+    rule = _fed(2.0, 0.01, 1.6, AdaptiveBatching(num_envs=256, num_workers=2), rounds=60)
     assert rule.fitted and rule.max_wait_ns > 2e6
     a, b = rule.latency_model()
     m, k = AdaptiveBatching.SIM_ENVS, 256 / AdaptiveBatching.SIM_ENVS
@@ -238,22 +234,13 @@ def test_adaptive_batching_simulates_a_large_fleet_as_a_small_one():
     assert rule.fitted and 1 <= rule.max_batch <= 1024
 
 
-def _fed_steps(rule: AdaptiveBatching, steps) -> AdaptiveBatching:
-    """``rule`` fed first-ready's mix of calls of the scheduler bench's balanced device
-    (8.4 + 3.14 ms x B) and the chunk times ``steps(b)`` gives; then refitted."""
-    for b in (1, 3, 16, 2, 5) * 8:
-        rule.observe(b, int((8.4 + 3.14 * b) * 1e6), steps(b))
-    rule.refit()
-    return rule
-
-
 def test_adaptive_batching_falls_back_to_fixed_stages_where_they_are_as_fast():
     # Equal chunk times (CV 0): nothing for dynamic batching to win, so the fixed stages.
     equal = lambda b: np.full(b, 8.37e6)
-    rule = _fed_steps(AdaptiveBatching(num_envs=16, num_workers=2, stages=2), equal)
+    rule = _fed(8.4, 3.14, equal, AdaptiveBatching(num_envs=16, num_workers=2, stages=2))
     assert rule.fitted and rule.fixed_stages
     # Without a fallback (an odd fleet, say) it never chooses them.
-    assert not _fed_steps(AdaptiveBatching(16, 2), equal).fixed_stages
+    assert not _fed(8.4, 3.14, equal).fixed_stages
     # A small fleet too waits for FIRST_FIT_CHUNKS chunks before its first fit.
     small = AdaptiveBatching(num_envs=4, num_workers=2, stages=2)
     first = AdaptiveBatching.FIRST_FIT_CHUNKS
@@ -267,7 +254,7 @@ def test_adaptive_batching_falls_back_to_fixed_stages_where_they_are_as_fast():
     # CV 1: the stages wait for stragglers (15% below dynamic in the simulation).
     rng = np.random.default_rng(2)
     spread = lambda b: rng.gamma(1.0, 8.37e6, b)
-    rule = _fed_steps(AdaptiveBatching(num_envs=16, num_workers=2, stages=2), spread)
+    rule = _fed(8.4, 3.14, spread, AdaptiveBatching(num_envs=16, num_workers=2, stages=2))
     assert rule.fitted and not rule.fixed_stages
     # The choice follows the measurements: equal chunk times again bring the stages back
     # (the recent chunk times are what the refit simulates).
@@ -367,10 +354,7 @@ def test_adaptive_batching_refits_less_often_while_its_choice_holds():
     # A choice that waits holds too, though the waits it is chosen from (fractions of
     # measured times) are never the same twice.
     rng = np.random.default_rng(3)
-    rule = AdaptiveBatching(num_envs=256, num_workers=2)
-    for b in (1, 3, 16, 2, 5) * 60:
-        rule.observe(b, int((2.0 + 0.01 * b) * 1e6), np.full(b, 1.6e6))
-    rule.refit()
+    rule = _fed(2.0, 0.01, 1.6, AdaptiveBatching(num_envs=256, num_workers=2), rounds=60)
     waits = []
     for _ in range(6):
         rule._next_fit_ns = 0

@@ -183,9 +183,8 @@ def _dispatch_observed(
         turns.dispatch(stages, out, plan)
     finally:  # a worker failure raised by the dispatch still leaves the measurement
         # After the dispatch: a refit (0.1-0.3 s with the workers busy) then stalls only the
-        # loop, while this batch's envs step.
-        batch = sum(s.size for s in stages)
-        rule.observe(batch, stages[0].turn_policy_ns, env_ns, free_ns)
+        # loop, while this batch's envs step. One chunk time per row: the batch's size.
+        rule.observe(len(env_ns), stages[0].turn_policy_ns, env_ns, free_ns)
 
 
 def _quiet_ns(ready: int, in_flight: Counter, rule: Batching | AdaptiveBatching) -> float:
